@@ -1,0 +1,18 @@
+"""Layer-wise curvature machinery: layer adapters, capture hooks, factor statistics, blocks."""
+
+from curvlab.curvature.blocks import KroneckerBlock
+from curvlab.curvature.factors import input_factor, output_factor
+from curvlab.curvature.hooks import Capture, LayerRecord, capture
+from curvlab.curvature.layers import KroneckerLayer, find_layers, is_supported
+
+__all__ = [
+    "Capture",
+    "KroneckerBlock",
+    "KroneckerLayer",
+    "LayerRecord",
+    "capture",
+    "find_layers",
+    "input_factor",
+    "is_supported",
+    "output_factor",
+]

@@ -1,0 +1,121 @@
+"""Curvature blocks: the preconditioner of one layer, with its tensors in optimizer state.
+
+A block holds no tensors itself. Its methods read and write the layer's state dict (an entry
+of ``optimizer.state``), so ``state_dict()`` / ``load_state_dict()`` carry everything.
+
+`KroneckerBlock` keeps EMA'd factors ``A`` (input side) and ``G`` (output side) and their
+damped inverse roots, and preconditions a gradient matrix V (d_out × d_a, bias last column):
+
+    P(V) = (G + λ_G I)^{-1/r} V (A + λ_A I)^{-1/r}
+
+with r = 1 for K-FAC (and TNT), r = 2 for TSO-ALRA's F^{-1/2}, r = 4 for Shampoo's order-2
+roots. Row-major vec: ``vec(P(V)) = ((G+λ_G I) ⊗ (A+λ_A I))^{-1/r} vec(V)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvlab.curvature.layers import KroneckerLayer
+from curvlab.linalg import (
+    DecompositionError,
+    add_to_diagonal,
+    damped_inverse,
+    damped_inverse_root,
+    ema_,
+    kron_mv,
+    kron_to_dense,
+    pi_damping,
+)
+
+__all__ = ["KroneckerBlock"]
+
+State = dict[str, Any]
+
+
+class KroneckerBlock:
+    """Kronecker-factored block ``G ⊗ A`` of one `KroneckerLayer`.
+
+    Args:
+        layer: the layer.
+        root: r in ``(factor + λI)^{-1/r}``.
+    """
+
+    def __init__(self, layer: KroneckerLayer, root: float = 1.0) -> None:
+        self.layer = layer
+        self.root = root
+
+    # -------------------------------------------------------------- statistics
+    @staticmethod
+    def has_statistics(state: State) -> bool:
+        return "A" in state
+
+    @staticmethod
+    def has_inverses(state: State) -> bool:
+        return "A_inv" in state
+
+    def update(self, state: State, A: Tensor, G: Tensor, ema_decay: float) -> None:
+        """``A ← β A + (1−β) A_new`` (likewise G); the first update initialises the factors."""
+        if "A" not in state:
+            state["A"], state["G"] = A.clone(), G.clone()
+        else:
+            ema_(state["A"], A, ema_decay)
+            ema_(state["G"], G, ema_decay)
+        state["statistics_updates"] = state.get("statistics_updates", 0) + 1
+
+    def dampings(self, state: State, damping: float, pi: bool) -> tuple[float, float]:
+        """(λ_A, λ_G): the π split of thesis Alg 12 line 19, or √λ each (Alg 7, π = 1)."""
+        if pi:
+            return pi_damping(state["A"], state["G"], damping)
+        return math.sqrt(damping), math.sqrt(damping)
+
+    def refresh(self, state: State, damping: float, pi: bool) -> bool:
+        """Recompute the damped inverse roots; on failure keep the previous ones.
+
+        Returns whether the refresh succeeded. Each factor is tried in its dtype, then in
+        float64 with more damping (`curvlab.linalg`); if that fails too, the previous inverses
+        stay and ``state["failed_refreshes"]`` counts it.
+        """
+        lam_a, lam_g = self.dampings(state, damping, pi)
+        try:
+            a_inv = self._inverse_root(state["A"], lam_a)
+            g_inv = self._inverse_root(state["G"], lam_g)
+        except DecompositionError:
+            state["failed_refreshes"] = state.get("failed_refreshes", 0) + 1
+            return False
+        state["A_inv"], state["G_inv"] = a_inv, g_inv
+        state["refreshes"] = state.get("refreshes", 0) + 1
+        return True
+
+    def _inverse_root(self, M: Tensor, damping: float) -> Tensor:
+        if self.root == 1.0:
+            return damped_inverse(M, damping)[0]
+        return damped_inverse_root(M, damping, self.root)[0]
+
+    # ---------------------------------------------------------- preconditioning
+    def precondition(self, state: State, V: Tensor) -> Tensor:
+        """``G_inv V A_inv`` for a gradient matrix V of shape (d_out, d_a)."""
+        return kron_mv(state["G_inv"], state["A_inv"], V)
+
+    # ------------------------------------------------------------- dense views
+    def to_dense(self, state: State) -> Tensor:
+        """The undamped curvature approximation ``G ⊗ A`` (row-major vec of V)."""
+        return kron_to_dense(state["G"], state["A"])
+
+    def damped_to_dense(self, state: State, damping: float, pi: bool) -> Tensor:
+        """``(G + λ_G I) ⊗ (A + λ_A I)``: the matrix whose inverse r-th root preconditions."""
+        lam_a, lam_g = self.dampings(state, damping, pi)
+        return kron_to_dense(add_to_diagonal(state["G"], lam_g), add_to_diagonal(state["A"], lam_a))
+
+    def statistics(self, state: State) -> list[Tensor]:
+        """Tensors that data-parallel training averages over ranks."""
+        return [state["A"], state["G"]]
+
+
+def finite(*tensors: Tensor) -> bool:
+    """Whether every tensor is free of NaN and ±Inf (one host sync)."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())

@@ -1,0 +1,62 @@
+"""Kronecker factor statistics of one layer from captured inputs and output gradients.
+
+For a layer with rows ``ā_t(n)`` (inputs, bias coordinate appended) and per-example output
+gradients ``Dh_t(n)`` over locations t ∈ T, thesis eq. (3.9) (KFC, Grosse & Martens 2016;
+for FC layers |T| = 1 and this is Martens & Grosse 2015):
+
+    A = E_n[ Σ_t ā_t ā_tᵀ ]                 (SUM over locations, MEAN over examples)
+    G = E_n[ (1/|T|) Σ_t Dh_t Dh_tᵀ ]        (MEAN over locations)
+
+Autograd gives ``ĝ = ∂L/∂h`` of the *batch* loss ``L = c · Σ_n l_n`` (see
+`curvlab.Objective.loss_scale`), i.e. ``ĝ = c · Dh``. The curvature of L itself is
+``c·m · (A ⊗ G)``, and we return the factors of that (so damping acts on the objective's own
+scale): ``A = (1/m) Σ ā āᵀ`` and ``G = (1/(c·|T|)) Σ ĝ ĝᵀ``. For a batch-mean loss (c = 1/m)
+this is thesis A1: per-example gradients are m·ĝ and G is their mean outer product.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from curvlab.curvature.layers import KroneckerLayer
+from curvlab.linalg import gram
+
+__all__ = ["input_factor", "output_factor"]
+
+
+def _homogeneous_gram(rows: Tensor, scale: float) -> Tensor:
+    """``scale · [a 1]ᵀ[a 1]`` without materialising the column of ones."""
+    n, d = rows.shape
+    out = rows.new_empty((d + 1, d + 1))
+    out[:d, :d] = gram(rows, scale)
+    col = rows.sum(dim=0) * scale
+    out[:d, d] = col
+    out[d, :d] = col
+    out[d, d] = n * scale
+    return out
+
+
+def input_factor(layer: KroneckerLayer, inputs: list[Tensor], batch_size: int) -> Tensor:
+    """A = (1/m) Σ_{n,t} ā_t(n) ā_t(n)ᵀ over every call of the layer (thesis eq. 3.9)."""
+    rows = (
+        torch.cat([layer.input_rows(x) for x in inputs])
+        if len(inputs) > 1
+        else (layer.input_rows(inputs[0]))
+    )
+    if layer.bias is None:
+        return gram(rows, 1.0 / batch_size)
+    return _homogeneous_gram(rows, 1.0 / batch_size)
+
+
+def output_factor(
+    layer: KroneckerLayer, grads: list[Tensor], batch_size: int, loss_scale: float
+) -> Tensor:
+    """G = (1/(c·|T|)) Σ_{n,t} ĝ_t(n) ĝ_t(n)ᵀ, with ĝ = ∂L/∂h and L = c·Σ_n l_n."""
+    rows = (
+        torch.cat([layer.output_rows(g) for g in grads])
+        if len(grads) > 1
+        else (layer.output_rows(grads[0]))
+    )
+    locations = rows.shape[0] / batch_size
+    return gram(rows, 1.0 / (loss_scale * locations))

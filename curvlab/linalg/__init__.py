@@ -1,0 +1,32 @@
+"""Numerical linear algebra for curvature-based optimizers.
+
+Pure functions on tensors: Kronecker products in row-major layout (:mod:`.kron`), factored
+Tikhonov damping (:mod:`.damping`), damped Cholesky inverses and solves with a float64 / growing
+damping retry policy (:mod:`.inverse`), inverse p-th roots and eigendecompositions
+(:mod:`.roots`), and the Gram / moving-average statistics of Kronecker factors (:mod:`.gram`).
+"""
+
+from __future__ import annotations
+
+from curvlab.linalg.damping import add_to_diagonal, pi_damping
+from curvlab.linalg.errors import DecompositionError
+from curvlab.linalg.gram import ema_, gram
+from curvlab.linalg.inverse import DecompositionInfo, damped_inverse, damped_solve
+from curvlab.linalg.kron import kron_mv, kron_to_dense
+from curvlab.linalg.roots import coupled_newton_inverse_root, damped_inverse_root, symmetric_eigh
+
+__all__ = [
+    "DecompositionError",
+    "DecompositionInfo",
+    "add_to_diagonal",
+    "coupled_newton_inverse_root",
+    "damped_inverse",
+    "damped_inverse_root",
+    "damped_solve",
+    "ema_",
+    "gram",
+    "kron_mv",
+    "kron_to_dense",
+    "pi_damping",
+    "symmetric_eigh",
+]
