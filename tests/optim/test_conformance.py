@@ -63,7 +63,7 @@ CASES: dict[str, Case] = {
 }
 
 # Base classes are not optimizers a user picks.
-NOT_OPTIMIZERS = {"LayerwiseOptimizer"}
+NOT_OPTIMIZERS = {"LayerwiseOptimizer", "ModelwiseOptimizer"}
 
 
 def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

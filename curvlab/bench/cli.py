@@ -1,0 +1,245 @@
+"""The ``curvlab`` command: ``list``, ``bench``, ``report`` and ``compare``.
+
+Exit codes: 0 success; 1 a run or report failed (e.g. data files missing); 2 a usage error
+(unknown problem / optimizer / preset name, bad option or hyperparameter value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from curvlab.bench.listing import catalog, format_catalog
+from curvlab.bench.problems import get_problem
+from curvlab.bench.records import environment, load_records, to_jsonable
+from curvlab.bench.registry import UnknownNameError
+from curvlab.bench.report import markdown_table, summarize, write_report
+from curvlab.bench.runner import Budget, run
+from curvlab.bench.specs import OPTIMIZERS, get_optimizer, presets_for
+
+__all__ = ["main", "parse_value"]
+
+DEFAULT_COMPARE_PROBLEM = "curves-autoencoder"
+DEFAULT_COMPARE_SECONDS = 30.0
+BASELINES = ("sgd-m", "adam")
+
+
+class UsageError(Exception):
+    """A bad command line: reported on stderr with exit code 2."""
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: bool, None, int, float, a comma-separated list of those, or str."""
+    if "," in text:
+        return [parse_value(part) for part in text.split(",")]
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise UsageError(f"--set: expected key=value, got {item!r}")
+        values[key.strip()] = parse_value(raw.strip())
+    return values
+
+
+def _budget(args: argparse.Namespace, default: Budget) -> Budget:
+    if args.steps is None and args.epochs is None and args.seconds is None:
+        return default
+    try:
+        return Budget(steps=args.steps, epochs=args.epochs, seconds=args.seconds)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="stop after N optimizer steps")
+    budget.add_argument("--epochs", type=float, help="stop after E epochs")
+    budget.add_argument("--seconds", type=float, help="stop after S seconds of training time")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--subset", type=int, help="train on the first N training examples")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads(T)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--out", default="results", help="records directory (default results)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="curvlab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="optimizers, problems and presets")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("bench", help="one problem × optimizer run → JSON record")
+    p.add_argument("--problem", required=True)
+    p.add_argument("--optimizer", required=True)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="hyperparameter override (int/float/bool/str, a,b for lists)",
+    )
+    p.add_argument("--preset", help="named hyperparameters for this optimizer and problem")
+    p.add_argument("--label", help="name in reports and folder (default: the optimizer)")
+    _add_run_options(p)
+
+    p = sub.add_parser("report", help="report.md and PNG plots from a records directory")
+    p.add_argument("dir")
+    p.add_argument("--target", type=float, help="add a time-to-training-loss column")
+
+    p = sub.add_parser("compare", help="several optimizers on one problem, then the report")
+    p.add_argument(
+        "--problem",
+        default=DEFAULT_COMPARE_PROBLEM,
+        help=f"default {DEFAULT_COMPARE_PROBLEM}; budget default --seconds "
+        f"{DEFAULT_COMPARE_SECONDS:g} per optimizer",
+    )
+    p.add_argument(
+        "--optimizers", help="comma-separated (default: every curvature method, sgd-m and adam)"
+    )
+    p.add_argument(
+        "--preset",
+        default="thesis",
+        help="preset used where one exists for the pair (default thesis; 'none' off)",
+    )
+    _add_run_options(p)
+    return parser
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    print(json.dumps(catalog(), indent=1) if args.json else format_catalog())
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    problem = get_problem(args.problem)
+    get_optimizer(args.optimizer)
+    record = run(
+        problem,
+        args.optimizer,
+        _parse_sets(args.set),
+        seed=args.seed,
+        budget=_budget(args, Budget(epochs=1)),
+        device=args.device,
+        progress=not args.no_progress,
+        subset=args.subset,
+        threads=args.threads,
+        preset=args.preset,
+        label=args.label,
+    )
+    path = record.save(args.out)
+    _write_environment(args.out, record.config["device"])
+    s = record.summary
+    print(
+        f"{path}: {s['steps']} steps, {s['epochs']:.2f} epochs, train loss "
+        f"{s['final_train_loss']:.5g}, {record.config['test_metric']} "
+        f"{s['final_test_metric']:.5g}, {s['wall_s']:.1f} s, {s['status']}"
+    )
+    return 0
+
+
+def _write_environment(out: str | Path, device: str) -> None:
+    path = Path(out) / "environment.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_jsonable(environment(device)), indent=1) + "\n")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    paths = write_report(args.dir, args.target)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _compare_optimizers(args: argparse.Namespace) -> list[str]:
+    if args.optimizers:
+        names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    else:
+        curvature = [s.name for s in OPTIMIZERS.values() if s.curvature]
+        names = [*BASELINES, *curvature]
+    for name in names:
+        get_optimizer(name)
+    if not names:
+        raise UsageError("--optimizers: give at least one name")
+    return names
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    problem = get_problem(args.problem)
+    names = _compare_optimizers(args)
+    budget = _budget(args, Budget(seconds=DEFAULT_COMPARE_SECONDS))
+    for name in names:
+        preset = args.preset if args.preset in presets_for(name, problem.name) else None
+        print(
+            f"{name}: {'preset ' + preset if preset else 'default hyperparameters'}",
+            file=sys.stderr,
+        )
+        record = run(
+            problem,
+            name,
+            None,
+            seed=args.seed,
+            budget=budget,
+            device=args.device,
+            progress=not args.no_progress,
+            subset=args.subset,
+            threads=args.threads,
+            preset=preset,
+        )
+        record.save(args.out)
+        _write_environment(args.out, record.config["device"])
+    paths = write_report(args.out)
+    mine = [r for r in load_records(args.out) if r.problem == problem.name and r.label in names]
+    print(markdown_table(summarize(mine)))
+    print("\n".join(str(p) for p in paths))
+    return 0
+
+
+_COMMANDS = {
+    "list": _cmd_list,
+    "bench": _cmd_bench,
+    "report": _cmd_report,
+    "compare": _cmd_compare,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``curvlab`` console script; returns the exit code."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code) if isinstance(exc.code, int) else 2
+    try:
+        return _COMMANDS[args.command](args)
+    except (UnknownNameError, UsageError) as err:
+        print(f"curvlab {args.command}: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        print(f"curvlab {args.command}: invalid value: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"curvlab {args.command}: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

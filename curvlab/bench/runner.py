@@ -1,0 +1,321 @@
+"""Run one (problem, optimizer, hyperparameters, seed, budget) and return a `RunRecord`.
+
+Timing protocol (style anchors §L7; the thesis's autoencoder protocol, spec-thesis §8):
+
+* The wall clock counts only ``optimizer.step(objective)`` calls: each is timed with
+  ``time.perf_counter`` between ``torch.cuda.synchronize()`` calls on CUDA. Batch slicing,
+  evaluations and the optional warm start are excluded (the warm start is timed separately,
+  as the thesis excludes it too).
+* A time budget compares this training wall clock with ``Budget.seconds`` after every step, so
+  runs stop at equal training time, like the thesis's equal-CPU-time budgets.
+* ``median_step_ms`` skips the first 5 steps (warm-up: allocator, first inverses, caches)
+  when more than 10 steps ran.
+* Evaluations happen before the first step, at every epoch end and when the budget ends: the
+  loss over the whole training set at the current parameters (eval mode, no grad, batched),
+  the thesis's "deterministic loss", and the problem's test metric.
+* Peak memory: ``torch.cuda.max_memory_allocated`` after a reset on CUDA; the process's peak
+  RSS (``resource.getrusage``) on CPU, which is a whole-process high-water mark.
+* Determinism: the seed fixes the model initialisation, the shuffling generator and the global
+  RNG (used by e.g. sampled-label Fisher estimates). Time budgets stop after a machine-dependent
+  number of steps; step budgets are reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvlab.bench.metrics import (
+    dataset_loss,
+    evaluate_metric,
+    median_step_time,
+    peak_memory_mb,
+    reset_peak_memory,
+    synchronize,
+)
+from curvlab.bench.problems import Problem, ProblemData, get_problem
+from curvlab.bench.progress import ProgressBar
+from curvlab.bench.records import EpochRecord, RunRecord, environment, to_jsonable
+from curvlab.bench.specs import get_optimizer, get_preset
+from curvlab.data import batches
+from curvlab.objective import Objective
+
+__all__ = ["RUNNER_KEYS", "Budget", "resolve_device", "run"]
+
+RUNNER_KEYS = ("warm_start", "batch_size")
+"""Hyperparameter keys the runner consumes itself; everything else goes to the optimizer."""
+
+WARMUP_STEPS = 5
+
+
+@dataclass(frozen=True)
+class Budget:
+    """When to stop: after ``steps`` steps, ``epochs`` epochs or ``seconds`` of training time.
+
+    Whichever set limit is reached first ends the run. At least one must be set.
+    """
+
+    steps: int | None = None
+    epochs: float | None = None
+    seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        limits = {"steps": self.steps, "epochs": self.epochs, "seconds": self.seconds}
+        if all(v is None for v in limits.values()):
+            raise ValueError("Budget: set steps, epochs or seconds")
+        for name, value in limits.items():
+            if value is not None and value <= 0:
+                raise ValueError(f"Budget.{name}: must be positive, got {value}")
+
+    def fraction(self, steps: int, epochs: float, seconds: float) -> float:
+        """How much of the budget is used, in [0, 1] (the most-used limit)."""
+        used = [
+            done / limit
+            for done, limit in ((steps, self.steps), (epochs, self.epochs), (seconds, self.seconds))
+            if limit is not None
+        ]
+        return min(max(used), 1.0)
+
+    def reached(self, steps: int, epochs: float, seconds: float) -> bool:
+        """Whether any limit is reached."""
+        return self.fraction(steps, epochs, seconds) >= 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The limits as a dict."""
+        return asdict(self)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; anything else as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _epoch_batches(
+    data: ProblemData, batch_size: int, *, shuffle: bool, generator: torch.Generator | None
+) -> Iterator[tuple[Tensor, Tensor]]:
+    it: Iterator[tuple[Tensor, Tensor]] = iter(
+        batches(
+            data.train_inputs,
+            data.train_targets,
+            batch_size,
+            shuffle=shuffle,
+            generator=generator,
+        )
+    )
+    return it
+
+
+def run(
+    problem: Problem | str,
+    optimizer_name: str,
+    hparams: Mapping[str, Any] | None = None,
+    *,
+    seed: int = 0,
+    budget: Budget,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    subset: int | None = None,
+    threads: int | None = None,
+    preset: str | None = None,
+    label: str | None = None,
+) -> RunRecord:
+    """Train ``problem``'s model with ``optimizer_name`` within ``budget``; see the module doc.
+
+    Args:
+        problem: a `Problem` or its registry name.
+        optimizer_name: a key of `curvlab.bench.specs.OPTIMIZERS`.
+        hparams: overrides, applied over the spec's defaults and the preset. The runner's own
+            keys: ``warm_start`` (bool; call the optimizer's ``warm_start`` over one pass of the
+            training data first) and ``batch_size`` (default: the problem's).
+        seed: model initialisation, shuffling and global RNG seed.
+        budget: when to stop.
+        device: ``"cpu"``, ``"cuda"``, ``"auto"``, or a `torch.device`.
+        progress: draw a progress bar on stderr.
+        subset: train on the first N training examples only.
+        threads: ``torch.set_num_threads`` (process-wide) before running.
+        preset: a preset name for (optimizer, problem), see `curvlab.bench.specs.PRESETS`.
+        label: the record's name in reports and its folder (default: ``optimizer_name``).
+
+    Raises:
+        UnknownNameError: unknown problem, optimizer or preset.
+        ValueError: ``warm_start`` for an optimizer without one, or a bad batch size.
+    """
+    prob = get_problem(problem) if isinstance(problem, str) else problem
+    spec = get_optimizer(optimizer_name)
+    merged: dict[str, Any] = dict(spec.defaults)
+    if preset is not None:
+        merged.update(get_preset(spec.name, prob.name, preset).hparams)
+    merged.update(hparams or {})
+    warm = bool(merged.pop("warm_start", False))
+    batch_size = int(merged.pop("batch_size", prob.batch_size))
+    if warm and not spec.supports_warm_start:
+        raise ValueError(f"warm_start: optimizer {spec.name!r} has no warm_start")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be positive, got {batch_size}")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    label = label or spec.name
+
+    data = prob.data(subset).to(dev)
+    torch.manual_seed(seed)
+    model = prob.make_model(seed).to(dev)
+    loss_fn = prob.make_loss()
+    optimizer = spec.factory(model, dict(merged))
+    shuffle_gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = math.ceil(data.num_train / batch_size)
+
+    def evaluate(epoch: float, step: int, wall: float) -> EpochRecord:
+        was_training = model.training
+        model.eval()
+        try:
+            train = dataset_loss(
+                model,
+                loss_fn,
+                data.train_inputs,
+                data.train_targets,
+                batch_average=prob.batch_average,
+                batch_size=prob.eval_batch_size,
+            )
+            test = evaluate_metric(
+                prob.test_metric,
+                model,
+                loss_fn,
+                data.test_inputs,
+                data.test_targets,
+                batch_average=prob.batch_average,
+                batch_size=prob.eval_batch_size,
+            )
+        finally:
+            model.train(was_training)
+        return EpochRecord(epoch, step, wall, train, test)
+
+    start_total = time.perf_counter()
+    warm_s = 0.0
+    if warm:
+        synchronize(dev)
+        t0 = time.perf_counter()
+        optimizer.warm_start(  # type: ignore[attr-defined]
+            _epoch_batches(data, batch_size, shuffle=False, generator=None),
+            loss_fn,
+            batch_average=prob.batch_average,
+        )
+        synchronize(dev)
+        warm_s = time.perf_counter() - t0
+
+    t_eval = time.perf_counter()
+    epochs = [evaluate(0.0, 0, 0.0)]
+    eval_s = time.perf_counter() - t_eval
+    step_loss: list[float] = []
+    step_time: list[float] = []
+    step_info: list[dict[str, Any]] = []
+    skipped = 0
+    status = "completed"
+    step, epoch, wall = 0, 0, 0.0
+    bar = ProgressBar(f"{prob.name}/{label}", 1.0, enabled=progress)
+    reset_peak_memory(dev)
+    model.train()
+
+    stop = False
+    while not stop:
+        in_epoch = 0
+        for xb, yb in _epoch_batches(data, batch_size, shuffle=True, generator=shuffle_gen):
+            objective = Objective(model, loss_fn, xb, yb, batch_average=prob.batch_average)
+            synchronize(dev)
+            t0 = time.perf_counter()
+            loss = optimizer.step(objective)  # type: ignore[arg-type]  # returns a Tensor
+            synchronize(dev)
+            dt = time.perf_counter() - t0
+            wall += dt
+            step += 1
+            in_epoch += 1
+            returned = loss if loss is not None else objective.loss
+            value = math.nan if returned is None else float(returned)
+            step_loss.append(value)
+            step_time.append(dt)
+            info = getattr(optimizer, "last_step_info", None)
+            if isinstance(info, Mapping):
+                step_info.append(to_jsonable(dict(info)))
+                skipped += int(info.get("skipped") is True or info.get("accepted") is False)
+            done = epoch + in_epoch / steps_per_epoch
+            bar.update(
+                budget.fraction(step, done, wall),
+                f"step {step} epoch {done:.2f} loss {value:.4g} {wall:.1f}s",
+            )
+            if not math.isfinite(value):
+                status, stop = "diverged", True
+            if stop or budget.reached(step, done, wall):
+                stop = True
+                break
+        else:
+            epoch += 1
+            in_epoch = 0
+            stop = budget.reached(step, float(epoch), wall) or step == 0
+        t_eval = time.perf_counter()
+        epochs.append(evaluate(epoch + in_epoch / steps_per_epoch, step, wall))
+        eval_s += time.perf_counter() - t_eval
+
+    synchronize(dev)
+    memory, memory_kind = peak_memory_mb(dev)
+    final = epochs[-1]
+    bar.close(f"step {step} train loss {final.train_loss:.4g} {wall:.1f}s {status}")
+    median = median_step_time(step_time, WARMUP_STEPS)
+    summary: dict[str, Any] = {
+        "status": status,
+        "steps": step,
+        "epochs": final.epoch,
+        "steps_per_epoch": steps_per_epoch,
+        "final_train_loss": final.train_loss,
+        "best_train_loss": _nanmin(e.train_loss for e in epochs),
+        "final_test_metric": final.test_metric,
+        "best_test_metric": _nanmin(e.test_metric for e in epochs),
+        "median_step_ms": None if median is None else 1000.0 * median,
+        "mean_step_ms": 1000.0 * wall / step if step else None,
+        "wall_s": wall,
+        "eval_s": eval_s,
+        "warm_start_s": warm_s,
+        "total_s": time.perf_counter() - start_total,
+        "peak_memory_mb": memory,
+        "memory_kind": memory_kind,
+        "skipped_steps": skipped if step_info else None,
+    }
+    config: dict[str, Any] = {
+        "budget": budget.to_dict(),
+        "batch_size": batch_size,
+        "subset": subset,
+        "num_train": data.num_train,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "preset": preset,
+        "warm_start": warm,
+        "test_metric": prob.test_metric,
+        "batch_average": prob.batch_average,
+        "data_source": prob.data_source,
+    }
+    return RunRecord(
+        problem=prob.name,
+        optimizer=spec.name,
+        label=label,
+        seed=seed,
+        config=config,
+        hyperparameters=to_jsonable(merged),
+        environment=environment(dev),
+        epochs=epochs,
+        step_loss=step_loss,
+        step_time=step_time,
+        step_info=step_info or None,
+        summary=summary,
+    )
+
+
+def _nanmin(values: Iterable[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return min(finite) if finite else math.nan

@@ -1,0 +1,245 @@
+"""Optimizer registry for the bench: how to build each method, its defaults and its paper.
+
+Adding a method is one `OptimizerSpec` entry in `_SPECS`, e.g.::
+
+    OptimizerSpec(
+        name="kfac",
+        factory=lambda model, hp: KFAC(model, **hp),
+        defaults={"lr": 0.3, "damping": 0.3},
+        paper="Martens & Grosse 2015; thesis ch.3",
+        algorithm="thesis Alg 12",
+        file="curvlab/optim/kfac.py",
+        description="K-FAC, Kronecker-factored approximate curvature",
+        curvature=True,
+        supports_warm_start=True,
+    )
+
+Tuned hyperparameters for a (method, problem) pair are a `Preset` entry in `_PRESET_LIST`.
+Hyperparameters are plain JSON values; the runner merges ``defaults`` ← preset ← ``--set``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from curvlab.bench.registry import UnknownNameError, lookup
+from curvlab.optim import KFAC
+
+__all__ = [
+    "OPTIMIZERS",
+    "PRESETS",
+    "OptimizerFactory",
+    "OptimizerSpec",
+    "Preset",
+    "get_optimizer",
+    "get_preset",
+    "presets_for",
+]
+
+OptimizerFactory = Callable[[nn.Module, dict[str, Any]], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One benchmarked optimizer.
+
+    Attributes:
+        name: registry key used on the command line, e.g. ``"sgd-m"``.
+        factory: ``factory(model, hparams)`` builds the optimizer; ``hparams`` holds only
+            optimizer keyword arguments (the runner removes its own keys first).
+        defaults: hyperparameters used when neither a preset nor ``--set`` gives them.
+        paper: the paper (and chapter) that defines the method.
+        algorithm: the algorithm number in that paper, or the implementation it follows.
+        file: where the implementation lives.
+        description: one line for ``curvlab list``.
+        curvature: a second-order method (``curvlab compare`` runs all of them by default).
+        supports_warm_start: has ``warm_start(batches, loss_fn, *, batch_average)``.
+    """
+
+    name: str
+    factory: OptimizerFactory
+    defaults: dict[str, Any]
+    paper: str
+    algorithm: str
+    file: str
+    description: str
+    curvature: bool = False
+    supports_warm_start: bool = False
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named hyperparameter set for one (optimizer, problem) pair, with its provenance."""
+
+    optimizer: str
+    problem: str
+    name: str
+    hparams: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+def _torch_optim(cls: type[torch.optim.Optimizer], **fixed: Any) -> OptimizerFactory:
+    """A factory for a ``torch.optim`` class over all model parameters."""
+
+    def factory(model: nn.Module, hparams: dict[str, Any]) -> torch.optim.Optimizer:
+        return cls(model.parameters(), **fixed, **hparams)
+
+    return factory
+
+
+_SPECS: list[OptimizerSpec] = [
+    OptimizerSpec(
+        name="sgd-m",
+        factory=_torch_optim(torch.optim.SGD),
+        defaults={"lr": 0.01, "momentum": 0.9},
+        paper="Polyak 1964 (heavy ball); the thesis's SGD-m baseline",
+        algorithm="torch.optim.SGD (g ← μg + ∇, the thesis ch.3/ch.4 form)",
+        file="torch/optim/sgd.py",
+        description="SGD with heavy-ball momentum 0.9",
+    ),
+    OptimizerSpec(
+        name="adam",
+        factory=_torch_optim(torch.optim.Adam),
+        defaults={"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8},
+        paper="Kingma & Ba 2015",
+        algorithm="Algorithm 1 (torch.optim.Adam)",
+        file="torch/optim/adam.py",
+        description="Adam",
+    ),
+    OptimizerSpec(
+        name="rmsprop",
+        factory=_torch_optim(torch.optim.RMSprop),
+        defaults={"lr": 1e-3, "alpha": 0.99, "eps": 1e-8},
+        paper="Tieleman & Hinton 2012 (Coursera lecture 6.5)",
+        algorithm="torch.optim.RMSprop",
+        file="torch/optim/rmsprop.py",
+        description="RMSprop",
+    ),
+    OptimizerSpec(
+        name="adagrad",
+        factory=_torch_optim(torch.optim.Adagrad),
+        defaults={"lr": 1e-2, "eps": 1e-10},
+        paper="Duchi, Hazan & Singer 2011",
+        algorithm="torch.optim.Adagrad",
+        file="torch/optim/adagrad.py",
+        description="Adagrad",
+    ),
+    OptimizerSpec(
+        name="amsgrad",
+        factory=_torch_optim(torch.optim.Adam, amsgrad=True),
+        defaults={"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8},
+        paper="Reddi, Kale & Kumar 2018",
+        algorithm="AMSGrad (torch.optim.Adam, amsgrad=True)",
+        file="torch/optim/adam.py",
+        description="Adam with the AMSGrad maximum of second moments",
+    ),
+    OptimizerSpec(
+        name="kfac",
+        factory=lambda model, hp: KFAC(model, **hp),
+        defaults={"lr": 0.03, "damping": 1.0},
+        paper="Martens & Grosse 2015; Grosse & Martens 2016 (KFC); thesis ch.3/ch.4 baseline",
+        algorithm="thesis Alg 12 (true Fisher, statistics after the step as printed)",
+        file="curvlab/optim/kfac.py",
+        description="K-FAC, sampled-label (true) Fisher, π-damping, heavy-ball momentum",
+        curvature=True,
+        supports_warm_start=True,
+    ),
+    OptimizerSpec(
+        name="kfac-ef",
+        factory=lambda model, hp: KFAC(model, **{"fisher": "empirical", **hp}),
+        defaults={"lr": 0.03, "damping": 1.0},
+        paper="Martens & Grosse 2015; thesis §6.2 (KFAC-EF)",
+        algorithm="thesis Alg 12 with the empirical Fisher (true labels, no extra pass)",
+        file="curvlab/optim/kfac.py",
+        description="K-FAC with the empirical Fisher",
+        curvature=True,
+        supports_warm_start=True,
+    ),
+]
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in _SPECS}
+
+_T35 = "thesis Table 3.5 / Table 4.3 (ch.3/ch.4, m = 1000)"
+_T25 = (
+    "thesis Table 2.5 (ch.2, m = 1000, β = 0.9). Deviation: torch's RMSprop has no "
+    "first-moment EMA, the thesis's has one (spec-thesis A12)"
+)
+_ON_FMNIST = "; tuned on MNIST, used here on Fashion-MNIST"
+
+_KFAC_AE = "thesis Table 3.5 (KFAC, ch.3, m = 1000, T1 = 1, T2 = 20, warm start)"
+
+_PRESET_LIST: list[Preset] = [
+    Preset(
+        "kfac",
+        "fmnist-autoencoder",
+        "thesis",
+        {"lr": 0.03, "damping": 1.0, "warm_start": True},
+        _KFAC_AE + _ON_FMNIST,
+    ),
+    Preset(
+        "kfac",
+        "curves-autoencoder",
+        "thesis",
+        {"lr": 0.3, "damping": 30.0, "warm_start": True},
+        _KFAC_AE,
+    ),
+    Preset(
+        "kfac-ef",
+        "fmnist-autoencoder",
+        "thesis",
+        {"lr": 0.03, "damping": 1.0, "warm_start": True},
+        _KFAC_AE + _ON_FMNIST + " (KFAC's values reused for KFAC-EF)",
+    ),
+    Preset(
+        "kfac-ef",
+        "curves-autoencoder",
+        "thesis",
+        {"lr": 0.3, "damping": 30.0, "warm_start": True},
+        _KFAC_AE + " (KFAC's values reused for KFAC-EF)",
+    ),
+    Preset("sgd-m", "fmnist-autoencoder", "thesis", {"lr": 0.003}, _T35 + _ON_FMNIST),
+    Preset("sgd-m", "curves-autoencoder", "thesis", {"lr": 0.003}, _T35),
+    Preset("adam", "fmnist-autoencoder", "thesis", {"lr": 1e-4, "eps": 1e-4}, _T35 + _ON_FMNIST),
+    Preset("adam", "curves-autoencoder", "thesis", {"lr": 1e-3, "eps": 1e-3}, _T35),
+    Preset(
+        "rmsprop",
+        "fmnist-autoencoder",
+        "thesis",
+        {"lr": 1e-4, "eps": 1e-4, "alpha": 0.9},
+        _T25 + _ON_FMNIST,
+    ),
+    Preset(
+        "rmsprop", "curves-autoencoder", "thesis", {"lr": 1e-3, "eps": 1e-3, "alpha": 0.9}, _T25
+    ),
+]
+
+PRESETS: dict[tuple[str, str, str], Preset] = {
+    (p.optimizer, p.problem, p.name): p for p in _PRESET_LIST
+}
+
+
+def get_optimizer(name: str) -> OptimizerSpec:
+    """The registered optimizer ``name``; `UnknownNameError` lists the valid names."""
+    return lookup(OPTIMIZERS, name, "optimizer")
+
+
+def presets_for(optimizer: str, problem: str) -> dict[str, Preset]:
+    """The presets registered for (``optimizer``, ``problem``), by preset name."""
+    return {p.name: p for (o, q, _), p in PRESETS.items() if o == optimizer and q == problem}
+
+
+def get_preset(optimizer: str, problem: str, name: str) -> Preset:
+    """The preset ``name`` for (``optimizer``, ``problem``).
+
+    Raises:
+        UnknownNameError: no such preset; the message lists the presets of that pair.
+    """
+    available = presets_for(optimizer, problem)
+    if name not in available:
+        raise UnknownNameError(f"preset for {optimizer} on {problem}", name, available)
+    return available[name]

@@ -1,0 +1,157 @@
+"""`ModelwiseOptimizer`: one subproblem over all parameters, then step control.
+
+The base owns the order of a model-wide step; a method supplies `propose` (curvature
+operator + subproblem solve) and, if it uses a model of the loss, `control` (accept or
+reject, adapt the radius / σ / LM damping from the reduction ratio ρ)::
+
+    loss, g = objective()                      # loss and flat gradient on the mini-batch
+    s, predicted = propose(objective, loss, g)  # e.g. Steihaug-CG, cubic, MINRES, SMW
+    trial = objective.loss_at(θ + s)            # same batch, model untouched
+    ρ = (loss − trial) / predicted
+    if control(ρ, ...): θ ← θ + s               # a rejected step leaves θ exactly as it was
+
+Non-finite losses, gradients or proposals skip the step (reported in ``last_step_info``).
+A non-finite trial loss counts as ρ = −∞: the step is rejected and `control` shrinks.
+Global state (radius, σ, λ, counters) lives in ``global_state`` so ``state_dict`` has it.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from curvlab.objective import Objective
+from curvlab.optim.base import require_objective
+
+__all__ = ["ModelwiseOptimizer", "Proposal"]
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A candidate step: the flat direction s and the model's predicted reduction."""
+
+    step: Tensor
+    predicted_reduction: float | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelwiseOptimizer(Optimizer, ABC):
+    """Base of the model-wide methods (one parameter group: the step is one flat vector)."""
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+        if len(self.param_groups) != 1:
+            raise ValueError(
+                f"params: {type(self).__name__} solves one subproblem over all parameters and "
+                "supports exactly one parameter group"
+            )
+        self.last_step_info: dict[str, Any] = {}
+
+    @property
+    def params(self) -> list[Tensor]:
+        return list(self.param_groups[0]["params"])
+
+    @property
+    def global_state(self) -> dict[str, Any]:
+        """Method-wide state (radius, σ, λ, counters), kept in ``state_dict``."""
+        state: dict[str, Any] = self.state[self.params[0]]
+        state.setdefault("global_step", 0)
+        state.setdefault("skipped_steps", 0)
+        state.setdefault("rejected_steps", 0)
+        return state
+
+    # ----------------------------------------------------------------- vectors
+    def flat_grad(self) -> Tensor:
+        """The gradient of every parameter as one vector (zeros where grad is None)."""
+        return torch.cat(
+            [
+                (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                for p in self.params
+            ]
+        )
+
+    def unflatten(self, vector: Tensor) -> list[Tensor]:
+        """Split a flat vector into tensors shaped like the parameters."""
+        out, offset = [], 0
+        for p in self.params:
+            out.append(vector[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return out
+
+    def trial_parameters(self, objective: Objective, step: Tensor) -> dict[str, Tensor]:
+        """The model's named parameters with ``step`` added to the optimized ones."""
+        moved = {id(p): p + d for p, d in zip(self.params, self.unflatten(step), strict=True)}
+        return {n: moved.get(id(p), p) for n, p in objective.model.named_parameters()}
+
+    # -------------------------------------------------------------------- hooks
+    def check_hyperparameters(self, group: dict[str, Any]) -> None:
+        """Validate ``group`` on every step (hyperparameters may be changed by schedulers)."""
+
+    @abstractmethod
+    def propose(self, objective: Objective, loss: Tensor, grad: Tensor) -> Proposal:
+        """Build and solve the subproblem at the current parameters."""
+
+    def control(self, rho: float, proposal: Proposal) -> bool:
+        """Accept (True) or reject the proposal; adapt the step control. Default: accept."""
+        return True
+
+    @property
+    def uses_trial_loss(self) -> bool:
+        """Whether `step` evaluates the trial loss (methods with a model of the loss do)."""
+        return False
+
+    # --------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
+        """One model-wide step on the objective's mini-batch (see the module docstring)."""
+        objective = require_objective(closure, type(self).__name__)
+        self.check_hyperparameters(self.param_groups[0])
+        state = self.global_state
+        with torch.enable_grad():
+            loss = objective()
+        grad = self.flat_grad()
+        if not torch.isfinite(loss) or not bool(torch.isfinite(grad).all()):
+            return self._skip(loss, "non-finite loss or gradient")
+        proposal = self.propose(objective, loss, grad)
+        if not bool(torch.isfinite(proposal.step).all()):
+            return self._skip(loss, "non-finite proposal")
+        rho = math.nan
+        trial = None
+        if self.uses_trial_loss:
+            trial = float(objective.loss_at(self.trial_parameters(objective, proposal.step)))
+            predicted = proposal.predicted_reduction
+            if not math.isfinite(trial):
+                rho = -math.inf
+            elif predicted is not None and predicted > 0:
+                rho = (float(loss) - trial) / predicted
+            else:
+                rho = -math.inf if trial > float(loss) else 1.0
+        accepted = self.control(rho, proposal)
+        if accepted:
+            for p, d in zip(self.params, self.unflatten(proposal.step), strict=True):
+                p.add_(d)
+        else:
+            state["rejected_steps"] += 1
+        state["global_step"] += 1
+        self.last_step_info = {
+            "skipped": False,
+            "loss": float(loss),
+            "trial_loss": trial,
+            "rho": rho,
+            "accepted": accepted,
+            "step_norm": float(proposal.step.norm()),
+            **proposal.info,
+        }
+        return loss
+
+    def _skip(self, loss: Tensor, reason: str) -> Tensor:
+        self.global_state["skipped_steps"] += 1
+        self.last_step_info = {"skipped": True, "reason": reason, "loss": float(loss)}
+        return loss

@@ -1,0 +1,115 @@
+"""Smoke tests of the `curvlab` CLI, in-process (style anchors §L7: seconds, no benchmarks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from curvlab.bench.cli import main, parse_value
+from curvlab.bench.records import load_record, load_records
+
+RUN = ["--problem", "synthetic-mlp", "--steps", "3", "--no-progress"]
+
+
+def _bench(out: Path, optimizer: str = "sgd-m", *extra: str) -> int:
+    return main(["bench", *RUN, "--optimizer", optimizer, "--out", str(out), *extra])
+
+
+def test_bench_writes_a_record_that_reads_back(tmp_path: Path) -> None:
+    assert _bench(tmp_path, "sgd-m", "--set", "lr=0.05") == 0
+    path = tmp_path / "synthetic-mlp" / "sgd-m" / "seed0.json"
+    record = load_record(path)
+    assert record.to_dict() == json.loads(path.read_text())
+    assert record.hyperparameters == {"lr": 0.05, "momentum": 0.9}
+    assert len(record.step_loss) == len(record.step_time) == 3
+    assert [e.step for e in record.epochs] == [0, 3]
+    assert record.summary["steps"] == 3 and record.summary["status"] == "completed"
+    assert record.config["test_metric"] == "test_error"
+    assert record.environment["torch"]
+    assert (tmp_path / "environment.json").is_file()
+
+
+def test_report_writes_markdown_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _bench(tmp_path, "sgd-m") == 0
+    assert _bench(tmp_path, "adam", "--seed", "1") == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path), "--target", "10"]) == 0
+    printed = capsys.readouterr().out.split()
+    md = tmp_path / "report.md"
+    png = tmp_path / "plots" / "synthetic-mlp.png"
+    assert printed == [str(md), str(png)]
+    text = md.read_text()
+    assert "| synthetic-mlp | adam |" in text and "| synthetic-mlp | sgd-m |" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_runs_each_optimizer_and_prints_the_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["compare", *RUN, "--optimizers", "sgd-m,adam", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "× sgd-m" in out and "| synthetic-mlp | adam |" in out
+    assert {r.label for r in load_records(tmp_path)} == {"sgd-m", "adam"}
+
+
+def test_list_json_parses(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {"sgd-m", "adam", "rmsprop", "adagrad", "amsgrad"} <= {
+        o["name"] for o in data["optimizers"]
+    }
+    assert "curves-autoencoder" in {p["name"] for p in data["problems"]}
+    assert main(["list"]) == 0
+    assert "Presets" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "--problem", "nope", "--optimizer", "sgd-m", "--steps", "1"],
+        ["bench", "--problem", "synthetic-mlp", "--optimizer", "nope", "--steps", "1"],
+        ["bench", *RUN, "--optimizer", "adam", "--preset", "nope"],
+        ["bench", *RUN, "--optimizer", "adam", "--set", "novalue"],
+        ["bench", *RUN, "--optimizer", "adam", "--set", "lr=-1"],
+        ["compare", *RUN, "--optimizers", "sgd-m,nope"],
+        ["compare", "--problem", "nope"],
+        ["frobnicate"],
+    ],
+)
+def test_usage_errors_exit_2(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*argv, "--out", str(tmp_path)] if argv[0] != "frobnicate" else argv) == 2
+    err = capsys.readouterr().err
+    if "nope" in argv:
+        assert "nope" in err and "valid" in err
+
+
+def test_unknown_optimizer_message_lists_valid_names(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--problem", "synthetic-mlp", "--optimizer", "sgd"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown optimizer 'sgd'" in err and "sgd-m" in err and "adam" in err
+
+
+def test_report_of_empty_directory_fails_cleanly(tmp_path: Path) -> None:
+    assert main(["report", str(tmp_path)]) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("3", 3),
+        ("0.1", 0.1),
+        ("1e-3", 1e-3),
+        ("true", True),
+        ("False", False),
+        ("none", None),
+        ("true_fisher", "true_fisher"),
+        ("0.9,0.999", [0.9, 0.999]),
+    ],
+)
+def test_parse_value(text: str, value: object) -> None:
+    assert parse_value(text) == value

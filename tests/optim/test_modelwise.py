@@ -1,0 +1,89 @@
+"""The model-wide base: a rejected step leaves parameters exactly; ρ; skips; one group."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.func import hessian
+
+from curvlab import Objective
+from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal
+from curvlab.testing.models import regression_problem, tiny_mlp
+
+
+class DenseLM(ModelwiseOptimizer):
+    """Test method: (H + λI) s = −g with the dense Hessian; λ adapted by ρ."""
+
+    def __init__(self, params: Any, damping: float = 1.0) -> None:
+        super().__init__(params, {"damping": damping})
+
+    @property
+    def uses_trial_loss(self) -> bool:
+        return True
+
+    def propose(self, objective: Objective, loss: torch.Tensor, grad: torch.Tensor) -> Proposal:
+        names = [n for n, p in objective.model.named_parameters()]
+        shapes = [p.shape for p in self.params]
+
+        def f(flat: torch.Tensor) -> torch.Tensor:
+            parts, off = {}, 0
+            for n, s in zip(names, shapes, strict=True):
+                parts[n] = flat[off : off + s.numel()].view(s)
+                off += s.numel()
+            return objective.functional_loss(parts)
+
+        flat = torch.cat([p.detach().reshape(-1) for p in self.params])
+        lam = self.global_state.setdefault("lam", self.param_groups[0]["damping"])
+        with torch.enable_grad():
+            H = hessian(f)(flat)
+        s = -torch.linalg.solve(H + lam * torch.eye(len(flat), dtype=flat.dtype), grad)
+        predicted = -(grad @ s + 0.5 * s @ H @ s)
+        return Proposal(s, float(predicted), {"damping": lam})
+
+    def control(self, rho: float, proposal: Proposal) -> bool:
+        accept = rho > 0.25
+        self.global_state["lam"] *= 0.5 if accept else 4.0
+        return accept
+
+
+def test_accepted_steps_reduce_the_loss_and_rejections_change_nothing() -> None:
+    model = tiny_mlp((4, 3, 2))
+    x, y = regression_problem(n=12, d_out=2)
+    opt = DenseLM(model.parameters(), damping=0.1)
+    obj = Objective(model, nn.MSELoss(), x, y)
+    losses, rejected = [], 0
+    for _ in range(10):
+        before = [p.detach().clone() for p in model.parameters()]
+        losses.append(float(opt.step(obj)))
+        if not opt.last_step_info["accepted"]:
+            rejected += 1
+            for p, q in zip(model.parameters(), before, strict=True):
+                assert torch.equal(p, q)
+    assert losses[-1] < losses[0]
+    assert opt.global_state["rejected_steps"] == rejected
+
+
+def test_non_finite_trial_loss_is_rejected() -> None:
+    model = tiny_mlp((4, 3, 2))
+    x, y = regression_problem(n=12, d_out=2)
+    opt = DenseLM(model.parameters())
+    obj = Objective(model, nn.MSELoss(), x, y)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.global_state["lam"] = -1e30  # a wild step whose trial loss overflows
+    opt.propose = lambda o, l, g: Proposal(torch.full_like(g, 1e300), 1.0)  # type: ignore[method-assign]
+    opt.step(obj)
+    assert opt.last_step_info["accepted"] is False and opt.last_step_info["rho"] == float("-inf")
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_plain_closure_and_several_groups_are_rejected() -> None:
+    model = tiny_mlp((4, 3, 2))
+    opt = DenseLM(model.parameters())
+    with pytest.raises(TypeError, match="curvlab.Objective"):
+        opt.step(lambda: torch.tensor(1.0))
+    with pytest.raises(ValueError, match="one parameter group"):
+        DenseLM([{"params": [model[0].weight]}, {"params": [model[0].bias]}])
