@@ -68,7 +68,7 @@ def _gram_blocked(X: Tensor, scale: float, b: int) -> Tensor:
 
 
 def gram(X: Tensor, scale: float = 1.0) -> Tensor:
-    r"""Scaled Gram matrix :math:`	ext{scale}\cdot X^	op X`, exactly symmetric.
+    r"""Scaled Gram matrix :math:`\text{scale}\cdot X^\top X`, exactly symmetric.
 
     See the module docstring for the two computation paths and their measured timings. The
     result equals ``scale * X.T @ X`` to floating-point tolerance (blocks are summed over the
@@ -80,7 +80,7 @@ def gram(X: Tensor, scale: float = 1.0) -> Tensor:
         scale: Factor applied to the product, e.g. ``1 / n``.
 
     Returns:
-        The ``(d, d)`` symmetric PSD (up to round-off) matrix :math:`	ext{scale}\cdot X^	op X`
+        The ``(d, d)`` symmetric PSD (up to round-off) matrix :math:`\text{scale}\cdot X^\top X`
         in ``X``'s dtype.
     """
     if X.dim() != 2:
@@ -99,16 +99,16 @@ def gram(X: Tensor, scale: float = 1.0) -> Tensor:
 
 
 def ema_(avg: Tensor, new: Tensor, decay: float) -> Tensor:
-    r"""In-place exponential moving average :math:`ar{M} \leftarrow eta ar{M} + (1-eta) M`.
+    r"""In-place exponential moving average :math:`\bar{M} \leftarrow \beta \bar{M} + (1-\beta) M`.
 
-    Implemented as ``avg.lerp_(new, 1 - decay)``, i.e. :math:`ar M + (1-eta)(M - ar M)`,
+    Implemented as ``avg.lerp_(new, 1 - decay)``, i.e. :math:`\bar M + (1-\beta)(M - \bar M)`,
     one fused pass (Martens & Grosse 2015, §5, running estimates of the factors). Elementwise, so
     symmetric inputs give a bitwise symmetric average.
 
     Args:
         avg: Running average, updated in place.
         new: New estimate, broadcastable to ``avg``.
-        decay: :math:`eta \in [0, 1]`; 0 replaces ``avg`` by ``new``, 1 keeps ``avg``.
+        decay: :math:`\beta \in [0, 1]`; 0 replaces ``avg`` by ``new``, 1 keeps ``avg``.
 
     Returns:
         ``avg`` (the same tensor object).

@@ -4,11 +4,12 @@ Both functions compute with the Cholesky factorisation :math:`M + \lambda I = L 
 (``torch.linalg.cholesky_ex``), which exists and is backward stable for symmetric positive
 definite matrices (Higham 2002, *Accuracy and Stability of Numerical Algorithms*, §10.1). Curvature
 factors are PSD only up to round-off, so a factorisation can fail (``info > 0``) or yield
-non-finite values; the retry policy then repeats it in float64 at the same damping, and after
-that multiplies the damping by ``growth`` per retry (starting at
-:math:`10^{-8}\cdot\operatorname{mean}|\operatorname{diag} M|` when the damping is 0). When every
-attempt fails, :class:`~curvlab.linalg.errors.DecompositionError` is raised; a non-finite input
-raises at once. Only the lower triangle of ``M`` is read.
+non-finite values; the retry policy then repeats it in float64 at the same damping (skipped for
+float64 inputs, where it would repeat the same computation), and after that multiplies the
+damping by ``growth`` per retry, never going below the floor
+:math:`\lambda_0 = 10^{-8}\cdot\operatorname{mean}|\operatorname{diag} M|` (the start when the
+damping is 0). When every attempt fails, :class:`~curvlab.linalg.errors.DecompositionError` is
+raised; a non-finite input raises at once. Only the lower triangle of ``M`` is read.
 
 All checks of one attempt are fused into a single host synchronisation.
 """
@@ -26,8 +27,8 @@ from curvlab.linalg.errors import DecompositionError
 
 __all__ = ["DecompositionInfo", "damped_inverse", "damped_solve"]
 
-#: Relative size of the first positive damping tried when the requested damping is 0.
-_ZERO_DAMPING_START = 1e-8
+#: Relative damping floor of the damping-increasing retries (times the mean |diagonal| of M).
+_DAMPING_FLOOR = 1e-8
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,16 @@ def _working_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _zero_damping_start(M: Tensor) -> float:
-    """``1e-8 · mean(diag M)``, or ``1e-8`` when that mean is not a positive finite number."""
+def _damping_floor(M: Tensor) -> float:
+    """Smallest damping of a damping-increasing retry: ``1e-8 · mean|diag M|`` (or ``1e-8``).
+
+    Used as the start when the requested damping is 0, and as a floor when ``damping · growth``
+    is still negligible against the scale of ``M`` (retrying with a damping below round-off of
+    ``M``'s entries would be wasted).
+    """
     mean_diag = float(torch.diagonal(M, dim1=-2, dim2=-1).abs().mean(dtype=torch.float64))
     scale = mean_diag if math.isfinite(mean_diag) and mean_diag > 0.0 else 1.0
-    return _ZERO_DAMPING_START * scale
+    return _DAMPING_FLOOR * scale
 
 
 def _run_with_retries(
@@ -94,7 +100,8 @@ def _run_with_retries(
         M: The input matrix (batch); its finiteness is checked together with the first attempt.
         damping: Damping of the first attempt.
         retries: Number of retries after the first attempt.
-        growth: Factor by which the damping grows on each retry that is already in float64.
+        growth: Factor by which the damping grows on each retry that is already in float64 (at
+            least up to the floor ``1e-8 · mean|diag M|``).
         attempt: The decomposition; see :data:`_Attempt`.
         what: Name used in error messages.
         out_dtype: Dtype of the returned result; it is cast before the finiteness check, so an
@@ -108,14 +115,15 @@ def _run_with_retries(
     """
     dtype = _working_dtype(M.dtype)
     current = damping
+    floor: float | None = None  # computed on first need: it costs a host synchronisation
     for k in range(retries + 1):
         if k > 0:
             if dtype != torch.float64:
                 dtype = torch.float64
-            elif current > 0.0:
-                current *= growth
             else:
-                current = _zero_damping_start(M)
+                if floor is None:
+                    floor = _damping_floor(M)
+                current = max(current * growth, floor)
         outcome = attempt(M.to(dtype), current)
         finite_input = torch.isfinite(M).all() if k == 0 else None
         if outcome is not None:
@@ -179,9 +187,13 @@ def damped_inverse(
     _check_square(M, "damped_inverse")
     _check_policy(damping, retries, growth)
 
-    def attempt(Mw: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+    def attempt(Mw: Tensor, lam: float) -> tuple[Tensor, Tensor] | None:
         L, info = torch.linalg.cholesky_ex(_damped(Mw, lam))
-        return _symmetrise(torch.cholesky_inverse(L)), (info == 0).all()
+        try:
+            inverse = torch.cholesky_inverse(L)
+        except RuntimeError:  # a zero pivot left in a failed factor (CPU checks, CUDA does not)
+            return None
+        return _symmetrise(inverse), (info == 0).all()
 
     return _run_with_retries(M, damping, retries, growth, attempt, "damped_inverse", M.dtype)
 
@@ -217,13 +229,16 @@ def damped_solve(
     if rhs.shape[-2] != M.shape[-1]:
         raise ValueError(f"damped_solve: B {tuple(B.shape)} does not match M {tuple(M.shape)}")
 
-    def attempt(Mw: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+    def attempt(Mw: Tensor, lam: float) -> tuple[Tensor, Tensor] | None:
         L, info = torch.linalg.cholesky_ex(_damped(Mw, lam))
-        X = torch.cholesky_solve(rhs.to(Mw.dtype), L)
+        try:
+            X = torch.cholesky_solve(rhs.to(Mw.dtype), L)
+        except RuntimeError:  # defensive: a failed factor is also caught through ``info``
+            return None
         return X, (info == 0).all()
 
     out_dtype = torch.promote_types(M.dtype, B.dtype)
     result, info = _run_with_retries(
-        M, damping, retries, growth, attempt, "damped_solve", out_dtype
+        M.to(out_dtype), damping, retries, growth, attempt, "damped_solve", out_dtype
     )
     return (result.squeeze(-1) if vector else result), info

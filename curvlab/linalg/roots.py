@@ -9,7 +9,7 @@ of its PSD statistics. Two methods are offered:
   (Weyl's inequality bounds their size by the backward error of ``eigh``, Golub & Van Loan 2013,
   §8.1).
 * ``"coupled_newton"``: the coupled Newton iteration of Guo & Higham (2006) as used by Shampoo
-  (Anil et al. 2020, Alg. 3; thesis §6.4), see :func:`coupled_newton_inverse_root`. It needs
+  (Anil et al. 2020; thesis §6.4, spec §1.6), see :func:`coupled_newton_inverse_root`. It needs
   only matrix products, which suits accelerators.
 
 Both methods use the retry policy of :mod:`curvlab.linalg.inverse`: float64 at the same damping,
@@ -60,7 +60,7 @@ def coupled_newton_inverse_root(
 ) -> Tensor:
     r"""Inverse p-th root :math:`M^{-1/p}` of an SPD matrix by the coupled Newton iteration.
 
-    The iteration of Guo & Higham (2006), in the form used by Shampoo (Anil et al. 2020, Alg. 3;
+    The iteration of Guo & Higham (2006), in the form used by Shampoo (Anil et al. 2020;
     thesis §6.4): with :math:`\alpha = -1/p` and :math:`z = (1 + p) / (2\lVert M\rVert_F)`,
 
     .. math::
@@ -74,6 +74,16 @@ def coupled_newton_inverse_root(
     :math:`M_0` in :math:`(0, (1 + p)/2]`, inside the region of convergence. The loop stops when
     :math:`\max|M_{k+1} - I| \le` ``tol`` or after ``max_iters`` steps; if the error grows by more
     than 1.2× (round-off has taken over) the previous iterate is returned.
+
+    The growth guard is skipped on the first step. Each eigenvalue follows the scalar map
+    :math:`f(m) = m\,((p + 1 - m)/p)^p`, a product of :math:`p + 1` non-negative factors with mean
+    1 for :math:`m \le p + 1`, hence :math:`f(m) \le 1` by the AM–GM inequality. So
+    :math:`M_k \preceq I` for every :math:`k \ge 1`, where :math:`E_k = M_k - I` is negative
+    semi-definite with :math:`\max_{ij}|(E_k)_{ij}| = \max_i |(E_k)_{ii}|`, a quantity that
+    never increases in exact arithmetic. :math:`M_0` however has eigenvalues up to
+    :math:`(1 + p)/2`, and the entrywise error of the first step can grow (e.g. from 0.7 to 0.98
+    for an ill-conditioned ``M``) without any round-off; stopping there would return
+    :math:`z^{1/p} I`.
 
     The computation stays in ``M``'s dtype: float64 reaches ``tol`` down to ~1e-12, while float32
     stalls around 1e-6 relative accuracy (the divergence guard then returns the best iterate).
@@ -104,14 +114,16 @@ def _coupled_newton(M: Tensor, p: int, max_iters: int, tol: float) -> tuple[Tens
     X = z.pow(1.0 / p) * eye
     Mk = z * M
     err = float((Mk - eye).abs().max())
-    for _ in range(max_iters):
+    for k in range(max_iters):
         if not err > tol:  # converged (or NaN, which cannot improve)
             break
         N = (1.0 - alpha) * eye + alpha * Mk
         X_next = X @ N
         M_next = torch.linalg.matrix_power(N, p) @ Mk
         err_next = float((M_next - eye).abs().max())
-        if not err_next <= 1.2 * err:  # diverging: keep the previous iterate
+        # Diverging through round-off: keep the previous iterate. The first step is exempt, as
+        # only there the error may legitimately grow (see the docstring).
+        if k > 0 and not err_next <= 1.2 * err:
             break
         X, Mk, err = X_next, M_next, err_next
     return _symmetrise(X), err
