@@ -3,7 +3,7 @@ the generated CURVES stand-in, and tiny synthetic problems for tests."""
 
 from __future__ import annotations
 
-from curvlab.data.curves import generate_curves
+from curvlab.data.curves import entropy_floor, generate_curves
 from curvlab.data.dataset import ArrayDataset, batches
 from curvlab.data.fashion_mnist import (
     DEBIAN_FASHION_MNIST_DIR,
@@ -19,6 +19,7 @@ __all__ = [
     "FASHION_MNIST_ENV_VAR",
     "ArrayDataset",
     "batches",
+    "entropy_floor",
     "generate_curves",
     "load_cifar10",
     "load_cifar100",
