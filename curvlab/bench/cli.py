@@ -1,4 +1,4 @@
-"""The ``curvlab`` command: ``list``, ``bench``, ``report`` and ``compare``.
+"""The ``curvlab`` command: ``list``, ``bench``, ``report``, ``compare`` and ``overhead``.
 
 Exit codes: 0 success; 1 a run or report failed (e.g. data files missing); 2 a usage error
 (unknown problem / optimizer / preset name, bad option or hyperparameter value).
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from curvlab.bench.listing import catalog, format_catalog
+from curvlab.bench.overhead import add_overhead_parser, run_overhead_command
 from curvlab.bench.problems import get_problem
 from curvlab.bench.records import environment, load_records, to_jsonable
 from curvlab.bench.registry import UnknownNameError
@@ -122,6 +123,8 @@ def _parser() -> argparse.ArgumentParser:
         help="preset used where one exists for the pair (default thesis; 'none' off)",
     )
     _add_run_options(p)
+
+    add_overhead_parser(sub)
     return parser
 
 
@@ -219,6 +222,7 @@ _COMMANDS = {
     "bench": _cmd_bench,
     "report": _cmd_report,
     "compare": _cmd_compare,
+    "overhead": run_overhead_command,
 }
 
 

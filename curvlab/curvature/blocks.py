@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from curvlab.curvature.layers import KroneckerLayer
@@ -114,8 +113,3 @@ class KroneckerBlock:
     def statistics(self, state: State) -> list[Tensor]:
         """Tensors that data-parallel training averages over ranks."""
         return [state["A"], state["G"]]
-
-
-def finite(*tensors: Tensor) -> bool:
-    """Whether every tensor is free of NaN and ±Inf (one host sync)."""
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())

@@ -29,7 +29,7 @@ def _homogeneous_gram(rows: Tensor, scale: float) -> Tensor:
     """``scale · [a 1]ᵀ[a 1]`` without materialising the column of ones."""
     n, d = rows.shape
     out = rows.new_empty((d + 1, d + 1))
-    out[:d, :d] = gram(rows, scale)
+    gram(rows, scale, out=out[:d, :d])
     col = rows.sum(dim=0) * scale
     out[:d, d] = col
     out[d, :d] = col

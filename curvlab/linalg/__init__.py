@@ -8,6 +8,7 @@ damping retry policy (:mod:`.inverse`), inverse p-th roots and eigendecompositio
 
 from __future__ import annotations
 
+from curvlab.linalg.checks import all_finite
 from curvlab.linalg.damping import add_to_diagonal, pi_damping
 from curvlab.linalg.errors import DecompositionError
 from curvlab.linalg.gram import ema_, gram
@@ -16,6 +17,7 @@ from curvlab.linalg.kron import kron_mv, kron_to_dense
 from curvlab.linalg.roots import coupled_newton_inverse_root, damped_inverse_root, symmetric_eigh
 
 __all__ = [
+    "all_finite",
     "DecompositionError",
     "DecompositionInfo",
     "add_to_diagonal",

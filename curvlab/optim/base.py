@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from curvlab.curvature.layers import KroneckerLayer, find_layers
+from curvlab.linalg import all_finite
 from curvlab.objective import Objective
 
 __all__ = ["LayerwiseOptimizer", "MomentumStyle", "require_objective"]
@@ -152,10 +153,9 @@ class LayerwiseOptimizer(Optimizer):
     # ------------------------------------------------------------------ guards
     def grads_finite(self) -> bool:
         """Whether every gradient is finite (one host sync)."""
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return True
-        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        return all_finite(
+            [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        )
 
     def skip_step(self, loss: Tensor | None, reason: str) -> None:
         """Record a skipped step; parameters and curvature state stay untouched."""

@@ -43,9 +43,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from curvlab.curvature.blocks import KroneckerBlock, finite
+from curvlab.curvature.blocks import KroneckerBlock
 from curvlab.curvature.factors import input_factor, output_factor
 from curvlab.curvature.hooks import Capture, capture
+from curvlab.linalg import all_finite
 from curvlab.objective import Objective, preserved_buffers
 from curvlab.optim.base import LayerwiseOptimizer, MomentumStyle, require_objective
 from curvlab.optim.validation import check_choice, check_int, check_range
@@ -219,10 +220,12 @@ class KFAC(LayerwiseOptimizer):
         """Alg 12 line 12: another pass over the mini-batch (labels sampled for the true
         Fisher); only layer-output gradients are computed, BatchNorm buffers are restored."""
         with preserved_buffers(self.model), capture(self.layers) as cap:
-            outputs, loss = objective.forward()
             if self.fisher == "true":
                 cap.phase = "sampled"
+                outputs = objective.model(objective.inputs)
                 loss = objective.sampled_loss(outputs, self._generator)
+            else:
+                outputs, loss = objective.forward()
             cap.backward_to_outputs(loss, retain_graph=False)
         return self._factors(cap, objective, outputs.detach())
 
@@ -318,5 +321,4 @@ def _validated(
 
 
 def _factors_finite(factors: Factors) -> bool:
-    tensors = [t for pair in factors.values() for t in pair]
-    return not tensors or finite(*tensors)
+    return all_finite([t for pair in factors.values() for t in pair])
