@@ -145,9 +145,7 @@ class KFAC(LayerwiseOptimizer):
         if before or not self._has_inverses():
             refreshed = self._refresh_if_due(k, force=not self._has_inverses())
         # Alg 12 lines 7–8: heavy-ball momentum on the raw gradient, then H_Γ D̂W H_Ω.
-        self.precondition_and_apply(
-            lambda name, V: self.blocks[name].precondition(self.layer_state(name), V)
-        )
+        self.precondition_and_apply(self._precondition)
         updated = factors is not None
         if not before:  # Alg 12 lines 11–19, at the new parameters.
             if stats_due:
@@ -178,10 +176,23 @@ class KFAC(LayerwiseOptimizer):
         return k % self.param_groups[0][key] == 0
 
     def _initialised(self) -> bool:
-        return all(KroneckerBlock.has_statistics(self.layer_state(n)) for n in self.layers)
+        """Whether any statistics exist (layers never in a forward pass have none)."""
+        return any(KroneckerBlock.has_statistics(self.layer_state(n)) for n in self.layers)
 
     def _has_inverses(self) -> bool:
-        return all(KroneckerBlock.has_inverses(self.layer_state(n)) for n in self.layers)
+        """Whether every layer that has statistics also has inverses."""
+        return all(
+            KroneckerBlock.has_inverses(state)
+            for state in map(self.layer_state, self.layers)
+            if KroneckerBlock.has_statistics(state)
+        )
+
+    def _precondition(self, name: str, V: Tensor) -> Tensor:
+        """H_Γ V H_Ω; a layer that has never been in a forward pass yet keeps its gradient."""
+        state = self.layer_state(name)
+        if not KroneckerBlock.has_inverses(state):
+            return V
+        return self.blocks[name].precondition(state, V)
 
     def _refresh_if_due(self, k: int, force: bool = False) -> bool:
         """Alg 12 line 17 (k ≡ 0 mod T2), Alg 7's k ≤ T, or the first inverses."""
@@ -189,7 +200,9 @@ class KFAC(LayerwiseOptimizer):
         if not (force or self._due(k, "inverse_every") or k <= group["inverse_warmup"]):
             return False
         for name, block in self.blocks.items():
-            block.refresh(self.layer_state(name), self.group(name)["damping"], self.pi_damping)
+            state = self.layer_state(name)
+            if KroneckerBlock.has_statistics(state):
+                block.refresh(state, self.group(name)["damping"], self.pi_damping)
         return True
 
     # ------------------------------------------------------------ statistics

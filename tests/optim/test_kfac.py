@@ -171,3 +171,27 @@ def test_param_groups_each_read_their_own_lr() -> None:
     assert not torch.equal(model[2].weight, w2)
     with pytest.raises(ValueError, match="same group|one group"):
         KFAC(model, params=[{"params": [model[0].weight]}, {"params": [model[0].bias]}])
+
+
+def test_layer_outside_the_forward_pass_keeps_its_gradient_and_breaks_nothing() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(4, 3).double()
+            self.unused = nn.Linear(4, 3).double()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    model = Branchy()
+    x, y = regression_problem()
+    # after_step: the first-mini-batch bootstrap, then one statistics pass after each step.
+    for statistics, updates in (("before_step", 3), ("after_step", 4)):
+        opt = KFAC(model, statistics=statistics)
+        before = model.unused.weight.detach().clone()
+        for _ in range(3):
+            opt.step(Objective(model, nn.MSELoss(), x, y))
+            assert opt.last_step_info["skipped"] is False
+        assert "A_inv" in opt.layer_state("used") and "A" not in opt.layer_state("unused")
+        assert opt.layer_state("used")["statistics_updates"] == updates  # no repeated bootstrap
+        assert torch.equal(model.unused.weight, before)  # no gradient, no update
