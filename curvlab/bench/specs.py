@@ -150,6 +150,23 @@ _SPECS: list[OptimizerSpec] = [
         supports_warm_start=True,
     ),
     OptimizerSpec(
+        name="kfac-alg7",
+        factory=lambda model, hp: KFAC(model, **hp),
+        defaults={
+            "lr": 0.3,
+            "damping": 0.3,
+            "pi_damping": False,
+            "momentum_style": "ema",
+            "inverse_warmup": 20,
+        },
+        paper="Martens & Grosse 2015; thesis ch.2 baseline (Goldfarb, Ren & Bahamou 2020)",
+        algorithm="thesis Alg 7 (MLP; π = 1, (1−β) gradient EMA, inverses at every k ≤ T)",
+        file="curvlab/optim/kfac.py",
+        description="K-FAC as thesis ch.2 ran it: π = 1, EMA momentum, inverse warm-up T = 20",
+        curvature=True,
+        supports_warm_start=True,
+    ),
+    OptimizerSpec(
         name="kfac-ef",
         factory=lambda model, hp: KFAC(model, **{"fisher": "empirical", **hp}),
         defaults={"lr": 0.03, "damping": 1.0},
@@ -173,7 +190,26 @@ _ON_FMNIST = "; tuned on MNIST, used here on Fashion-MNIST"
 
 _KFAC_AE = "thesis Table 3.5 (KFAC, ch.3, m = 1000, T1 = 1, T2 = 20, warm start)"
 
+_KFAC_CH2 = (
+    "thesis Table 2.5 (KFAC, ch.2 Alg 7, m = 1000, T = 20, warm start). Deviation: no "
+    "η = 1e-5 L2 term in the loss"
+)
+
 _PRESET_LIST: list[Preset] = [
+    Preset(
+        "kfac-alg7",
+        "fmnist-autoencoder",
+        "thesis",
+        {"lr": 1.0, "damping": 3.0, "warm_start": True},
+        _KFAC_CH2 + _ON_FMNIST,
+    ),
+    Preset(
+        "kfac-alg7",
+        "curves-autoencoder",
+        "thesis",
+        {"lr": 0.3, "damping": 0.3, "warm_start": True},
+        _KFAC_CH2,
+    ),
     Preset(
         "kfac",
         "fmnist-autoencoder",
