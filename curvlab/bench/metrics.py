@@ -35,8 +35,9 @@ def dataset_loss(
 ) -> float:
     """The loss over a whole data set, in the minibatch loss's convention.
 
-    Every minibatch loss here is a mean over examples (``reduction="mean"`` or a batch-averaged
-    sum), so the data-set loss is the size-weighted mean of batch losses. The caller sets eval
+    With ``batch_average`` the loss function sums over the batch (the objective divides by m),
+    so batch losses are added up; otherwise each is a batch mean and is weighted by its size.
+    Either way the result is the mean loss per example. The caller sets eval
     mode. Computed in float64 accumulation so the order of batches does not matter.
     """
     n = int(inputs.shape[0])

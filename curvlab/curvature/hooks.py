@@ -51,7 +51,6 @@ class Capture:
     """Records of one `capture` context; ``phase`` names where gradients go next."""
 
     def __init__(self, layers: Mapping[str, KroneckerLayer]) -> None:
-        self.layers = dict(layers)
         self.records: dict[str, LayerRecord] = {name: LayerRecord() for name in layers}
         self.phase = "loss"
         self._probes: list[Tensor] = []
