@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from curvlab.objective import Objective
@@ -43,9 +43,16 @@ class Proposal:
 
 
 class ModelwiseOptimizer(Optimizer, ABC):
-    """Base of the model-wide methods (one parameter group: the step is one flat vector)."""
+    """Base of the model-wide methods (one parameter group: the step is one flat vector).
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+    ``params`` is a model (its trainable parameters) or an iterable of parameters / one group.
+    """
+
+    def __init__(self, params: Iterable[Any] | nn.Module, defaults: dict[str, Any]) -> None:
+        if isinstance(params, nn.Module):  # a model stands for its trainable parameters
+            params = [p for p in params.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError("model: it has no trainable parameters")
         super().__init__(params, defaults)
         if len(self.param_groups) != 1:
             raise ValueError(
