@@ -1,7 +1,15 @@
 """curvlab: second-order (curvature-aware) optimizers for PyTorch, and a benchmark lab."""
 
 from curvlab.objective import Objective
-from curvlab.optim import KFAC, LayerwiseOptimizer, ModelwiseOptimizer, Proposal
+from curvlab.optim import (
+    KFAC,
+    TSOALRA,
+    LayerwiseOptimizer,
+    ModelwiseOptimizer,
+    Proposal,
+    TSOALRAFirstStage,
+    TwoStage,
+)
 
 __version__ = "0.1.0"
 
@@ -10,6 +18,10 @@ __all__ = [
     "Objective",
     # optimizers
     "KFAC",
+    "TSOALRA",
+    "TSOALRAFirstStage",
+    # wrappers
+    "TwoStage",
     # bases for new methods
     "LayerwiseOptimizer",
     "ModelwiseOptimizer",

@@ -227,6 +227,7 @@ def run(
     stop = False
     while not stop:
         in_epoch = 0
+        epoch_completed = False
         for xb, yb in _epoch_batches(data, batch_size, shuffle=True, generator=shuffle_gen):
             objective = Objective(model, loss_fn, xb, yb, batch_average=prob.batch_average)
             synchronize(dev)
@@ -258,10 +259,13 @@ def run(
         else:
             epoch += 1
             in_epoch = 0
+            epoch_completed = True
             stop = budget.reached(step, float(epoch), wall) or step == 0
         t_eval = time.perf_counter()
         epochs.append(evaluate(epoch + in_epoch / steps_per_epoch, step, wall))
         eval_s += time.perf_counter() - t_eval
+        if epoch_completed and not stop:
+            _epoch_hooks(optimizer, epochs[-1])
 
     synchronize(dev)
     memory, memory_kind = peak_memory_mb(dev)
@@ -314,6 +318,16 @@ def run(
         step_info=step_info or None,
         summary=summary,
     )
+
+
+def _epoch_hooks(optimizer: Any, record: EpochRecord) -> None:
+    """Tell a staged optimizer (e.g. `curvlab.optim.TwoStage`) that an epoch ended and what the
+    held-out metric was: its switch rules may count epochs or watch a validation plateau. The
+    test set serves as the validation set, as in the papers (seed 001 §V, thesis ch.3)."""
+    if hasattr(optimizer, "end_epoch"):
+        optimizer.end_epoch()
+    if hasattr(optimizer, "report_validation") and math.isfinite(record.test_metric):
+        optimizer.report_validation(record.test_metric)
 
 
 def _nanmin(values: Iterable[float]) -> float:

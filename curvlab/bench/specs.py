@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from curvlab.bench.registry import UnknownNameError, lookup
-from curvlab.optim import KFAC
+from curvlab.optim import KFAC, TSOALRA, TSOALRAFirstStage
 
 __all__ = [
     "OPTIMIZERS",
@@ -176,6 +176,26 @@ _SPECS: list[OptimizerSpec] = [
         description="K-FAC with the empirical Fisher",
         curvature=True,
         supports_warm_start=True,
+    ),
+    OptimizerSpec(
+        name="tso-alra",
+        factory=lambda model, hp: TSOALRA(model, **hp),
+        defaults={"lr": 0.01, "ema_decay": 0.95, "inverse_every": 20, "eps": 1e-6, "patience": 3},
+        paper="Ida & Fujiwara (seed 001), TSO-ALRA",
+        algorithm="Alg 1 (eqs. 14–18): K-factored F^-1/2, then SGD (switch: validation plateau)",
+        file="curvlab/optim/tso_alra.py",
+        description="Kronecker-factored F^-1/2 preconditioning, then plain SGD after the switch",
+        curvature=True,
+    ),
+    OptimizerSpec(
+        name="tso-alra-stage1",
+        factory=lambda model, hp: TSOALRAFirstStage(model, **hp),
+        defaults={"lr": 0.01, "ema_decay": 0.95, "inverse_every": 20, "eps": 1e-6},
+        paper="Ida & Fujiwara (seed 001), TSO-ALRA first stage",
+        algorithm="Alg 1, lines 1–8 only (no switch)",
+        file="curvlab/optim/tso_alra.py",
+        description="TSO-ALRA's first stage alone: Kronecker-factored F^-1/2",
+        curvature=True,
     ),
 ]
 

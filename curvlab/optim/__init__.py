@@ -1,8 +1,18 @@
 """curvlab's optimizers: one file per algorithm, on the bases in `curvlab.optim.base` and
-`curvlab.optim.modelwise`."""
+`curvlab.optim.modelwise`, plus the generic two-stage wrapper `TwoStage`."""
 
 from curvlab.optim.base import LayerwiseOptimizer
 from curvlab.optim.kfac import KFAC
 from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal
+from curvlab.optim.switching import TwoStage
+from curvlab.optim.tso_alra import TSOALRA, TSOALRAFirstStage
 
-__all__ = ["KFAC", "LayerwiseOptimizer", "ModelwiseOptimizer", "Proposal"]
+__all__ = [
+    "KFAC",
+    "TSOALRA",
+    "LayerwiseOptimizer",
+    "ModelwiseOptimizer",
+    "Proposal",
+    "TSOALRAFirstStage",
+    "TwoStage",
+]

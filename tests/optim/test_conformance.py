@@ -42,6 +42,17 @@ INVALID_KFAC = {
     "momentum_style": "nesterov",
 }
 
+INVALID_TSO_ALRA = {
+    "lr": -1.0,
+    "ema_decay": 0.0,
+    "inverse_every": 0,
+    "eps": 0.0,
+    "momentum": 1.0,
+    "weight_decay": -0.1,
+    "fisher": "exact",
+    "init": "zeros",
+}
+
 CASES: dict[str, Case] = {
     "kfac": Case(curvlab.optim.KFAC, dict(lr=0.1, damping=0.1), INVALID_KFAC),
     "kfac-before-step": Case(
@@ -60,10 +71,30 @@ CASES: dict[str, Case] = {
             weight_decay=1e-3,
         ),
     ),
+    "tso-alra-first-stage": Case(curvlab.optim.TSOALRAFirstStage, dict(lr=0.1), INVALID_TSO_ALRA),
+    "tso-alra-first-stage-first-batch": Case(
+        curvlab.optim.TSOALRAFirstStage, dict(lr=0.1, init="first_batch", inverse_every=5)
+    ),
+    "tso-alra": Case(
+        curvlab.optim.TSOALRA,
+        dict(lr=0.1, inverse_every=5, switch_at_step=20),
+        {
+            **INVALID_TSO_ALRA,
+            "switch_at_step": 0,
+            "switch_at_epoch": 2.5,
+            "patience": -1,
+            "min_delta": -1.0,
+        },
+    ),
+    "tso-alra-switched-early": Case(
+        curvlab.optim.TSOALRA, dict(lr=0.1, inverse_every=5, switch_at_step=3)
+    ),
 }
 
-# Base classes are not optimizers a user picks.
-NOT_OPTIMIZERS = {"LayerwiseOptimizer", "ModelwiseOptimizer"}
+# Base classes are not optimizers a user picks. TwoStage wraps two optimizers (it cannot be
+# built from a model alone): it is conformance-tested through TSOALRA, a TwoStage subclass,
+# and in tests/optim/test_switching.py.
+NOT_OPTIMIZERS = {"LayerwiseOptimizer", "ModelwiseOptimizer", "TwoStage"}
 
 
 def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
