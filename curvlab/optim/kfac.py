@@ -115,6 +115,9 @@ class KFAC(LayerwiseOptimizer):
         check_choice("momentum_style", momentum_style, ("heavy_ball", "ema"))
         super().__init__(model, defaults, params=params, momentum_style=momentum_style)
         self.blocks = {name: KroneckerBlock(layer) for name, layer in self.layers.items()}
+        # Reused output buffers of the factor products (a cache, not state: every use
+        # overwrites them before they are read; see curvlab.curvature.factors).
+        self._buffers: dict[str, tuple[Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -252,11 +255,23 @@ class KFAC(LayerwiseOptimizer):
             grads = record.output_grads(phase)
             if not record.inputs or len(grads) != len(record.inputs):
                 continue  # layer unused in this forward pass
+            A_buf, G_buf = self._factor_buffers(name, grads[0])
             factors[name] = (
-                input_factor(layer, record.inputs, m),
-                output_factor(layer, grads, m, scale),
+                input_factor(layer, record.inputs, m, out=A_buf),
+                output_factor(layer, grads, m, scale, out=G_buf),
             )
         return factors
+
+    def _factor_buffers(self, name: str, like: Tensor) -> tuple[Tensor, Tensor]:
+        layer = self.layers[name]
+        buffers = self._buffers.get(name)
+        if buffers is None or buffers[0].dtype != like.dtype or buffers[0].device != like.device:
+            buffers = (
+                like.new_empty(layer.d_a, layer.d_a),
+                like.new_empty(layer.d_out, layer.d_out),
+            )
+            self._buffers[name] = buffers
+        return buffers
 
     def _update_factors(self, factors: Factors) -> None:
         """Alg 12 line 14: Ω ← βΩ + (1−β)Ω_new, Γ ← βΓ + (1−β)Γ_new."""
