@@ -2,6 +2,7 @@
 
 from curvlab.objective import Objective
 from curvlab.optim import (
+    KBFGS,
     KFAC,
     TSOALRA,
     LayerwiseOptimizer,
@@ -17,6 +18,7 @@ __all__ = [
     # closures
     "Objective",
     # optimizers
+    "KBFGS",
     "KFAC",
     "TSOALRA",
     "TSOALRAFirstStage",

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from curvlab.bench.registry import UnknownNameError, lookup
-from curvlab.optim import KFAC, TSOALRA, TSOALRAFirstStage
+from curvlab.optim import KBFGS, KFAC, TSOALRA, TSOALRAFirstStage
 
 __all__ = [
     "OPTIMIZERS",
@@ -178,6 +178,61 @@ _SPECS: list[OptimizerSpec] = [
         supports_warm_start=True,
     ),
     OptimizerSpec(
+        name="kbfgs",
+        factory=lambda model, hp: KBFGS(model, **hp),
+        defaults={"lr": 0.03, "damping": 0.3},
+        paper="Ren, Bahamou & Goldfarb 2021; thesis ch.3",
+        algorithm="thesis Alg 9 (D_P D_LM damping Alg 8, minibatched Hessian-action)",
+        file="curvlab/optim/kbfgs.py",
+        description="K-BFGS: BFGS for the output-gradient factor, Hessian-action for A",
+        curvature=True,
+        supports_warm_start=True,
+    ),
+    OptimizerSpec(
+        name="kbfgs-l",
+        factory=lambda model, hp: KBFGS(model, **{"memory": 100, **hp}),
+        defaults={"lr": 0.03, "damping": 0.3},
+        paper="Ren, Bahamou & Goldfarb 2021; thesis ch.3",
+        algorithm="thesis Alg 9 with non-loop L-BFGS (p = 100 pairs) for H_G",
+        file="curvlab/optim/kbfgs.py",
+        description="K-BFGS(L): limited-memory BFGS for the output-gradient factor",
+        curvature=True,
+        supports_warm_start=True,
+    ),
+    OptimizerSpec(
+        name="kbfgs-t20",
+        factory=lambda model, hp: KBFGS(model, **{"curvature_every": 20, **hp}),
+        defaults={"lr": 0.3, "damping": 30.0},
+        paper="thesis ch.3 (K-BFGS†)",
+        algorithm="thesis Alg 9, curvature every T = 20 steps (Table 3.3)",
+        file="curvlab/optim/kbfgs.py",
+        description="K-BFGS† with its curvature updated every 20 steps",
+        curvature=True,
+        supports_warm_start=True,
+    ),
+    OptimizerSpec(
+        name="kbfgs-20",
+        factory=lambda model, hp: KBFGS(model, **{"variant": "ch2", **hp}),
+        defaults={"lr": 0.3, "damping": 0.3},
+        paper="Goldfarb, Ren & Bahamou 2020; thesis ch.2",
+        algorithm="thesis Alg 4 (double damping Alg 3; MLPs)",
+        file="curvlab/optim/kbfgs.py",
+        description="K-BFGS-20 as in ch.2: DD damping, EMA of A, (1−β) gradient average",
+        curvature=True,
+        supports_warm_start=True,
+    ),
+    OptimizerSpec(
+        name="kbfgs-l-20",
+        factory=lambda model, hp: KBFGS(model, **{"variant": "ch2", "memory": 100, **hp}),
+        defaults={"lr": 0.3, "damping": 0.3},
+        paper="Goldfarb, Ren & Bahamou 2020; thesis ch.2",
+        algorithm="thesis Alg 4 with non-loop L-BFGS (p = 100) for H_g",
+        file="curvlab/optim/kbfgs.py",
+        description="K-BFGS(L)-20 as in ch.2",
+        curvature=True,
+        supports_warm_start=True,
+    ),
+    OptimizerSpec(
         name="tso-alra",
         factory=lambda model, hp: TSOALRA(model, **hp),
         defaults={"lr": 0.01, "ema_decay": 0.95, "inverse_every": 20, "eps": 1e-6, "patience": 3},
@@ -215,7 +270,32 @@ _KFAC_CH2 = (
     "η = 1e-5 L2 term in the loss"
 )
 
+_T35_QN = "thesis Table 3.5 (ch.3, m = 1000, warm start)"
+_T25_QN = "thesis Table 2.5 (ch.2, m = 1000, warm start; ch.2's 1e-5 L2 term left out)"
+
+
+def _autoencoder_presets(
+    optimizer: str, source: str, fmnist: tuple[float, float], curves: tuple[float, float]
+) -> list[Preset]:
+    """(lr, λ) presets for the two autoencoders, with the thesis's warm start."""
+    return [
+        Preset(
+            optimizer,
+            problem,
+            "thesis",
+            {"lr": lr, "damping": lam, "warm_start": True},
+            source + (_ON_FMNIST if problem.startswith("fmnist") else ""),
+        )
+        for problem, (lr, lam) in (("fmnist-autoencoder", fmnist), ("curves-autoencoder", curves))
+    ]
+
+
 _PRESET_LIST: list[Preset] = [
+    *_autoencoder_presets("kbfgs", _T35_QN, (0.03, 0.3), (0.03, 0.3)),
+    *_autoencoder_presets("kbfgs-l", _T35_QN, (0.03, 0.3), (0.1, 3.0)),
+    *_autoencoder_presets("kbfgs-t20", _T35_QN, (0.3, 30.0), (0.3, 30.0)),
+    *_autoencoder_presets("kbfgs-20", _T25_QN, (0.3, 0.3), (0.1, 0.01)),
+    *_autoencoder_presets("kbfgs-l-20", _T25_QN, (0.3, 0.3), (0.3, 0.3)),
     Preset(
         "kfac-alg7",
         "fmnist-autoencoder",

@@ -3,11 +3,24 @@
 Pure functions on tensors: Kronecker products in row-major layout (:mod:`.kron`), factored
 Tikhonov damping (:mod:`.damping`), damped Cholesky inverses and solves with a float64 / growing
 damping retry policy (:mod:`.inverse`), inverse p-th roots and eigendecompositions
-(:mod:`.roots`), and the Gram / moving-average statistics of Kronecker factors (:mod:`.gram`).
+(:mod:`.roots`), the Gram / moving-average statistics of Kronecker factors (:mod:`.gram`), and
+(damped) BFGS / L-BFGS updates and products (:mod:`.bfgs`).
 """
 
 from __future__ import annotations
 
+from curvlab.linalg.bfgs import (
+    bfgs_update,
+    double_damping,
+    dp_dlm_damping,
+    dpi_dlm_damping,
+    gram_matvec,
+    hessian_action_pair,
+    lbfgs_multiply,
+    lbfgs_two_loop,
+    powell_damping_h,
+    powell_damping_identity,
+)
 from curvlab.linalg.checks import all_finite
 from curvlab.linalg.damping import add_to_diagonal, pi_damping
 from curvlab.linalg.errors import DecompositionError
@@ -18,6 +31,16 @@ from curvlab.linalg.roots import coupled_newton_inverse_root, damped_inverse_roo
 
 __all__ = [
     "all_finite",
+    "bfgs_update",
+    "double_damping",
+    "dp_dlm_damping",
+    "dpi_dlm_damping",
+    "gram_matvec",
+    "hessian_action_pair",
+    "lbfgs_multiply",
+    "lbfgs_two_loop",
+    "powell_damping_h",
+    "powell_damping_identity",
     "DecompositionError",
     "DecompositionInfo",
     "add_to_diagonal",

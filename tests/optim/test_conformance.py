@@ -53,6 +53,25 @@ INVALID_TSO_ALRA = {
     "init": "zeros",
 }
 
+INVALID_KBFGS = {
+    "lr": -1.0,
+    "damping": 0.0,
+    "momentum": 1.0,
+    "weight_decay": -0.1,
+    "ema_decay": 1.5,
+    "curvature_every": 0,
+    "mu1": 1.0,
+    "variant": "ch4",
+    "memory": 0,
+    "pair_damping": "powell",
+    "a_update": "exact",
+    "a_init": "zeros",
+    "damping_split": "pi",
+    "g_init": "random",
+    "momentum_style": "nesterov",
+    "fallback_lr": "adam",
+}
+
 CASES: dict[str, Case] = {
     "kfac": Case(curvlab.optim.KFAC, dict(lr=0.1, damping=0.1), INVALID_KFAC),
     "kfac-before-step": Case(
@@ -88,6 +107,13 @@ CASES: dict[str, Case] = {
     ),
     "tso-alra-switched-early": Case(
         curvlab.optim.TSOALRA, dict(lr=0.1, inverse_every=5, switch_at_step=3)
+    ),
+    "kbfgs": Case(curvlab.optim.KBFGS, dict(lr=0.1, damping=0.1), INVALID_KBFGS),
+    "kbfgs-l": Case(curvlab.optim.KBFGS, dict(lr=0.1, damping=0.1, memory=5)),
+    "kbfgs-20": Case(curvlab.optim.KBFGS, dict(lr=0.3, damping=0.1, variant="ch2")),
+    "kbfgs-l-20": Case(curvlab.optim.KBFGS, dict(lr=0.3, damping=0.1, variant="ch2", memory=5)),
+    "kbfgs-T3-wd": Case(
+        curvlab.optim.KBFGS, dict(lr=0.1, damping=0.1, curvature_every=3, weight_decay=1e-3)
     ),
 }
 

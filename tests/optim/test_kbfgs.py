@@ -1,0 +1,477 @@
+"""K-BFGS / K-BFGS(L) (thesis Alg 9) and K-BFGS-20 / K-BFGS(L)-20 (Alg 4): the direction is
+``H_G V H_A`` of the state; the curvature pairs match an independent recomputation from hooks;
+warm start, schedules, skipped pairs, bad input, and the conformance checks per variant."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from curvlab import Objective
+from curvlab.linalg.bfgs import double_damping, dp_dlm_damping
+from curvlab.optim.kbfgs import KBFGS
+from curvlab.testing.models import regression_problem, tiny_cnn, tiny_mlp
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _single_thread() -> Any:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _problem(make_model: Any, n: int, seed: int = 0) -> tuple[nn.Module, list, nn.Module]:
+    """A model, n batches and the loss (MLP: MSE regression; CNN: 3-class cross-entropy)."""
+    g = torch.Generator().manual_seed(seed)
+    if make_model is tiny_cnn:
+        x = torch.randn(4 * n, 2, 5, 5, generator=g, dtype=F64)
+        y = torch.randint(0, 3, (4 * n,), generator=g)
+        return tiny_cnn(), list(zip(x.split(4), y.split(4), strict=True)), nn.CrossEntropyLoss()
+    x, y = regression_problem(n=6 * n, d_in=4, d_out=3, seed=seed)
+    return tiny_mlp(), list(zip(x.split(6), y.split(6), strict=True)), nn.MSELoss()
+
+
+def printed_bfgs(H: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(I − ρ s yᵀ) H (I − ρ y sᵀ) + ρ s sᵀ (thesis eq. 2.6 / 3.11)."""
+    rho = 1.0 / (s @ y)
+    E = torch.eye(H.shape[0], dtype=H.dtype) - rho * torch.outer(s, y)
+    return E @ H @ E.T + rho * torch.outer(s, s)
+
+
+def _matrix(layer: Any, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return layer.grad_matrix(w, b)
+
+
+def _params(layer: Any) -> torch.Tensor:
+    return _matrix(
+        layer,
+        layer.weight.detach().clone(),
+        None if layer.bias is None else layer.bias.detach().clone(),
+    )
+
+
+class _Probe:
+    """Independent per-layer record: inputs, outputs and ∂L/∂h via plain module hooks."""
+
+    def __init__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module
+    ) -> None:
+        self.inputs: dict[nn.Module, torch.Tensor] = {}
+        self.outputs: dict[nn.Module, torch.Tensor] = {}
+        handles = []
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                handles.append(module.register_forward_hook(self._hook))
+        with torch.enable_grad():
+            loss = loss_fn(model(x), y)
+            outs = list(self.outputs.values())
+            grads = torch.autograd.grad(loss, outs)
+        for h in handles:
+            h.remove()
+        self.grads = dict(zip(self.outputs, grads, strict=True))
+        self.m = x.shape[0]
+
+    def _hook(self, module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        self.inputs[module] = args[0].detach()
+        self.outputs[module] = out
+
+    def rows(self, module: nn.Module) -> torch.Tensor:
+        """ā_t(n) as rows, with the homogeneous 1 when there is a bias (F.unfold for convs)."""
+        x = self.inputs[module]
+        if isinstance(module, nn.Conv2d):
+            cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+            r = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        else:
+            r = x
+        if module.bias is not None:
+            r = torch.cat([r, torch.ones(r.shape[0], 1, dtype=r.dtype)], dim=1)
+        return r
+
+    def locations(self, module: nn.Module) -> int:
+        out = self.outputs[module]
+        return out.numel() // (self.m * out.shape[1])
+
+    def h_bar(self, module: nn.Module) -> torch.Tensor:
+        out = self.outputs[module].detach()
+        return out.mean(dim=(0, 2, 3)) if out.dim() == 4 else out.mean(0)
+
+    def g_bar(self, module: nn.Module) -> torch.Tensor:
+        """(1/|T|) Σ_{n,t} ∂L/∂h_t(n): per-example gradients m·∂L/∂h averaged (thesis A1)."""
+        g = self.grads[module]
+        total = g.sum(dim=(0, 2, 3)) if g.dim() == 4 else g.sum(0)
+        return total / self.locations(module)
+
+
+def _dense_H_g(opt: KBFGS, state: dict, lam_g: float) -> torch.Tensor:
+    """H_G of the state: the matrix, or the BFGS recursion over the stored pairs from γI."""
+    if opt.memory is None:
+        return state["H_g"]
+    gamma = 1.0 / lam_g if opt.variant == "ch3" else 1.0
+    H = gamma * torch.eye(state["S"].shape[1], dtype=F64)
+    for s, y in zip(state["S"], state["Y"], strict=True):
+        H = printed_bfgs(H, s, y)
+    return H
+
+
+# ------------------------------------------------------------------------- direction
+@pytest.mark.parametrize("memory", [None, 2])
+@pytest.mark.parametrize("variant", ["ch3", "ch2"])
+@pytest.mark.parametrize("make_model", [tiny_mlp, tiny_cnn], ids=["mlp", "cnn"])
+def test_direction_equals_dense_kronecker_product_of_the_state(make_model, variant, memory) -> None:
+    model, batches, loss_fn = _problem(make_model, 5)
+    lr, lam = 0.05, 0.5
+    opt = KBFGS(model, lr=lr, damping=lam, momentum=0.0, variant=variant, memory=memory)
+    for x, y in batches[:4]:  # four curvature updates: more pairs than memory = 2
+        opt.step(Objective(model, loss_fn, x, y))
+    x, y = batches[4]
+    probe = _Probe(model, x, y, loss_fn)
+    states = {n: copy.deepcopy(opt.layer_state(n)) for n in opt.layers}
+    before = {n: _params(layer) for n, layer in opt.layers.items()}
+    opt.step(Objective(model, loss_fn, x, y))
+    for name, layer in opt.layers.items():
+        state = states[name]
+        module = layer.module
+        # V = [∇W, ∇b] from the independent pass: Σ_{n,t} ∂L/∂h_t ā_tᵀ.
+        g_rows = probe.grads[module]
+        g_rows = (
+            g_rows.flatten(2).transpose(1, 2).reshape(-1, g_rows.shape[1])
+            if g_rows.dim() == 4
+            else g_rows
+        )
+        V = g_rows.T @ probe.rows(module)
+        T = probe.locations(module)
+        lam_g = math.sqrt(lam / T) if variant == "ch3" else math.sqrt(lam)
+        H_g = _dense_H_g(opt, state, lam_g)
+        if opt.memory is not None:
+            assert state["S"].shape[0] == 2  # FIFO kept the last p pairs
+        # vec column-major: vec(H_G V H_A) = (H_A ⊗ H_G) vec(V) (thesis eq. 2.4).
+        vec = torch.kron(state["H_a"], H_g) @ V.T.reshape(-1)
+        expected = -lr * vec.reshape(V.shape[1], V.shape[0]).T
+        torch.testing.assert_close(_params(layer) - before[name], expected, rtol=1e-8, atol=1e-12)
+
+
+# -------------------------------------------------------------------- curvature pairs
+@pytest.mark.parametrize("variant", ["ch3", "ch2"])
+@pytest.mark.parametrize("make_model", [tiny_mlp, tiny_cnn], ids=["mlp", "cnn"])
+def test_curvature_update_matches_independent_recomputation(make_model, variant) -> None:
+    """One curvature step recomputed from plain hooks: s_G, y_G from h̄, D̄h at θ and θ⁺
+    (EMA β), damping with the current H_G and μ2 = λ_G, H_A's Hessian-action pair from the
+    first pass (ch.3: that batch's A; ch.2: EMA of A), λ split by |T| in ch.3."""
+    model, batches, loss_fn = _problem(make_model, 3, seed=2)
+    lam, beta = 0.4, 0.6
+    opt = KBFGS(model, lr=0.1, damping=lam, ema_decay=beta, variant=variant)
+    for x, y in batches[:2]:
+        opt.step(Objective(model, loss_fn, x, y))
+    x, y = batches[2]
+    old = {n: copy.deepcopy(opt.layer_state(n)) for n in opt.layers}
+    at_theta = _Probe(model, x, y, loss_fn)
+    opt.step(Objective(model, loss_fn, x, y))
+    at_plus = _Probe(model, x, y, loss_fn)
+    for name, layer in opt.layers.items():
+        module, state, prev = layer.module, opt.layer_state(name), old[name]
+        T = at_theta.locations(module)
+        lam_a, lam_g = (
+            (math.sqrt(T * lam), math.sqrt(lam / T)) if variant == "ch3" else (math.sqrt(lam),) * 2
+        )
+        # H_A (Alg 9 lines 16–17; Alg 4 lines 20–23)
+        rows = at_theta.rows(module)
+        A_batch = rows.T @ rows / at_theta.m
+        A = A_batch if variant == "ch3" else beta * prev["A"] + (1 - beta) * A_batch
+        s_a = prev["H_a"] @ rows.mean(0)
+        y_a = A @ s_a + lam_a * s_a
+        torch.testing.assert_close(
+            state["H_a"], printed_bfgs(prev["H_a"], s_a, y_a), rtol=1e-8, atol=1e-10
+        )
+        if variant == "ch2":
+            torch.testing.assert_close(state["A"], A, rtol=1e-10, atol=1e-12)
+        # H_G (Alg 9 lines 19–21; Alg 4 lines 16–18)
+        s = beta * prev["s_g"] + (1 - beta) * (at_plus.h_bar(module) - at_theta.h_bar(module))
+        y_ = beta * prev["y_g"] + (1 - beta) * (at_plus.g_bar(module) - at_theta.g_bar(module))
+        torch.testing.assert_close(state["s_g"], s, rtol=1e-8, atol=1e-12)
+        torch.testing.assert_close(state["y_g"], y_, rtol=1e-8, atol=1e-12)
+        damp = dp_dlm_damping if variant == "ch3" else double_damping
+        s_t, y_t = damp(s, y_, prev["H_g"] @ y_, 0.2, lam_g)
+        torch.testing.assert_close(
+            state["H_g"], printed_bfgs(prev["H_g"], s_t, y_t), rtol=1e-8, atol=1e-10
+        )
+
+
+def test_initial_matrices_follow_each_chapter() -> None:
+    """Alg 9 line 3: H_G = λ_G⁻¹ I; Alg 4 line 3: H_G = I; H_A = (A + λ_A I)⁻¹ of batch 1."""
+    x = torch.randn(4, 2, 5, 5, dtype=F64)
+    y = torch.randint(0, 3, (4,))
+    for variant in ("ch3", "ch2"):
+        model = tiny_cnn()
+        opt = KBFGS(model, lr=0.0, damping=2.0, variant=variant, curvature_every=5)
+        probe = _Probe(model, x, y, nn.CrossEntropyLoss())
+        opt.step(Objective(model, nn.CrossEntropyLoss(), x, y))
+        for name, layer in opt.layers.items():
+            T = probe.locations(layer.module)
+            lam_a, lam_g = (
+                (math.sqrt(2 * T), math.sqrt(2 / T)) if variant == "ch3" else (math.sqrt(2),) * 2
+            )
+            state = opt.layer_state(name)
+            eye = torch.eye(layer.d_out, dtype=F64)
+            torch.testing.assert_close(state["H_g"], eye / lam_g if variant == "ch3" else eye)
+            rows = probe.rows(layer.module)
+            A = rows.T @ rows / 4
+            torch.testing.assert_close(
+                state["H_a"] @ (A + lam_a * torch.eye(A.shape[0], dtype=F64)),
+                torch.eye(A.shape[0], dtype=F64),
+            )
+
+
+def test_warm_start_averages_A_over_all_examples() -> None:
+    model = tiny_cnn()
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(m, 2, 5, 5, generator=g, dtype=F64) for m in (3, 5)]
+    data = [(x, torch.zeros(x.shape[0], dtype=torch.long)) for x in xs]
+    opt = KBFGS(model, damping=0.5, variant="ch2")
+    assert opt.warm_start(data, nn.CrossEntropyLoss()) == 2
+    probe = _Probe(model, torch.cat(xs), torch.zeros(8, dtype=torch.long), nn.CrossEntropyLoss())
+    for name, layer in opt.layers.items():
+        rows = probe.rows(layer.module)
+        A = rows.T @ rows / 8
+        torch.testing.assert_close(opt.layer_state(name)["A"], A)
+        damped = A + math.sqrt(0.5) * torch.eye(A.shape[0], dtype=F64)
+        torch.testing.assert_close(opt.layer_state(name)["H_a"], torch.linalg.inv(damped))
+    with pytest.raises(ValueError, match="^batches"):
+        opt.warm_start([])
+
+
+def test_a_init_identity() -> None:
+    model, batches, loss_fn = _problem(tiny_mlp, 1)
+    opt = KBFGS(model, a_init="identity", curvature_every=2)
+    opt.step(Objective(model, loss_fn, *batches[0]))
+    for name, layer in opt.layers.items():
+        torch.testing.assert_close(opt.layer_state(name)["H_a"], torch.eye(layer.d_a, dtype=F64))
+
+
+# ------------------------------------------------------------------ schedule, memory
+def test_curvature_every_T_steps_only() -> None:
+    model, batches, loss_fn = _problem(tiny_mlp, 6)
+    opt = KBFGS(model, curvature_every=3, memory=2)
+    flags, sizes = [], []
+    for x, y in batches:
+        opt.step(Objective(model, loss_fn, x, y))
+        flags.append(opt.last_step_info["curvature_updated"])
+        sizes.append(opt.layer_state("0")["S"].shape[0])
+    assert flags == [False, False, True, False, False, True]
+    assert sizes == [0, 0, 1, 1, 1, 2]
+
+
+def test_lbfgs_keeps_only_the_last_p_pairs() -> None:
+    model, batches, loss_fn = _problem(tiny_mlp, 5)
+    opt = KBFGS(model, memory=2)
+    pushed = []
+    for x, y in batches:
+        opt.step(Objective(model, loss_fn, x, y))
+        pushed.append(opt.layer_state("2")["S"][-1].clone())
+    torch.testing.assert_close(opt.layer_state("2")["S"], torch.stack(pushed[-2:]))
+
+
+# -------------------------------------------------------------------- skipped pairs
+def test_degenerate_pairs_are_skipped_and_counted() -> None:
+    """lr = 0: h⁺ = h and D̄h⁺ = D̄h, so s̃ = ỹ = 0 and no H_G update is possible."""
+    model, batches, loss_fn = _problem(tiny_mlp, 2)
+    opt = KBFGS(model, lr=0.0)
+    for x, y in batches:
+        opt.step(Objective(model, loss_fn, x, y))
+    info = opt.last_step_info
+    assert info["skipped_g_pairs"] == 2 and info["skipped_g_pairs_total"] == 4
+    assert info["skipped_a_pairs"] == 0
+    assert info["yHy_over_sy"] == {"0": None, "2": None}
+    for name, layer in opt.layers.items():
+        state = opt.layer_state(name)
+        assert state["skipped_g_pairs"] == 2
+        torch.testing.assert_close(state["H_g"], torch.eye(layer.d_out, dtype=F64) / math.sqrt(0.3))
+
+
+def test_non_finite_second_pass_is_skipped_without_nan_in_state() -> None:
+    calls = {"n": 0}
+
+    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        loss = F.mse_loss(out, target)
+        return loss * float("nan") if calls["n"] % 2 == 0 else loss  # every second pass
+
+    model, batches, _ = _problem(tiny_mlp, 3)
+    opt = KBFGS(model, memory=3)
+    for x, y in batches:
+        opt.step(Objective(model, loss_fn, x, y))
+    assert opt.last_step_info["skipped_g_pairs_total"] == 6
+    for name in opt.layers:
+        state = opt.layer_state(name)
+        assert state["S"].shape[0] == 0
+        assert torch.equal(state["s_g"], torch.zeros_like(state["s_g"]))
+        assert torch.isfinite(state["H_a"]).all()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_non_finite_loss_skips_step_and_keeps_state() -> None:
+    model, batches, loss_fn = _problem(tiny_mlp, 2)
+    opt = KBFGS(model)
+    opt.step(Objective(model, loss_fn, *batches[0]))
+    state = copy.deepcopy(opt.state_dict())
+    params = [p.detach().clone() for p in model.parameters()]
+    x, y = batches[1]
+    opt.step(Objective(model, loss_fn, x * float("inf"), y))
+    assert opt.last_step_info["skipped"] and opt.last_step_info["reason"] == "non-finite loss"
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+    assert torch.equal(opt.layer_state("0")["H_g"], state["state"][0]["H_g"])
+
+
+# ---------------------------------------------------------------------- BatchNorm
+def test_batchnorm_takes_momentum_gradient_at_lr_over_damping_and_keeps_running_stats() -> None:
+    model = tiny_cnn(batchnorm=True)
+    x, y = torch.randn(4, 2, 5, 5, dtype=F64), torch.randint(0, 3, (4,))
+    reference = copy.deepcopy(model)
+    reference(x)  # one training forward pass: what the running statistics should see
+    bn = model[1]
+    with pytest.warns(UserWarning, match="fallback"):
+        opt = KBFGS(model, lr=0.2, damping=4.0, momentum=0.0)
+    w0 = bn.weight.detach().clone()
+    opt.step(Objective(model, nn.CrossEntropyLoss(), x, y))
+    torch.testing.assert_close(bn.weight.detach(), w0 - (0.2 / 4.0) * bn.weight.grad)
+    torch.testing.assert_close(bn.running_mean, reference[1].running_mean)
+    torch.testing.assert_close(bn.running_var, reference[1].running_var)
+
+
+# ------------------------------------------------------------------------ bad input
+def test_plain_closure_and_models_without_layers_are_rejected() -> None:
+    opt = KBFGS(tiny_mlp())
+    with pytest.raises(TypeError, match="Objective"):
+        opt.step(lambda: torch.tensor(0.0))
+    with pytest.raises(ValueError, match="^model: K-BFGS.*nn.Linear"):
+        KBFGS(nn.Sequential(nn.BatchNorm1d(3)))
+    with pytest.raises(ValueError, match=r"^model: K-BFGS\(L\)-20"):
+        KBFGS(nn.Sequential(nn.ReLU()), variant="ch2", memory=5)
+
+
+def test_display_names() -> None:
+    model = tiny_mlp()
+    names = {
+        (v, m): KBFGS(model, variant=v, memory=m).display_name
+        for v in ("ch3", "ch2")
+        for m in (None, 100)
+    }
+    assert names == {
+        ("ch3", None): "K-BFGS",
+        ("ch3", 100): "K-BFGS(L)",
+        ("ch2", None): "K-BFGS-20",
+        ("ch2", 100): "K-BFGS(L)-20",
+    }
+
+
+INVALID = {
+    "lr": -1.0,
+    "damping": 0.0,
+    "momentum": 1.0,
+    "weight_decay": -0.1,
+    "ema_decay": 1.5,
+    "curvature_every": 0,
+    "mu1": 1.0,
+    "variant": "ch4",
+    "memory": 0,
+    "pair_damping": "powell",
+    "a_update": "exact",
+    "a_init": "zeros",
+    "damping_split": "pi",
+    "g_init": "random",
+    "momentum_style": "nesterov",
+    "fallback_lr": "adam",
+}
+
+
+@pytest.mark.parametrize(("key", "value"), INVALID.items(), ids=INVALID.keys())
+def test_invalid_hyperparameter_raises_naming_it(key: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=f"^{key}"):
+        KBFGS(tiny_mlp(), **{key: value})
+
+
+@pytest.mark.parametrize("key", ["lr", "damping", "mu1", "curvature_every"])
+def test_invalid_hyperparameter_set_later_is_rejected_at_step(key: str) -> None:
+    model, batches, loss_fn = _problem(tiny_mlp, 1)
+    opt = KBFGS(model)
+    opt.param_groups[0][key] = float("nan")
+    with pytest.raises(ValueError, match=f"^{key}"):
+        opt.step(Objective(model, loss_fn, *batches[0]))
+
+
+# --------------------------------------------------------- conformance, per variant
+CASES = {
+    "kbfgs": dict(lr=0.1, damping=0.1),
+    "kbfgs-l": dict(lr=0.1, damping=0.1, memory=5),
+    "kbfgs-20": dict(lr=0.3, damping=0.1, variant="ch2"),
+    "kbfgs-l-20": dict(lr=0.3, damping=0.1, variant="ch2", memory=5),
+    "kbfgs-T3-wd": dict(lr=0.1, damping=0.1, curvature_every=3, weight_decay=1e-3),
+}
+
+
+def _batches(n: int, dtype: torch.dtype = F64) -> list:
+    x, y = regression_problem(n=16 * n, seed=1, dtype=dtype)
+    return list(zip(x.split(16), y.split(16), strict=True))
+
+
+def _run(opt: Any, model: nn.Module, batches: list) -> None:
+    for x, y in batches:
+        opt.step(Objective(model, nn.MSELoss(), x, y))
+
+
+def _full_loss(model: nn.Module, batches: list) -> float:
+    with torch.no_grad():
+        return sum(float(nn.MSELoss()(model(x), y)) for x, y in batches) / len(batches)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kwargs", CASES.values(), ids=CASES.keys())
+def test_conformance_loss_decreases(kwargs: dict, dtype: torch.dtype) -> None:
+    model = tiny_mlp((4, 8, 3), dtype=dtype)
+    batches = _batches(4, dtype)
+    opt = KBFGS(model, **kwargs)
+    start = _full_loss(model, batches)
+    for _ in range(10):
+        _run(opt, model, batches)
+    assert _full_loss(model, batches) < 0.7 * start
+
+
+@pytest.mark.parametrize("kwargs", CASES.values(), ids=CASES.keys())
+def test_conformance_state_dict_round_trip_continues_bit_identically(kwargs: dict) -> None:
+    batches = _batches(12)
+    model = tiny_mlp((4, 8, 3))
+    opt = KBFGS(model, **kwargs)
+    _run(opt, model, batches[:5])
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    _run(opt, model, batches[5:])
+    resumed = tiny_mlp((4, 8, 3), seed=99)
+    resumed.load_state_dict(saved_model)
+    opt2 = KBFGS(resumed, **kwargs)
+    opt2.load_state_dict(saved_opt)
+    _run(opt2, resumed, batches[5:])
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("kwargs", CASES.values(), ids=CASES.keys())
+def test_conformance_lr_scheduler_is_respected(kwargs: dict) -> None:
+    model = tiny_mlp((4, 8, 3))
+    batches = _batches(3)
+    opt = KBFGS(model, **kwargs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 if epoch == 0 else 0.0)
+    _run(opt, model, batches[:1])
+    sched.step()
+    frozen = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["weight_decay"] = 0.0
+    _run(opt, model, batches[1:])
+    for p, q in zip(model.parameters(), frozen, strict=True):
+        assert torch.equal(p, q)
