@@ -1,0 +1,259 @@
+"""Shampoo (thesis Alg 16): the direction is the inverse 2k-th root of the damped dense
+Kronecker product of the empirical statistics; options, skipped steps, conformance."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from curvlab import Objective
+from curvlab.curvature.tensor_blocks import tensor_shape
+from curvlab.optim.shampoo import Shampoo
+from curvlab.testing.models import regression_problem, tiny_cnn, tiny_mlp
+
+
+def _contractions(G: torch.Tensor) -> list[torch.Tensor]:
+    """G^{(i)} = mat_i(G) mat_i(G)ᵀ from the slices (thesis §4.2.1), independent of the code."""
+    out = []
+    for i in range(G.dim()):
+        M = torch.stack([G.select(i, j).reshape(-1) for j in range(G.shape[i])])
+        out.append(M @ M.T)
+    return out
+
+
+def _dense_root_direction(V: torch.Tensor, stats: list[torch.Tensor], eps: float) -> torch.Tensor:
+    """(⊗_i (Ĝ^{(i)} + εI))^{-1/(2k)} vec(V) by an eigendecomposition of the dense product."""
+    k = len(stats)
+    dense = torch.ones(1, 1, dtype=V.dtype)
+    for S in stats:
+        dense = torch.kron(dense, S + eps * torch.eye(S.shape[0], dtype=S.dtype))
+    w, Q = torch.linalg.eigh(dense)
+    return ((Q * w.pow(-1.0 / (2 * k))) @ Q.T @ V.reshape(-1)).reshape(V.shape)
+
+
+def _problem(make_model):
+    model = make_model()
+    gen = torch.Generator().manual_seed(3)
+    if make_model is tiny_mlp:
+        x = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (6,), generator=gen)
+    else:
+        x = torch.randn(4, 2, 5, 5, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (4,), generator=gen)
+    return model, x, y
+
+
+def _grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    with torch.enable_grad():
+        return torch.autograd.grad(nn.CrossEntropyLoss()(model(x), y), list(model.parameters()))
+
+
+@pytest.mark.parametrize("root_method", ["eigh", "coupled_newton"])
+@pytest.mark.parametrize(
+    "make_model", [tiny_mlp, tiny_cnn, lambda: tiny_cnn(batchnorm=True)], ids=["mlp", "cnn", "bn"]
+)
+def test_direction_equals_dense_inverse_root(make_model, root_method: str) -> None:
+    # Two steps with momentum: the statistics are the EMA of the contractions of the RAW
+    # gradients (Alg 16 line 9), the root acts on the momentum buffer μ g1 + g2 (lines 7, 14).
+    model, x, y = _problem(make_model)
+    x2 = x.flip(0)
+    eps, mu, beta = 1e-2, 0.9, 0.9
+    opt = Shampoo(model, lr=0.0, damping=eps, momentum=mu, ema_decay=beta, root_method=root_method)  # type: ignore[arg-type]
+    g1 = _grads(model, x, y)
+    opt.step(Objective(model, nn.CrossEntropyLoss(), x, y))
+    g2 = _grads(model, x2, y)
+    for group in opt.param_groups:
+        group["lr"] = 1.0
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    opt.step(Objective(model, nn.CrossEntropyLoss(), x2, y))
+    assert opt.last_step_info["inverses_refreshed"]  # warm-up refresh at k < T2 (A9)
+    for p, p0, a, b in zip(params, before, g1, g2, strict=True):
+        shape = tensor_shape(p.shape)
+        stats = [
+            beta * s1 + (1 - beta) * s2
+            for s1, s2 in zip(
+                _contractions(a.reshape(shape)), _contractions(b.reshape(shape)), strict=True
+            )
+        ]
+        for S, R in zip(opt.state[p]["statistics"], stats, strict=True):
+            torch.testing.assert_close(S, R, rtol=1e-10, atol=1e-15)
+        expected = -_dense_root_direction(mu * a + b, stats, eps)
+        tol = max(1e-9 * float(expected.abs().max()), 1e-15)  # a bias before BN: grad ≈ 1e-17
+        torch.testing.assert_close(p.detach() - p0, expected, rtol=1e-8, atol=tol)
+
+
+def test_root_orders_are_twice_the_tensor_order() -> None:
+    opt = Shampoo(tiny_cnn(batchnorm=True))
+    roots = {tuple(p.shape): opt.blocks[id(p)].root for p in opt.model.parameters()}
+    assert roots[(3, 2, 3, 3)] == 6  # conv weight: 3-way (I, J, kh·kw), root −1/6
+    assert roots[(3,)] == 2  # biases and BatchNorm parameters: −1/2
+    assert roots[(3, 2)] == 4  # Linear weight: −1/4
+
+
+def test_coupled_newton_and_eigh_agree_over_several_steps() -> None:
+    results = []
+    for method in ("coupled_newton", "eigh"):
+        model, x, y = _problem(tiny_cnn)
+        opt = Shampoo(model, lr=0.01, damping=1e-2, root_method=method, inverse_every=2)  # type: ignore[arg-type]
+        for xb in (x, x.flip(0), x):
+            opt.step(Objective(model, nn.CrossEntropyLoss(), xb, y))
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_plain_closure_and_precomputed_gradients_are_accepted() -> None:
+    runs = []
+    for mode in ("objective", "closure", "none"):
+        model, x, y = _problem(tiny_mlp)
+        opt = Shampoo(model, lr=0.01, root_method="eigh")
+
+        def closure(model: nn.Module = model, opt=opt, x=x, y=y) -> torch.Tensor:
+            opt.zero_grad()
+            loss = nn.CrossEntropyLoss()(model(x), y)
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            if mode == "objective":
+                opt.step(Objective(model, nn.CrossEntropyLoss(), x, y))
+            elif mode == "closure":
+                opt.step(closure)
+            else:
+                with torch.enable_grad():
+                    closure()
+                assert opt.step() is None
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other, strict=True))
+
+
+def test_non_finite_gradient_skips_the_step() -> None:
+    model, x, y = _problem(tiny_mlp)
+    opt = Shampoo(model, lr=0.01)
+    opt.step(Objective(model, nn.CrossEntropyLoss(), x, y))
+    params = [p.detach().clone() for p in model.parameters()]
+    saved = copy.deepcopy(opt.state_dict())
+    handle = model[2].bias.register_hook(lambda g: g * float("nan"))
+    opt.step(Objective(model, nn.CrossEntropyLoss(), x, y))
+    handle.remove()
+    assert opt.last_step_info["skipped"] and opt.last_step_info["reason"] == "non-finite gradient"
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+    after = copy.deepcopy(opt.state_dict())
+    for key, value in saved["state"].items():
+        for name, v in value.items():
+            if name in ("skipped_steps", "sampler_state"):
+                continue
+            w = after["state"][key][name]
+            if isinstance(v, list):
+                assert all(torch.equal(a, b) for a, b in zip(v, w, strict=True))
+            elif isinstance(v, torch.Tensor):
+                assert torch.equal(v, w)
+            else:
+                assert v == w
+
+
+def test_failed_root_keeps_previous_and_is_reported() -> None:
+    model, x, y = _problem(tiny_mlp)
+    opt = Shampoo(model, lr=0.01, inverse_every=1)
+    opt.step(Objective(model, nn.CrossEntropyLoss(), x, y))
+    p = model[0].weight
+    previous = [P.clone() for P in opt.state[p]["preconditioners"]]
+    opt.state[p]["statistics"][0].fill_(float("inf"))  # corrupt the EMA: no retry can fix it
+    opt.param_groups[0]["ema_decay"] = 0.5
+    opt.step(Objective(model, nn.CrossEntropyLoss(), x, y))
+    assert opt.last_step_info["failed_refreshes"] == 1
+    assert all(
+        torch.equal(a, b) for a, b in zip(opt.state[p]["preconditioners"], previous, strict=True)
+    )
+
+
+# ------------------------------------------------------------- conformance-style checks
+INVALID = {
+    "lr": -1.0,
+    "damping": 0.0,
+    "momentum": 1.0,
+    "weight_decay": -0.1,
+    "ema_decay": 1.5,
+    "curvature_every": 0,
+    "inverse_every": 2.5,
+    "root_method": "svd",
+    "inverse_warmup": 1,
+}
+KWARGS = {"lr": 0.01, "damping": 1e-3}
+
+
+def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x, y = regression_problem(n=16 * n, seed=1)
+    return list(zip(x.split(16), y.split(16), strict=True))
+
+
+def _run(opt: Any, model: nn.Module, batches: list) -> None:
+    for x, y in batches:
+        opt.step(Objective(model, nn.MSELoss(), x, y))
+
+
+def _full_loss(model: nn.Module, batches: list) -> float:
+    with torch.no_grad():
+        return sum(float(nn.MSELoss()(model(x), y)) for x, y in batches) / len(batches)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_loss_decreases(dtype: torch.dtype) -> None:
+    model = tiny_mlp((4, 8, 3), dtype=dtype)
+    batches = [(x.to(dtype), y.to(dtype)) for x, y in _batches(4)]
+    opt = Shampoo(model, **KWARGS)
+    start = _full_loss(model, batches)
+    for _ in range(10):
+        _run(opt, model, batches)
+    assert _full_loss(model, batches) < 0.7 * start
+
+
+def test_state_dict_round_trip_continues_bit_identically() -> None:
+    batches = _batches(12)
+    model = tiny_mlp((4, 8, 3))
+    opt = Shampoo(model, **KWARGS, inverse_every=3)
+    _run(opt, model, batches[:5])
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    _run(opt, model, batches[5:])
+    resumed = tiny_mlp((4, 8, 3), seed=99)
+    resumed.load_state_dict(saved_model)
+    opt2 = Shampoo(resumed, **KWARGS, inverse_every=3)
+    opt2.load_state_dict(saved_opt)
+    _run(opt2, resumed, batches[5:])
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_lr_scheduler_zero_freezes_parameters() -> None:
+    model = tiny_mlp((4, 8, 3))
+    batches = _batches(3)
+    opt = Shampoo(model, **KWARGS, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 if epoch == 0 else 0.0)
+    _run(opt, model, batches[:1])
+    sched.step()
+    frozen = [p.detach().clone() for p in model.parameters()]
+    _run(opt, model, batches[1:])
+    for p, q in zip(model.parameters(), frozen, strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(("key", "value"), INVALID.items(), ids=INVALID.keys())
+def test_invalid_hyperparameter_raises_naming_it(key: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=f"^{key}"):
+        Shampoo(tiny_mlp(), **{**KWARGS, key: value})
+
+
+def test_invalid_hyperparameter_set_later_is_rejected_at_step() -> None:
+    model = tiny_mlp((4, 8, 3))
+    opt = Shampoo(model, **KWARGS)
+    opt.param_groups[0]["lr"] = float("nan")
+    x, y = _batches(1)[0]
+    with pytest.raises(ValueError, match="^lr"):
+        opt.step(Objective(model, nn.MSELoss(), x, y))
