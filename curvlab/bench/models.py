@@ -13,13 +13,20 @@ from torch import nn
 __all__ = ["autoencoder", "mlp", "small_cnn"]
 
 
-def mlp(widths: Sequence[int], *, linear_at: Sequence[int] = ()) -> nn.Sequential:
-    """Linear layers ``widths[0] → … → widths[-1]`` with ReLU after every hidden layer.
+def mlp(
+    widths: Sequence[int],
+    *,
+    linear_at: Sequence[int] = (),
+    activation: type[nn.Module] = nn.ReLU,
+) -> nn.Sequential:
+    """Linear layers ``widths[0] → … → widths[-1]`` with ``activation`` after every hidden layer.
 
     Args:
         widths: layer widths, input first, output last.
         linear_at: indices (into ``widths``) of hidden layers that get no activation, e.g. an
             autoencoder's code layer.
+        activation: the hidden units' module class (ReLU; thesis ch.5 uses logistic units,
+            ``nn.Sigmoid``).
 
     Inputs are flat vectors (the problems flatten images once, when they load them). The output
     layer has no activation: sigmoid and softmax live in the loss (`nn.BCEWithLogitsLoss`,
@@ -32,7 +39,7 @@ def mlp(widths: Sequence[int], *, linear_at: Sequence[int] = ()) -> nn.Sequentia
     for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths), start=1):
         layers.append(nn.Linear(fan_in, fan_out))
         if i < last and i not in linear_at:
-            layers.append(nn.ReLU())
+            layers.append(activation())
     return nn.Sequential(*layers)
 
 

@@ -198,6 +198,19 @@ PROBLEMS: dict[str, Problem] = {
             test_metric="test_error",
         ),
         Problem(
+            name="fmnist-mlp-logistic",
+            description="thesis ch.5 MLP 784-500-10 with logistic (sigmoid) hidden units on "
+            "Fashion-MNIST; softmax cross-entropy; batch N1 = 60",
+            data_source=_FMNIST_SOURCE + "; the thesis's §5.8 MNIST network (MNIST is not "
+            "installed here)",
+            build=lambda: models.mlp([784, 500, 10], activation=nn.Sigmoid),
+            make_loss=nn.CrossEntropyLoss,
+            batch_average=False,
+            load_dataset=_fashion_mnist,
+            batch_size=60,
+            test_metric="test_error",
+        ),
+        Problem(
             name="fmnist-cnn",
             description="small CNN (2× Conv2d-BatchNorm2d-ReLU-MaxPool, Linear) on "
             "Fashion-MNIST; cross-entropy",

@@ -1,0 +1,501 @@
+r"""SMW-GN, SMW-NG and SMW-NG-BD: subsampled Gauss-Newton / natural gradient with
+Levenberg–Marquardt damping, inverted by Sherman–Morrison–Woodbury (thesis ch.5).
+
+Thesis Alg 23 (spec §5.5), with α = ``lr``, N2 = ``curvature_batch_size``, the LM rule's
+(λ_LM(0), boost, drop, ε, τ) = (``damping``, ``boost``, ``drop``, ``epsilon``, ``tau``)::
+
+    1  Parameters: N1, N2, 0 < ε < 1/2, learning rate α
+    2  for t = 0, 1, 2, ...
+    3      S1 ⊆ [N] of size N1 (the objective's batch);  S2 ⊆ S1 of size N2
+    4      g_t = (1/N1) Σ_{i∈S1} ∇f_i(θ_t)
+    5      D_t on S2 and p_t = −G_t⁻¹ g_t by (5.6) or (5.7),   G_t = B_t + λ_t I
+    6      ρ_t (5.5) from S1 estimates of f; update λ_LM (§5.2.3)
+    7      θ_{t+1} = θ_t + α p_t
+
+Curvature B_t = (1/N2) Σ_{i∈S2} J_iᵀ H_i J_i (GN, eq. 5.2 subsampled; J_i = ∂ŷ_i/∂θ with ŷ
+the model outputs, i.e. the logits when softmax/sigmoid live in the loss, spec A20), or
+B_t = (1/N2) Σ_{i∈S2} ∇f_i ∇f_iᵀ (NG, eq. 5.3: the *empirical* Fisher, true labels, A22).
+SMW (5.6): G⁻¹ = (1/λ)(I − (1/N2) Jᵀ D⁻¹ J), D = λH⁻¹ + (1/N2) JJᵀ; (5.7) when H is singular
+(softmax + cross-entropy): G⁻¹ = (1/λ)(I − (1/N2) JᵀH D⁻¹ J), D = λI + (1/N2) JJᵀH (LU).
+D is N2·m_L square (GN) or N2 square (NG); see `curvlab.linalg.woodbury`.
+
+JJᵀ, J g and Jᵀw come from layer inputs and backpropagated layer-output vectors
+(`curvlab.curvature.per_sample`): NG's Gram entries are Σ_l (g_iᵀg_j)(ā_iᵀā_j) (§5.3.3 with
+the bias of §5.4.6); GN's block matrix (J_i J_jᵀ) is Alg 22, each output unit backpropagated
+once for all samples of S2; J g is Σ_l ĥᵀ G_l ā (one product per layer, the O(m_L N2 n) term
+of §5.7); Jᵀw is the backprop of the custom function Σ_i w_iᵀŷ_i (§5.3.2), formed from the
+same vectors without another pass. No per-sample weight gradient is formed for Linear layers.
+Passes per step: NG and NG-BD take g_i and ā_i from the gradient pass of line 4 itself (hooks
+on the layers; §5.3.3), so beyond SGD they add only the trial forward pass of ρ on S1; GN adds
+one forward pass on S2 and m_L backward passes to the layer outputs (no weight gradients).
+
+LM rule (§5.2.3): ρ_t < ε → λ_LM ← boost·λ_LM; ρ_t > 1 − ε → λ_LM ← drop·λ_LM; then
+λ_{t+1} = λ_LM + τ. The model reduction of (5.5) is m_t(0) − m_t(p) = −gᵀp − ½ pᵀB_t p, with
+pᵀB_t p = (1/N2)(Jp)ᵀH(Jp) and Jp = −(Jg − (1/N2) JJᵀ w)/λ from quantities at hand (exact even
+when the solve needed extra damping).
+
+SMW-NG-BD (§5.8): the NG matrix restricted to its layer blocks, each block inverted by its own
+SMW solve with D_l = λI + (1/N2) J_l J_lᵀ (the same λ and 1/N2 for every block, spec A23).
+
+Options and deviations:
+
+* Theorem 6 (semi-stochastic, spec §9): pass an `Objective` over the whole training set
+  (N1 = N), ``lr=1`` and ``accept_threshold=η`` with 0 < η < ε: θ moves only when ρ_t ≥ η
+  (a rejected step leaves θ exactly as it was; λ still follows the LM rule).
+* ``ratio_point`` (spec A21): (5.5) evaluates f(θ + p_t) while Alg 23 steps θ + αp_t. The
+  default ``"direction"`` is the literal reading (trial loss and model reduction at p_t); with
+  ``"step"`` both are taken at αp_t. For α = 1 they agree.
+* ``curvature_subset``: Alg 23 line 3 draws S2 at random from S1 (``"random"``, default, from
+  the optimizer's own generator, saved in ``state_dict``); ``"first"`` takes the first N2 rows
+  (equivalent in distribution when the loader shuffles). ``curvature_batch_size=None`` means
+  N2 = N1 (the whole batch); the thesis uses N2 = N1/2 in every experiment (§8.4 presets).
+* Deviation: a step whose trial loss is not finite is rejected even in the practical version
+  (which always accepts), because it would move θ towards a non-finite loss; λ_LM is boosted.
+* Deviation: a non-finite Gram matrix or J g, or a D that cannot be factorised even in float64
+  with extra damping (`curvlab.linalg.DecompositionError`), skips the step: parameters and λ
+  are untouched and ``last_step_info`` gives the reason. When D needed the retry's extra
+  damping δ, the direction is (1/λ)(I − (1/N2)Jᵀ(D + δI)⁻¹J)(−g), still a descent direction
+  (``decomposition_attempts`` > 1 in ``last_step_info``).
+* Extension: Conv2d layers (and Linear layers on inputs with extra dimensions) are handled
+  exactly by summing rank-one terms over locations (thesis ch.5 treats fully-connected nets);
+  every trainable parameter must belong to an nn.Linear or nn.Conv2d (groups=1) layer, other
+  parameters (BatchNorm, LayerNorm, Embedding, ...) raise a ValueError, and the model must
+  treat samples independently (BatchNorm in training mode does not).
+* Losses: nn.MSELoss (H_i = 2κI, (5.6)), nn.CrossEntropyLoss on logits (H_i =
+  κ(diag p − ppᵀ), (5.7)), nn.BCEWithLogitsLoss (κ diag σ(1−σ)) and nn.BCELoss
+  (κ diag(y/p² + (1−y)/(1−p)²)), with mean or sum reduction; f_i = κ l_i is the per-sample
+  loss with L = (1/N1) Σ_i f_i for the loss L as reduced (κ = 1 for cross-entropy with mean
+  reduction, the thesis's f_i = ε(ŷ_i, y_i)). ``form="auto"`` takes (5.6) when every H_i is
+  invertible (MSE; BCE unless a σ(1−σ) falls below machine precision times the largest) and
+  (5.7) otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import ExitStack
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.curvature.hooks import Capture, capture
+from curvlab.curvature.layers import KroneckerLayer, find_layers
+from curvlab.curvature.per_sample import (
+    jacobian_mv,
+    jacobian_tmv,
+    layer_gram,
+    output_jacobian_rows,
+    sample_rows,
+)
+from curvlab.linalg import DecompositionError
+from curvlab.linalg.woodbury import WoodburyForm, woodbury_coefficients
+from curvlab.objective import Objective, preserved_buffers
+from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal
+from curvlab.optim.validation import check_choice, check_int, check_range
+
+__all__ = ["SMWGN", "SMWNG", "SMWNGBD"]
+
+Curvature = Literal["gn", "ng"]
+RatioPoint = Literal["direction", "step"]
+Subset = Literal["random", "first"]
+FormChoice = Literal["auto", "symmetric", "general"]
+
+
+class _SkipStep(Exception):
+    """Raised inside `propose` to skip the step with a reason (parameters untouched)."""
+
+    def __init__(self, loss: Tensor, reason: str) -> None:
+        super().__init__(reason)
+        self.loss = loss
+        self.reason = reason
+
+
+class _SubsampledLM(ModelwiseOptimizer):
+    """Thesis Alg 23 for one curvature (``_curvature``) and block structure."""
+
+    _curvature: ClassVar[Curvature]
+    _block_diagonal: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.1,
+        damping: float = 1.0,
+        tau: float = 1e-3,
+        boost: float = 1.01,
+        drop: float = 0.99,
+        epsilon: float = 0.25,
+        curvature_batch_size: int | None = None,
+        accept_threshold: float | None = None,
+        curvature_subset: Subset = "random",
+        ratio_point: RatioPoint = "direction",
+        form: FormChoice = "auto",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected an nn.Module, got {type(model)!r}")
+        defaults = _validated(
+            lr=lr,
+            damping=damping,
+            tau=tau,
+            boost=boost,
+            drop=drop,
+            epsilon=epsilon,
+            curvature_batch_size=curvature_batch_size,
+            accept_threshold=accept_threshold,
+        )
+        self.curvature_subset = check_choice(
+            "curvature_subset", curvature_subset, ("random", "first")
+        )
+        self.ratio_point = check_choice("ratio_point", ratio_point, ("direction", "step"))
+        self.form = check_choice("form", form, ("auto", "symmetric", "general"))
+        super().__init__(model, defaults)
+        self.model = model
+        owned = {id(p) for p in self.params}
+        self.layers: dict[str, KroneckerLayer] = {
+            name: layer
+            for name, layer in find_layers(model).items()
+            if any(id(p) in owned for p in layer.params)
+        }
+        covered = {id(p) for layer in self.layers.values() for p in layer.params}
+        outside = sorted(
+            {
+                type(m).__name__
+                for m in model.modules()
+                for p in m.parameters(recurse=False)
+                if id(p) in owned and id(p) not in covered
+            }
+        )
+        if outside:
+            raise ValueError(
+                f"model: {type(self).__name__} needs every trainable parameter in an nn.Linear "
+                f"or nn.Conv2d (groups=1) layer (per-sample Jacobians by layer backpropagation, "
+                f"thesis §5.4); found trainable parameters in {', '.join(outside)}"
+            )
+        device = self.params[0].device
+        self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        self._gradient_capture: Capture | None = None
+        self._end_capture: Callable[[], None] = lambda: None
+
+    # ------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """`torch.optim` state plus the S2 sampler's random state."""
+        self.global_state["sampler_state"] = self._generator.get_state()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore everything saved by `state_dict`, the S2 sampler included."""
+        super().load_state_dict(state_dict)
+        sampler = self.global_state.get("sampler_state")
+        if sampler is not None:
+            # torch.optim casts state tensors to the parameter dtype; bytes survive exactly.
+            self._generator.set_state(sampler.to(device="cpu", dtype=torch.uint8))
+
+    @property
+    def damping(self) -> float:
+        """The current λ_t = λ_LM + τ (thesis §5.2.3)."""
+        return self._lambda_lm() + float(self.param_groups[0]["tau"])
+
+    def _lambda_lm(self) -> float:
+        state = self.global_state
+        if "lambda_lm" not in state:
+            state["lambda_lm"] = float(self.param_groups[0]["damping"])
+        return float(state["lambda_lm"])
+
+    # -------------------------------------------------------------------- hooks
+    def check_hyperparameters(self, group: dict[str, Any]) -> None:
+        _validated(**{k: group[k] for k in _HYPERPARAMETERS})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
+        """One iteration of thesis Alg 23 on the objective's mini-batch S1."""
+        with ExitStack() as stack:
+            # NG: the gradient pass (line 4) also records what D_t needs (§5.3.3: "all the
+            # vectors needed have been computed when doing backpropagation for the gradient");
+            # `propose` ends the capture before the trial forward pass.
+            self._end_capture = stack.close
+            self._gradient_capture = None
+            if self._curvature == "ng" and isinstance(closure, Objective):
+                self._gradient_capture = stack.enter_context(capture(self.layers))
+            try:
+                loss = super().step(closure)
+            except _SkipStep as skip:
+                return self._skip(skip.loss, skip.reason)
+            finally:
+                self._gradient_capture = None
+        self.last_step_info["next_damping"] = self.damping
+        return loss
+
+    def propose(self, objective: Objective, loss: Tensor, grad: Tensor) -> Proposal:
+        """Alg 23 lines 3–6: S2, D_t, p_t = −G_t⁻¹g_t, and ρ_t on S1."""
+        group = self.param_groups[0]
+        if objective.model is not self.model:
+            raise ValueError("objective: its model is not the model this optimizer was built on")
+        n1 = objective.batch_size
+        n2 = n1 if group["curvature_batch_size"] is None else group["curvature_batch_size"]
+        if n2 > n1:
+            raise ValueError(
+                f"curvature_batch_size: N2 = {n2} exceeds the objective's batch size N1 = {n1} "
+                "(thesis Alg 23 needs S2 ⊆ S1)"
+            )
+        lam = self.damping  # λ_t = λ_LM + τ
+        scale = 1.0 / n2  # the 1/N2 of (5.6)
+        kappa = _per_sample_factor(objective)
+        index = self._curvature_subset(objective, n1, n2)  # line 3: S2 ⊆ S1
+
+        # Per-sample Jacobian rows of S2 (NG: ∇f_i; GN: ∂ŷ_ij/∂θ) in factored form.
+        H: Tensor | None = None
+        form: WoodburyForm = "symmetric"
+        if self._curvature == "ng":
+            cap = self._gradient_capture
+            assert cap is not None
+            # The gradient pass recorded ∂L/∂h_i = c ∂l_i/∂h_i; ∂f_i/∂h_i = κ ∂l_i/∂h_i, κ = N1 c.
+            captured = sample_rows(cap, self.layers, ["loss"], n1)
+            self._end_capture()
+            rows = {name: r.select(index, scale=float(n1)) for name, r in captured.items()}
+        else:
+            inputs = objective.inputs if index is None else objective.inputs[index]
+            with preserved_buffers(self.model):
+                rows, outputs = output_jacobian_rows(self.layers, self.model, inputs)
+            targets = objective.targets
+            if index is not None and targets.dim() > 0:
+                targets = targets[index]
+            H, form = self._loss_hessian(objective, outputs, targets, kappa)
+
+        # Layer gradient matrices G_l = [∇W, ∇b] of g_t (line 4, from the base's pass).
+        flat = dict(zip(map(id, self.params), self.unflatten(grad), strict=True))
+        grads = {
+            name: layer.grad_matrix(flat[id(layer.weight)], _bias_of(layer, flat))
+            for name, layer in self.layers.items()
+        }
+        used = [name for name in self.layers if name in rows]
+
+        # Line 5: D_t from JJᵀ, then w = D⁻¹ J g (5.6) or H D⁻¹ J g (5.7).
+        grams = [layer_gram(rows[n]) for n in used]
+        Jg = [jacobian_mv(rows[n], grads[n]).reshape(-1) for n in used]
+        if used:
+            if self._block_diagonal:
+                K, a = torch.stack(grams), torch.stack(Jg)  # one system per layer (§5.8)
+            else:
+                K, a = sum(grams[1:], grams[0]), sum(Jg[1:], Jg[0])
+            if not (bool(torch.isfinite(K).all()) and bool(torch.isfinite(a).all())):
+                raise _SkipStep(loss, "non-finite Gram matrix or J·g")
+            try:
+                w, solved = woodbury_coefficients(K, a, lam, scale=scale, loss_hessian=H, form=form)
+            except DecompositionError as err:
+                raise _SkipStep(loss, f"Woodbury solve failed: {err}") from err
+            attempts = solved.attempts
+        k = rows[used[0]].rows_per_sample if used else 1
+
+        # p_t = −(1/λ)(g − (1/N2) Jᵀw) per layer; Jᵀw backpropagates Σ_i w_iᵀŷ_i (§5.3.2).
+        direction: dict[int, Tensor] = {}
+        for name, layer in self.layers.items():
+            P = grads[name]
+            if name in rows:
+                block = used.index(name)
+                coeffs = (w[block] if self._block_diagonal else w).reshape(-1, k)
+                P = P - scale * jacobian_tmv(rows[name], coeffs)
+            for param, d in zip(layer.params, layer.split(P), strict=True):
+                direction[id(param)] = d.reshape(-1) / -lam
+        p = torch.cat([direction[id(q)] for q in self.params])
+
+        # pᵀB p = (1/N2)(Jp)ᵀH(Jp), Jp = −(Jg − (1/N2)K w)/λ (per block for NG-BD).
+        curvature = 0.0
+        if used:
+            Jp = (a - scale * (K @ w.unsqueeze(-1)).squeeze(-1)) / -lam
+            HJp = Jp if H is None else torch.einsum("bkl,bl->bk", H, Jp.reshape(H.shape[:2]))
+            curvature = scale * float((Jp * HJp.reshape(Jp.shape)).sum())
+        gp = float(grad @ p)
+
+        # Line 6: ρ_t (5.5) on S1 at the trial point c·p (c = 1 literal, c = α at the step).
+        alpha = float(group["lr"])
+        c = 1.0 if self.ratio_point == "direction" else alpha
+        predicted = -c * gp - 0.5 * c * c * curvature  # m_t(0) − m_t(c p)
+        trial = float(objective.loss_at(self.trial_parameters(objective, c * p)))
+        rho = _reduction_ratio(float(loss), trial, predicted)
+        info = {
+            "rho": rho,
+            "trial_loss": trial,
+            "predicted_reduction": predicted,
+            "damping": lam,
+            "curvature_batch_size": n2,
+            "woodbury_form": "5.6" if H is None or form == "symmetric" else "5.7",
+        }
+        if used:
+            info["decomposition_attempts"] = attempts
+        return Proposal(alpha * p, predicted, info)
+
+    def control(self, rho: float, proposal: Proposal) -> bool:
+        """LM rule of §5.2.3 on ρ_t; accept always (Alg 23) or when ρ_t ≥ η (Theorem 6)."""
+        group = self.param_groups[0]
+        rho = float(proposal.info["rho"])  # measured in `propose` (see ``ratio_point``)
+        lam_lm = self._lambda_lm()
+        eps = float(group["epsilon"])
+        if rho < eps:
+            lam_lm *= float(group["boost"])
+        elif rho > 1.0 - eps:
+            lam_lm *= float(group["drop"])
+        self.global_state["lambda_lm"] = lam_lm
+        if not math.isfinite(rho):
+            return False  # Deviation: never step towards a non-finite loss (module docstring)
+        threshold = group["accept_threshold"]
+        return threshold is None or rho >= threshold
+
+    # ---------------------------------------------------------------- helpers
+    def _curvature_subset(self, objective: Objective, n1: int, n2: int) -> Tensor | None:
+        """Alg 23 line 3: the indices of S2 ⊆ S1, |S2| = N2 (None: all of S1)."""
+        if n2 == n1:
+            return None
+        if self.curvature_subset == "first":
+            return torch.arange(n2, device=objective.inputs.device)
+        index = torch.randperm(n1, generator=self._generator, device=self._generator.device)
+        return index[:n2].to(objective.inputs.device)
+
+    def _loss_hessian(
+        self, objective: Objective, outputs: Tensor, targets: Tensor, kappa: float
+    ) -> tuple[Tensor, WoodburyForm]:
+        """H_i = ∂²f_i/∂ŷ_i² per sample of S2 as blocks (N2, m_L, m_L), and (5.6) or (5.7)."""
+        kind = objective.likelihood
+        n = outputs.shape[0]
+        out = outputs.reshape(n, -1)
+        q = out.shape[1]
+        eye = torch.eye(q, dtype=out.dtype, device=out.device)
+        invertible = True
+        if kind == "gaussian":  # l = ‖ŷ − y‖², ∇²l = 2I
+            H = (2.0 * kappa) * eye.expand(n, q, q)
+        elif kind == "categorical":  # softmax + CE on logits: diag(p) − ppᵀ, singular
+            if outputs.dim() != 2:
+                raise ValueError("loss_fn: CrossEntropyLoss needs outputs of shape (N, classes)")
+            prob = torch.softmax(out, dim=1)
+            H = kappa * (torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :])
+            invertible = False
+        else:
+            if kind == "bernoulli_logits":
+                s = torch.sigmoid(out)
+                h = s * (1.0 - s)
+            else:  # BCE on probabilities p: y/p² + (1−y)/(1−p)²
+                y = targets.reshape(n, -1).to(out.dtype)
+                h = y / out.square() + (1.0 - y) / (1.0 - out).square()
+            H = kappa * torch.diag_embed(h)
+            top = float(h.max())
+            invertible = bool(float(h.min()) > torch.finfo(h.dtype).eps * top > 0.0)
+        if self.form == "symmetric" and not invertible:
+            raise ValueError(
+                "form: 'symmetric' (thesis 5.6) needs invertible loss Hessians; this loss's "
+                "are singular, use 'general' (5.7) or 'auto'"
+            )
+        form: WoodburyForm
+        if self.form == "auto":
+            form = "symmetric" if invertible else "general"
+        else:
+            form = "symmetric" if self.form == "symmetric" else "general"
+        return H, form
+
+
+def _bias_of(layer: KroneckerLayer, flat: dict[int, Tensor]) -> Tensor | None:
+    return None if layer.bias is None else flat[id(layer.bias)]
+
+
+def _per_sample_factor(objective: Objective) -> float:
+    """κ with f_i = κ l_i and L = (1/N1) Σ_i f_i (thesis 5.1), from L = c Σ_i l_i: κ = N1 c."""
+    if objective.likelihood is None:
+        raise ValueError(
+            f"loss_fn: {type(objective.loss_fn).__name__} is not supported; SMW needs "
+            "nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss or nn.BCELoss"
+        )
+    assert objective.outputs is not None  # set by the gradient pass of the base's step
+    return objective.batch_size * objective.loss_scale(objective.outputs)
+
+
+def _reduction_ratio(loss: float, trial: float, predicted: float) -> float:
+    """ρ = (f(θ) − f(θ + s)) / (m(0) − m(s)) with the base's conventions (modelwise.py)."""
+    if not math.isfinite(trial):
+        return -math.inf
+    if predicted > 0:
+        return (loss - trial) / predicted
+    return -math.inf if trial > loss else 1.0
+
+
+class SMWGN(_SubsampledLM):
+    """SMW-GN: subsampled Gauss-Newton with LM damping, Woodbury-inverted (thesis Alg 23).
+
+    Args:
+        model: the network; every trainable parameter in nn.Linear / nn.Conv2d layers.
+        lr: α (thesis: 0.1 MNIST, 0.01 CIFAR-10, 0.05 webspam).
+        damping: initial λ_LM (thesis 1); afterwards λ_LM evolves in ``state``.
+        tau: τ > 0 added to λ_LM (thesis 0.001).
+        boost: λ_LM factor when ρ < ε (> 1; thesis 1.01).
+        drop: λ_LM factor when ρ > 1 − ε (in (0, 1); thesis 0.99).
+        epsilon: ε in (0, 1/2) (thesis 1/4).
+        curvature_batch_size: N2 ≤ N1, or None for N2 = N1 (thesis N2 = N1/2).
+        accept_threshold: None (Alg 23: always step) or η in (0, ε) (Theorem 6).
+        curvature_subset: ``"random"`` S2 ⊆ S1 (Alg 23) or ``"first"`` N2 rows.
+        ratio_point: ``"direction"`` (ρ at p_t, literal 5.5) or ``"step"`` (at α p_t).
+        form: ``"auto"``, ``"symmetric"`` (5.6) or ``"general"`` (5.7).
+
+    ``step`` takes a `curvlab.Objective`; ``last_step_info`` has ρ, the trial loss, the model
+    reduction, λ used (``damping``) and λ next (``next_damping``), or the reason of a skip.
+    """
+
+    _curvature = "gn"
+
+
+class SMWNG(_SubsampledLM):
+    """SMW-NG: subsampled empirical-Fisher natural gradient with LM damping (thesis Alg 23).
+
+    Arguments as `SMWGN` (``form`` is irrelevant: H = I).
+    """
+
+    _curvature = "ng"
+
+
+class SMWNGBD(_SubsampledLM):
+    """SMW-NG-BD: SMW-NG restricted to the Fisher's layer blocks, one SMW solve per layer
+    (thesis §5.8). Arguments as `SMWNG`."""
+
+    _curvature = "ng"
+    _block_diagonal = True
+
+
+_HYPERPARAMETERS = (
+    "lr",
+    "damping",
+    "tau",
+    "boost",
+    "drop",
+    "epsilon",
+    "curvature_batch_size",
+    "accept_threshold",
+)
+
+
+def _validated(
+    *,
+    lr: float,
+    damping: float,
+    tau: float,
+    boost: float,
+    drop: float,
+    epsilon: float,
+    curvature_batch_size: int | None,
+    accept_threshold: float | None,
+) -> dict[str, Any]:
+    eps = check_range("epsilon", epsilon, 0.0, 0.5, low_open=True, high_open=True)
+    return {
+        "lr": check_range("lr", lr, 0.0),
+        "damping": check_range("damping", damping, 0.0),
+        "tau": check_range("tau", tau, 0.0, low_open=True),
+        "boost": check_range("boost", boost, 1.0, low_open=True),
+        "drop": check_range("drop", drop, 0.0, 1.0, low_open=True, high_open=True),
+        "epsilon": eps,
+        "curvature_batch_size": None
+        if curvature_batch_size is None
+        else check_int("curvature_batch_size", curvature_batch_size, 1),
+        "accept_threshold": None
+        if accept_threshold is None
+        else check_range(
+            "accept_threshold", accept_threshold, 0.0, eps, low_open=True, high_open=True
+        ),
+    }
