@@ -4,10 +4,16 @@ from curvlab.objective import Objective
 from curvlab.optim import (
     KBFGS,
     KFAC,
+    SMWGN,
+    SMWNG,
+    SMWNGBD,
+    TNT,
     TSOALRA,
     LayerwiseOptimizer,
     ModelwiseOptimizer,
     Proposal,
+    Shampoo,
+    TensorwiseOptimizer,
     TSOALRAFirstStage,
     TwoStage,
 )
@@ -20,6 +26,11 @@ __all__ = [
     # optimizers
     "KBFGS",
     "KFAC",
+    "SMWGN",
+    "SMWNG",
+    "SMWNGBD",
+    "Shampoo",
+    "TNT",
     "TSOALRA",
     "TSOALRAFirstStage",
     # wrappers
@@ -27,5 +38,6 @@ __all__ = [
     # bases for new methods
     "LayerwiseOptimizer",
     "ModelwiseOptimizer",
+    "TensorwiseOptimizer",
     "Proposal",
 ]

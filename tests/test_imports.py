@@ -19,7 +19,7 @@ FORBIDDEN = {
     "optim": {"bench", "data", "testing"},
     "data": {"optim", "curvature", "bench", "testing"},
     "solvers": {"optim", "bench", "data", "testing", "curvature", "autodiff", "objective"},
-    "autodiff": {"optim", "bench", "data", "testing", "solvers"},
+    "autodiff": {"optim", "bench", "data", "testing", "solvers", "curvature"},
     "objective.py": {"optim", "curvature", "bench", "data", "testing"},
 }
 

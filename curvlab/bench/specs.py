@@ -28,7 +28,17 @@ import torch
 from torch import nn
 
 from curvlab.bench.registry import UnknownNameError, lookup
-from curvlab.optim import KBFGS, KFAC, TSOALRA, TSOALRAFirstStage
+from curvlab.optim import (
+    KBFGS,
+    KFAC,
+    SMWGN,
+    SMWNG,
+    SMWNGBD,
+    TNT,
+    TSOALRA,
+    Shampoo,
+    TSOALRAFirstStage,
+)
 
 __all__ = [
     "OPTIMIZERS",
@@ -233,6 +243,69 @@ _SPECS: list[OptimizerSpec] = [
         supports_warm_start=True,
     ),
     OptimizerSpec(
+        name="tnt",
+        factory=lambda model, hp: TNT(model, **hp),
+        defaults={"lr": 1e-4, "damping": 0.01},
+        paper="Ren & Goldfarb 2021 (Tensor Normal Training); thesis ch.4",
+        algorithm="thesis Alg 15 (sampled-label statistics, trace-normalised factors eq. 4.10)",
+        file="curvlab/optim/tnt.py",
+        description="TNT: per-tensor Kronecker factors of the sampled-gradient covariance",
+        curvature=True,
+        supports_warm_start=True,
+    ),
+    OptimizerSpec(
+        name="tnt-ef",
+        factory=lambda model, hp: TNT(model, **{"fisher": "empirical", **hp}),
+        defaults={"lr": 1e-4, "damping": 0.01},
+        paper="thesis §4.7.3 (TNT-EF)",
+        algorithm="thesis Alg 15 with true-label gradients (empirical Fisher)",
+        file="curvlab/optim/tnt.py",
+        description="TNT with the empirical Fisher",
+        curvature=True,
+        supports_warm_start=True,
+    ),
+    OptimizerSpec(
+        name="shampoo",
+        factory=lambda model, hp: Shampoo(model, **hp),
+        defaults={"lr": 3e-4, "damping": 3e-4, "root_method": "eigh"},
+        paper="Gupta, Koren & Singer 2018; Anil et al. 2020; thesis ch.4 baseline",
+        algorithm="thesis Alg 16 (EMA statistics, inverse 1/(2k)-th roots); roots by eigh here",
+        file="curvlab/optim/shampoo.py",
+        description="Shampoo as in the thesis (no grafting), eigh roots",
+        curvature=True,
+        supports_warm_start=True,
+    ),
+    OptimizerSpec(
+        name="smw-gn",
+        factory=lambda model, hp: SMWGN(model, **hp),
+        defaults={"lr": 0.1, "curvature_batch_size": 30},
+        paper="Ren & Goldfarb 2019 (subsampled GN/NG with SMW); thesis ch.5",
+        algorithm="thesis Alg 23 with (5.6), (5.7) for softmax CE; Gram by Algs 19–22",
+        file="curvlab/optim/smw.py",
+        description="subsampled Gauss-Newton, Woodbury solve, LM damping (N2 = 30 of N1)",
+        curvature=True,
+    ),
+    OptimizerSpec(
+        name="smw-ng",
+        factory=lambda model, hp: SMWNG(model, **hp),
+        defaults={"lr": 0.1, "curvature_batch_size": 30},
+        paper="Ren & Goldfarb 2019; thesis ch.5",
+        algorithm="thesis Alg 23 with the empirical Fisher (5.3); Gram of §5.3.3",
+        file="curvlab/optim/smw.py",
+        description="subsampled natural gradient (empirical Fisher), Woodbury solve, LM damping",
+        curvature=True,
+    ),
+    OptimizerSpec(
+        name="smw-ng-bd",
+        factory=lambda model, hp: SMWNGBD(model, **hp),
+        defaults={"lr": 0.1, "curvature_batch_size": 30},
+        paper="Ren & Goldfarb 2019; thesis §5.8",
+        algorithm="thesis §5.8: SMW-NG with one Woodbury solve per layer (block diagonal)",
+        file="curvlab/optim/smw.py",
+        description="block-diagonal SMW-NG",
+        curvature=True,
+    ),
+    OptimizerSpec(
         name="tso-alra",
         factory=lambda model, hp: TSOALRA(model, **hp),
         defaults={"lr": 0.01, "ema_decay": 0.95, "inverse_every": 20, "eps": 1e-6, "patience": 3},
@@ -270,6 +343,8 @@ _KFAC_CH2 = (
     "η = 1e-5 L2 term in the loss"
 )
 
+_T43 = "thesis Table 4.3 (ch.4, m = 1000, T1 = 1, T2 = 20, warm start)"
+_T45 = "thesis Table 4.5 (ch.4 TNT-EF, m = 1000, warm start)"
 _T35_QN = "thesis Table 3.5 (ch.3, m = 1000, warm start)"
 _T25_QN = "thesis Table 2.5 (ch.2, m = 1000, warm start; ch.2's 1e-5 L2 term left out)"
 
@@ -290,7 +365,16 @@ def _autoencoder_presets(
     ]
 
 
+_CH5 = "thesis §5.8 MNIST set-up (N1 = 60, N2 = 30, LM defaults); used here on Fashion-MNIST"
+
 _PRESET_LIST: list[Preset] = [
+    *[
+        Preset(name, "fmnist-mlp-logistic", "thesis", {"lr": 0.1, "curvature_batch_size": 30}, _CH5)
+        for name in ("smw-gn", "smw-ng", "smw-ng-bd")
+    ],
+    *_autoencoder_presets("tnt", _T43, (1e-4, 0.1), (3e-6, 0.01)),
+    *_autoencoder_presets("shampoo", _T43, (3e-4, 3e-4), (3e-4, 3e-4)),
+    *_autoencoder_presets("tnt-ef", _T45, (3e-6, 0.01), (0.003, 1.0)),
     *_autoencoder_presets("kbfgs", _T35_QN, (0.03, 0.3), (0.03, 0.3)),
     *_autoencoder_presets("kbfgs-l", _T35_QN, (0.03, 0.3), (0.1, 3.0)),
     *_autoencoder_presets("kbfgs-t20", _T35_QN, (0.3, 30.0), (0.3, 30.0)),

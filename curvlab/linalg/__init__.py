@@ -4,7 +4,8 @@ Pure functions on tensors: Kronecker products in row-major layout (:mod:`.kron`)
 Tikhonov damping (:mod:`.damping`), damped Cholesky inverses and solves with a float64 / growing
 damping retry policy (:mod:`.inverse`), inverse p-th roots and eigendecompositions
 (:mod:`.roots`), the Gram / moving-average statistics of Kronecker factors (:mod:`.gram`), and
-(damped) BFGS / L-BFGS updates and products (:mod:`.bfgs`).
+(damped) BFGS / L-BFGS updates and products (:mod:`.bfgs`), and Sherman-Morrison-Woodbury
+solves (:mod:`.woodbury`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from curvlab.linalg.gram import ema_, gram
 from curvlab.linalg.inverse import DecompositionInfo, damped_inverse, damped_solve
 from curvlab.linalg.kron import kron_mv, kron_to_dense
 from curvlab.linalg.roots import coupled_newton_inverse_root, damped_inverse_root, symmetric_eigh
+from curvlab.linalg.woodbury import WoodburyForm, woodbury_coefficients, woodbury_solve
 
 __all__ = [
     "all_finite",
@@ -54,4 +56,7 @@ __all__ = [
     "kron_to_dense",
     "pi_damping",
     "symmetric_eigh",
+    "WoodburyForm",
+    "woodbury_coefficients",
+    "woodbury_solve",
 ]

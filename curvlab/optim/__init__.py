@@ -1,20 +1,31 @@
-"""curvlab's optimizers: one file per algorithm, on the bases in `curvlab.optim.base` and
-`curvlab.optim.modelwise`, plus the generic two-stage wrapper `TwoStage`."""
+"""curvlab's optimizers: one file per algorithm, on the bases in `curvlab.optim.base`,
+`curvlab.optim.modelwise` and `curvlab.optim.tensorwise`, plus the generic two-stage wrapper
+`TwoStage`."""
 
 from curvlab.optim.base import LayerwiseOptimizer
 from curvlab.optim.kbfgs import KBFGS
 from curvlab.optim.kfac import KFAC
 from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal
+from curvlab.optim.shampoo import Shampoo
+from curvlab.optim.smw import SMWGN, SMWNG, SMWNGBD
 from curvlab.optim.switching import TwoStage
+from curvlab.optim.tensorwise import TensorwiseOptimizer
+from curvlab.optim.tnt import TNT
 from curvlab.optim.tso_alra import TSOALRA, TSOALRAFirstStage
 
 __all__ = [
     "KBFGS",
     "KFAC",
+    "SMWGN",
+    "SMWNG",
+    "SMWNGBD",
+    "TNT",
     "TSOALRA",
     "LayerwiseOptimizer",
     "ModelwiseOptimizer",
     "Proposal",
+    "Shampoo",
     "TSOALRAFirstStage",
+    "TensorwiseOptimizer",
     "TwoStage",
 ]

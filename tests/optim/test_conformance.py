@@ -72,6 +72,45 @@ INVALID_KBFGS = {
     "fallback_lr": "adam",
 }
 
+INVALID_TNT = {
+    "lr": -1.0,
+    "damping": 0.0,
+    "momentum": 1.0,
+    "weight_decay": -0.1,
+    "ema_decay": 1.5,
+    "curvature_every": 0,
+    "inverse_every": 2.5,
+    "fisher": "exact",
+    "inverse_method": "svd",
+    "inverse_warmup": "yes",
+}
+
+INVALID_SHAMPOO = {
+    "lr": -1.0,
+    "damping": 0.0,
+    "momentum": 1.0,
+    "weight_decay": -0.1,
+    "ema_decay": 1.5,
+    "curvature_every": 0,
+    "inverse_every": 2.5,
+    "root_method": "svd",
+    "inverse_warmup": 1,
+}
+
+INVALID_SMW = {
+    "lr": -1.0,
+    "damping": -1.0,
+    "tau": 0.0,
+    "boost": 1.0,
+    "drop": 1.0,
+    "epsilon": 0.5,
+    "curvature_batch_size": 0,
+    "accept_threshold": 0.3,
+    "curvature_subset": "all",
+    "ratio_point": "middle",
+    "form": "lu",
+}
+
 CASES: dict[str, Case] = {
     "kfac": Case(curvlab.optim.KFAC, dict(lr=0.1, damping=0.1), INVALID_KFAC),
     "kfac-before-step": Case(
@@ -115,12 +154,46 @@ CASES: dict[str, Case] = {
     "kbfgs-T3-wd": Case(
         curvlab.optim.KBFGS, dict(lr=0.1, damping=0.1, curvature_every=3, weight_decay=1e-3)
     ),
+    "tnt": Case(curvlab.optim.TNT, dict(lr=0.01, damping=0.1), INVALID_TNT),
+    "tnt-ef-schedule": Case(
+        curvlab.optim.TNT,
+        dict(
+            lr=0.01,
+            damping=0.1,
+            fisher="empirical",
+            curvature_every=2,
+            inverse_every=3,
+            weight_decay=1e-3,
+            inverse_method="coupled_newton",
+        ),
+    ),
+    "shampoo": Case(curvlab.optim.Shampoo, dict(lr=0.01, damping=1e-3), INVALID_SHAMPOO),
+    "shampoo-eigh": Case(
+        curvlab.optim.Shampoo,
+        dict(
+            lr=0.01,
+            damping=1e-3,
+            root_method="eigh",
+            curvature_every=2,
+            inverse_every=3,
+            weight_decay=1e-3,
+        ),
+    ),
+    "smw-gn": Case(curvlab.optim.SMWGN, dict(lr=1.0), INVALID_SMW),
+    "smw-ng": Case(curvlab.optim.SMWNG, dict(lr=1.0), INVALID_SMW),
+    "smw-ng-bd": Case(curvlab.optim.SMWNGBD, dict(lr=1.0), INVALID_SMW),
+    "smw-gn-subsampled": Case(
+        curvlab.optim.SMWGN, dict(lr=0.5, curvature_batch_size=8, ratio_point="step")
+    ),
+    "smw-ng-theorem6": Case(
+        curvlab.optim.SMWNG, dict(lr=1.0, curvature_batch_size=8, accept_threshold=0.1)
+    ),
 }
 
 # Base classes are not optimizers a user picks. TwoStage wraps two optimizers (it cannot be
 # built from a model alone): it is conformance-tested through TSOALRA, a TwoStage subclass,
 # and in tests/optim/test_switching.py.
-NOT_OPTIMIZERS = {"LayerwiseOptimizer", "ModelwiseOptimizer", "TwoStage"}
+NOT_OPTIMIZERS = {"LayerwiseOptimizer", "ModelwiseOptimizer", "TensorwiseOptimizer", "TwoStage"}
 
 
 def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
