@@ -1,4 +1,5 @@
-"""The ``curvlab`` command: ``list``, ``bench``, ``report``, ``compare`` and ``overhead``.
+"""The ``curvlab`` command: ``list``, ``bench``, ``report``, ``compare``, ``overhead`` and
+``products``.
 
 Exit codes: 0 success; 1 a run or report failed (e.g. data files missing); 2 a usage error
 (unknown problem / optimizer / preset name, bad option or hyperparameter value).
@@ -16,6 +17,7 @@ from typing import Any
 from curvlab.bench.listing import catalog, format_catalog
 from curvlab.bench.overhead import add_overhead_parser, run_overhead_command
 from curvlab.bench.problems import get_problem
+from curvlab.bench.products import add_products_parser, run_products_command
 from curvlab.bench.records import environment, load_records, to_jsonable
 from curvlab.bench.registry import UnknownNameError
 from curvlab.bench.report import markdown_table, summarize, write_report
@@ -125,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_run_options(p)
 
     add_overhead_parser(sub)
+    add_products_parser(sub)
     return parser
 
 
@@ -223,6 +226,7 @@ _COMMANDS = {
     "report": _cmd_report,
     "compare": _cmd_compare,
     "overhead": run_overhead_command,
+    "products": run_products_command,
 }
 
 

@@ -26,11 +26,14 @@ Measurement:
 
 from __future__ import annotations
 
+import argparse
 import gc
+import json
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,9 +45,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from curvlab.autodiff.functional import ParameterView
 from curvlab.autodiff.output_curvature import output_curvature
 from curvlab.autodiff.products import CurvatureOperator, curvature_operator
+from curvlab.bench.problems import get_problem
+from curvlab.bench.records import to_jsonable
 from curvlab.objective import Objective, preserved_buffers
 
-__all__ = ["PRODUCT_TARGETS", "format_products", "measure_products"]
+__all__ = [
+    "PRODUCT_TARGETS",
+    "add_products_parser",
+    "format_products",
+    "measure_products",
+    "run_products_command",
+]
 
 #: Issue 4's bounds on one product over one gradient (thesis autoencoder, batch 1000).
 PRODUCT_TARGETS: dict[str, float] = {"hessian": 2.5, "ggn": 2.0}
@@ -282,3 +293,41 @@ def format_products(result: dict[str, Any]) -> str:
             f"| {m['ratio_min']:.2f} | {m['ratio_median']:.2f} | {flop} | {target} |"
         )
     return "\n".join(lines)
+
+
+def add_products_parser(sub: Any) -> None:
+    """Register ``curvlab products`` on the CLI's subparsers object."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        "products", help="one Hessian- and GGN-vector product against one gradient"
+    )
+    p.add_argument("--problem", default="fmnist-autoencoder", help="default fmnist-autoencoder")
+    p.add_argument("--batch", type=int, help="batch size m (default: the problem's)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--repeats", type=int, default=7, help="timed rounds (default 7)")
+    p.add_argument("--seed", type=int, default=0, help="model and direction seed (default 0)")
+    p.add_argument("--json", metavar="OUT", help="write the measurements to this JSON file")
+
+
+def run_products_command(args: argparse.Namespace) -> int:
+    """``curvlab products``: the problem's model on its first ``batch`` training examples."""
+    problem = get_problem(args.problem)
+    torch.set_num_threads(args.threads)
+    data = problem.data()
+    m = args.batch or problem.batch_size
+    model = problem.make_model(args.seed).train()
+    objective = Objective(
+        model,
+        problem.make_loss(),
+        data.train_inputs[:m],
+        data.train_targets[:m],
+        batch_average=problem.batch_average,
+    )
+    result = measure_products(model, objective, args.repeats, seed=args.seed)
+    result["config"].update(problem=problem.name, batch=m, threads=args.threads)
+    print(format_products(result))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(to_jsonable(result), indent=1) + "\n")
+        print(path)
+    return 0

@@ -113,3 +113,16 @@ def test_report_of_empty_directory_fails_cleanly(tmp_path: Path) -> None:
 )
 def test_parse_value(text: str, value: object) -> None:
     assert parse_value(text) == value
+
+
+def test_products_command_prints_ratios_and_writes_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "products.json"
+    argv = ["products", "--problem", "synthetic-mlp", "--repeats", "1", "--threads", "1"]
+    assert main([*argv, "--json", str(out)]) == 0
+    assert "| hessian |" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["config"]["problem"] == "synthetic-mlp"
+    assert {"hessian", "ggn"} <= set(result["ratios"])
+    assert all(r > 0 for r in result["ratios"].values())
