@@ -9,6 +9,8 @@ from curvlab.optim import (
     SMWNGBD,
     TNT,
     TSOALRA,
+    EfficientTR,
+    HybridTRSGD,
     LayerwiseOptimizer,
     ModelwiseOptimizer,
     Proposal,
@@ -24,6 +26,8 @@ __all__ = [
     # closures
     "Objective",
     # optimizers
+    "EfficientTR",
+    "HybridTRSGD",
     "KBFGS",
     "KFAC",
     "SMWGN",

@@ -3,6 +3,7 @@
 `TwoStage`."""
 
 from curvlab.optim.base import LayerwiseOptimizer
+from curvlab.optim.efficient_tr import EfficientTR, HybridTRSGD
 from curvlab.optim.kbfgs import KBFGS
 from curvlab.optim.kfac import KFAC
 from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal
@@ -14,6 +15,8 @@ from curvlab.optim.tnt import TNT
 from curvlab.optim.tso_alra import TSOALRA, TSOALRAFirstStage
 
 __all__ = [
+    "EfficientTR",
+    "HybridTRSGD",
     "KBFGS",
     "KFAC",
     "SMWGN",

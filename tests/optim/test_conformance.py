@@ -111,6 +111,39 @@ INVALID_SMW = {
     "form": "lu",
 }
 
+INVALID_EFFICIENT_TR = {
+    "radius": 0.0,
+    "lr": -1.0,
+    "step_size": 0.0,
+    "n1": -1,
+    "n2": 1.5,
+    "fd_epsilon": 0.0,
+    "max_radius": -1.0,
+    "very_successful": 0.0,
+    "successful": 0.95,
+    "expand": 0.5,
+    "shrink": 1.0,
+    "grad_radius_factor": -1.0,
+    "init_scale": 1.0,
+    "armijo_sigma": 0.0,
+    "armijo_shrink": 1.0,
+    "armijo_max_backtracks": -1,
+    "variant": "released",
+    "radius_rule": "adaptive",
+    "subproblem": "steihaug",
+    "hvp": "ggn",
+}
+
+INVALID_HYBRID = {
+    **INVALID_EFFICIENT_TR,
+    "sgd_lr": -0.1,
+    "patience": 0,
+    "mode": "median",
+    "min_delta": -1.0,
+    "switch_at_step": 0,
+    "switch_at_epoch": 2.5,
+}
+
 CASES: dict[str, Case] = {
     "kfac": Case(curvlab.optim.KFAC, dict(lr=0.1, damping=0.1), INVALID_KFAC),
     "kfac-before-step": Case(
@@ -188,6 +221,14 @@ CASES: dict[str, Case] = {
     "smw-ng-theorem6": Case(
         curvlab.optim.SMWNG, dict(lr=1.0, curvature_batch_size=8, accept_threshold=0.1)
     ),
+    "efficient-tr": Case(curvlab.optim.EfficientTR, dict(), INVALID_EFFICIENT_TR),
+    "efficient-tr-deterministic": Case(
+        curvlab.optim.EfficientTR, dict(radius_rule="deterministic")
+    ),
+    "efficient-tr-fd": Case(curvlab.optim.EfficientTR, dict(hvp="hessian-fd")),
+    "efficient-tr-code": Case(curvlab.optim.EfficientTR, dict(variant="code", radius=0.3)),
+    "hybrid-tr-sgd": Case(curvlab.optim.HybridTRSGD, dict(switch_at_step=20), INVALID_HYBRID),
+    "hybrid-tr-sgd-switched-early": Case(curvlab.optim.HybridTRSGD, dict(switch_at_step=3)),
 }
 
 # Base classes are not optimizers a user picks. TwoStage wraps two optimizers (it cannot be

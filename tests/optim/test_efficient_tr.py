@@ -1,0 +1,517 @@
+"""Seed 003's efficient trust region (Alg 1 + Alg 2), its released-code mode, and the Hybrid."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import hessian
+
+from curvlab import Objective
+from curvlab.optim.efficient_tr import (
+    EfficientTR,
+    HybridTRSGD,
+    deterministic_radius_update,
+    stochastic_radius_update,
+)
+from curvlab.testing.models import regression_problem, tiny_mlp
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _batches(n: int, d_out: int = 3) -> list[tuple[Tensor, Tensor]]:
+    x, y = regression_problem(n=16 * n, d_out=d_out, seed=1)
+    return list(zip(x.split(16), y.split(16), strict=True))
+
+
+def _run(opt: Any, model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> list[float]:
+    return [float(opt.step(Objective(model, nn.MSELoss(), x, y))) for x, y in batches]
+
+
+def _full_loss(model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> float:
+    with torch.no_grad():
+        return sum(float(nn.MSELoss()(model(x), y)) for x, y in batches) / len(batches)
+
+
+def _flat(model: nn.Module) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _dense_hessian_and_grad(model: nn.Module, objective: Objective) -> tuple[Tensor, Tensor]:
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def f(flat: Tensor) -> Tensor:
+        parts, off = {}, 0
+        for n, s in zip(names, shapes, strict=True):
+            parts[n] = flat[off : off + s.numel()].view(s)
+            off += s.numel()
+        return objective.functional_loss(parts)
+
+    theta = _flat(model)
+    with torch.enable_grad():
+        H = hessian(f)(theta)
+        g = torch.func.grad(f)(theta)
+    return H, g
+
+
+def _dense_tr_solution(H: Tensor, g: Tensor, radius: float) -> Tensor:
+    """Global minimiser of gᵀs + ½ sᵀHs over ‖s‖ ≤ r for positive definite H (secular eq.)."""
+    mu, V = torch.linalg.eigh(H)
+    gv = V.T @ g
+
+    def s(lam: float) -> Tensor:
+        return -(V @ (gv / (mu + lam)))
+
+    if float(s(0.0).norm()) <= radius:
+        return s(0.0)
+    lo, hi = 0.0, float(g.norm()) / radius
+    for _ in range(200):  # ‖s(λ)‖ decreases in λ; ‖s(‖g‖/r)‖ ≤ r
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if float(s(mid).norm()) > radius else (lo, mid)
+    return s(hi)
+
+
+# --------------------------------------------------------------------------- radius rules
+
+
+@pytest.mark.parametrize(
+    ("rho", "accept", "radius"),
+    [
+        (1.5, True, 2.0),
+        (0.9, True, 2.0),
+        (0.5, True, 1.0),
+        (0.1, True, 1.0),
+        (0.05, False, 0.5),
+        (-3.0, False, 0.5),
+        (-math.inf, False, 0.5),
+        (math.nan, False, 0.5),
+    ],
+)
+def test_deterministic_rule_is_alg1_line5(rho: float, accept: bool, radius: float) -> None:
+    assert deterministic_radius_update(rho, 1.0) == (accept, radius)
+
+
+def test_deterministic_rule_options() -> None:
+    assert deterministic_radius_update(0.95, 1.0, max_radius=1.5) == (True, 1.5)
+    assert deterministic_radius_update(0.95, 1.0, very_successful=0.99) == (True, 1.0)
+    assert deterministic_radius_update(0.2, 1.0, successful=0.25, shrink=0.25) == (False, 0.25)
+    assert deterministic_radius_update(0.95, 1.0, expand=3.0) == (True, 3.0)
+
+
+@pytest.mark.parametrize(
+    ("rho", "grad_norm", "accept", "radius"),
+    [
+        (0.95, 2.0, True, 2.0),  # q ≥ 0.9 and ‖g‖ ≥ r: r ← min(2r, r_max)
+        (0.95, 1.0, True, 2.0),  # ‖g‖ = r counts
+        (0.95, 0.99, False, 0.5),  # ‖g‖ < r: reject even a very good step
+        (0.5, 5.0, False, 0.5),  # q < 0.9: reject (no "successful" band)
+        (math.nan, 5.0, False, 0.5),
+        (-math.inf, 5.0, False, 0.5),
+    ],
+)
+def test_stochastic_rule_is_alg1_line6(
+    rho: float, grad_norm: float, accept: bool, radius: float
+) -> None:
+    assert stochastic_radius_update(rho, 1.0, grad_norm, max_radius=10.0) == (accept, radius)
+
+
+def test_stochastic_rule_caps_at_max_radius_and_scales_the_gradient_test() -> None:
+    assert stochastic_radius_update(1.0, 1.0, 5.0, max_radius=1.2) == (True, 1.2)
+    assert stochastic_radius_update(1.0, 1.0, 1.5, max_radius=9.0, grad_radius_factor=2.0) == (
+        False,
+        0.5,
+    )
+    assert stochastic_radius_update(1.0, 1.0, 0.6, max_radius=9.0, grad_radius_factor=0.5) == (
+        True,
+        2.0,
+    )
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def _quadratic() -> tuple[nn.Module, Objective]:
+    """A linear model with MSE: the loss is a convex quadratic in the parameters."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).to(torch.float64)
+    x, y = regression_problem(n=16, seed=2)
+    return model, Objective(model, nn.MSELoss(), x, y)
+
+
+@pytest.mark.parametrize("radius_factor", [0.3, 2.0])  # boundary and interior solutions
+def test_exact_hvp_step_approaches_the_dense_tr_solution(radius_factor: float) -> None:
+    model, objective = _quadratic()
+    H, g = _dense_hessian_and_grad(model, objective)
+    newton = torch.linalg.solve(H, -g)
+    radius = radius_factor * float(newton.norm())
+    expected = _dense_tr_solution(H, g, radius)
+    beta = float(torch.linalg.eigvalsh(H).abs().max())
+    opt = EfficientTR(
+        model,
+        radius,
+        step_size=0.9 / beta,  # Assumption 1
+        n1=400,
+        n2=400,
+        radius_rule="deterministic",
+    )
+    before = _flat(model)
+    opt.step(objective)
+    info = opt.last_step_info
+    step = _flat(model) - before
+    assert info["accepted"]
+    assert info["hit_boundary"] == (radius_factor < 1.0)
+    assert torch.allclose(step, expected, rtol=0, atol=1e-8 * float(expected.norm()))
+    assert info["rho"] == pytest.approx(1.0, abs=1e-9)  # the quadratic model is exact
+    assert info["next_radius"] == 2.0 * radius  # q ≥ 0.9: line 5 doubles r
+    assert info["solver_iterations"] == info["phase1_iterations"] + info["phase2_iterations"]
+    assert info["hvp_products"] >= info["solver_iterations"]
+
+
+def test_lr_scales_the_step_and_the_predicted_reduction() -> None:
+    model, objective = _quadratic()
+    reference = copy.deepcopy(model)
+    opt = EfficientTR(model, 0.2, lr=0.5, radius_rule="deterministic", n1=3, n2=3)
+    ref = EfficientTR(reference, 0.2, radius_rule="deterministic", n1=3, n2=3)
+    before = _flat(model)
+    opt.step(objective)
+    ref.step(Objective(reference, nn.MSELoss(), objective.inputs, objective.targets))
+    assert torch.allclose(_flat(model) - before, 0.5 * (_flat(reference) - before))
+    assert opt.last_step_info["rho"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_paper_defaults_take_one_or_two_inner_steps_and_report_everything() -> None:
+    model = tiny_mlp((4, 8, 3))
+    opt = EfficientTR(model)
+    _run(opt, model, _batches(3))
+    info = opt.last_step_info
+    for key in (
+        "rho",
+        "radius",
+        "next_radius",
+        "accepted",
+        "solver_iterations",
+        "solver_status",
+        "predicted_reduction",
+        "trial_loss",
+        "grad_norm",
+        "hvp_products",
+    ):
+        assert key in info
+    assert 1 <= info["solver_iterations"] <= 2  # N1 = N2 = 1 ([P3] §4)
+    assert opt.radius == info["next_radius"]
+
+
+def test_rejected_step_leaves_parameters_exactly() -> None:
+    model = tiny_mlp((4, 8, 3))
+    x, y = _batches(1)[0]
+    # Stochastic rule: ‖g‖ < r = 100 rejects whatever q is (Alg 1 line 6).
+    opt = EfficientTR(model, 100.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(Objective(model, nn.MSELoss(), x, y))
+    info = opt.last_step_info
+    assert not info["accepted"]
+    assert info["trial_loss"] is not None and info["grad_norm"] < 100.0
+    assert info["next_radius"] == 50.0 and opt.radius == 50.0
+    assert opt.global_state["rejected_steps"] == 1
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_deterministic_rule_rejects_a_bad_step_exactly() -> None:
+    model = tiny_mlp((4, 8, 3))
+    x, y = _batches(1)[0]
+    # A huge radius and step size: the (projected) step overshoots and q < 0.1.
+    opt = EfficientTR(model, 50.0, step_size=50.0, radius_rule="deterministic")
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(Objective(model, nn.MSELoss(), x, y))
+    assert opt.last_step_info["rho"] < 0.1 and not opt.last_step_info["accepted"]
+    assert opt.radius == 25.0
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+
+
+class _OnlyHere(nn.Module):
+    """MSE at the outputs it first saw; infinite anywhere else (a trial point)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reference: Tensor | None = None
+
+    def forward(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        loss = ((outputs - targets) ** 2).mean()
+        if self.reference is None:
+            self.reference = outputs.detach().clone()
+        return loss if torch.equal(outputs.detach(), self.reference) else loss * math.inf
+
+
+def test_non_finite_trial_loss_rejects_and_shrinks() -> None:
+    model = tiny_mlp((4, 8, 3))
+    x, y = _batches(1)[0]
+    opt = EfficientTR(model, 0.1, radius_rule="deterministic")
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(Objective(model, _OnlyHere(), x, y))
+    info = opt.last_step_info
+    assert info["trial_loss"] == math.inf and info["rho"] == -math.inf
+    assert not info["accepted"] and opt.radius == 0.05
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_non_finite_curvature_skips_the_step() -> None:
+    model = tiny_mlp((4, 8, 3))
+    x, y = _batches(1)[0]
+    # ε = 1e300: the perturbed gradient overflows, so every product is non-finite.
+    opt = EfficientTR(model, 0.5, hvp="hessian-fd", fd_epsilon=1e300)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = opt.step(Objective(model, nn.MSELoss(), x, y))
+    assert torch.isfinite(loss)
+    assert opt.last_step_info["skipped"]
+    assert "curvature" in opt.last_step_info["reason"]
+    assert opt.radius == 0.5 and opt.global_state["skipped_steps"] == 1
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_plain_closure_is_a_type_error() -> None:
+    model = tiny_mlp()
+    opt = EfficientTR(model)
+    with pytest.raises(TypeError):
+        opt.step(lambda: torch.tensor(0.0))
+
+
+def test_finite_difference_products_match_the_exact_ones() -> None:
+    x, y = _batches(1)[0]
+    steps = []
+    for hvp in ("hessian", "hessian-fd"):
+        model = tiny_mlp((4, 8, 3))
+        opt = EfficientTR(model, 0.3, hvp=hvp, n1=5, n2=5, radius_rule="deterministic")
+        before = _flat(model)
+        opt.step(Objective(model, nn.MSELoss(), x, y))
+        assert opt.last_step_info["accepted"]
+        steps.append(_flat(model) - before)
+    assert torch.allclose(steps[1], steps[0], rtol=0, atol=1e-4 * float(steps[0].norm()))
+    assert not torch.equal(steps[1], steps[0])  # really a different product
+
+
+def test_code_variant_is_the_released_fixed_radius_loop() -> None:
+    model = tiny_mlp((4, 8, 3))
+    x, y = _batches(1)[0]
+    objective = Objective(model, nn.MSELoss(), x, y)
+    H, g = _dense_hessian_and_grad(model, objective)
+    eta, radius = 0.1, 0.7
+    # [C-TR] iter_TR with max_inner = 1 (spec §5.4), with the exact Hessian.
+    z = -eta * g
+    z = z - 0.5 * eta * (H @ z + g)
+    z = radius * z / (z.norm() + 1e-9)
+    opt = EfficientTR(model, radius, variant="code")
+    assert (opt.subproblem, opt.radius_rule, opt.hvp) == ("code", "fixed", "hessian-fd")
+    before = _flat(model)
+    opt.step(objective)
+    step = _flat(model) - before
+    assert torch.allclose(step, z, rtol=0, atol=1e-5 * radius)
+    info = opt.last_step_info
+    assert info["accepted"] and info["trial_loss"] is None and math.isnan(info["rho"])
+    assert info["radius_update"] == "fixed"
+
+
+def test_fixed_radius_accepts_every_step_and_follows_the_group_radius() -> None:
+    model = tiny_mlp((4, 8, 3))
+    batches = _batches(4)
+    opt = EfficientTR(model, 0.2, radius_rule="fixed", subproblem="code")
+    for i, (x, y) in enumerate(batches):
+        if i == 2:
+            opt.param_groups[0]["radius"] = 0.05
+        before = _flat(model)
+        opt.step(Objective(model, nn.MSELoss(), x, y))
+        assert opt.last_step_info["accepted"]
+        expected = 0.2 if i < 2 else 0.05
+        assert float((_flat(model) - before).norm()) == pytest.approx(expected, rel=1e-6)
+
+
+def test_lr_zero_freezes_parameters_and_radius() -> None:
+    model = tiny_mlp((4, 8, 3))
+    opt = EfficientTR(model, 0.3, lr=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    _run(opt, model, _batches(3))
+    assert opt.radius == 0.3
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+
+
+# --------------------------------------------------------------------------- Hybrid
+
+
+def _gradient(model: nn.Module, x: Tensor, y: Tensor) -> list[Tensor]:
+    loss = nn.MSELoss()(model(x), y)
+    return list(torch.autograd.grad(loss, list(model.parameters())))
+
+
+def test_hybrid_switches_at_a_step_to_plain_sgd() -> None:
+    model = tiny_mlp((4, 8, 3))
+    batches = _batches(4)
+    opt = HybridTRSGD(model, switch_at_step=3, sgd_lr=0.1)
+    _run(opt, model, batches[:3])
+    assert opt.stage == 2 and opt.last_step_info["switched"]
+    assert opt.last_step_info["stage"] == 1 and "rho" in opt.last_step_info
+    assert isinstance(opt.second, torch.optim.SGD)
+    x, y = batches[3]
+    grads = _gradient(model, x, y)
+    before = [p.detach().clone() for p in model.parameters()]
+    _run(opt, model, [(x, y)])
+    for p, q, d in zip(model.parameters(), before, grads, strict=True):
+        # θ ← θ − η∇L, η = 0.1, no momentum
+        assert torch.allclose(p, q - 0.1 * d, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("mode", "values", "switch_at"),
+    [("max", [0.5, 0.6, 0.6], 3), ("max", [0.5, 0.4], 2), ("min", [1.0, 0.8, 0.9], 3)],
+)
+def test_hybrid_switches_when_the_accuracy_stops_increasing(
+    mode: str, values: list[float], switch_at: int
+) -> None:
+    model = tiny_mlp((4, 8, 3))
+    batches = _batches(len(values))
+    opt = HybridTRSGD(model, mode=mode)  # patience 1: the first epoch without improvement
+    for i, ((x, y), value) in enumerate(zip(batches, values, strict=True), start=1):
+        _run(opt, model, [(x, y)])
+        switched = opt.report_validation(value)
+        assert switched == (i == switch_at)
+    assert opt.stage == 2 and opt.schedule["switch"]["reason"] == "patience"
+
+
+def _resume_is_bit_identical(make: Callable[[nn.Module], Any], save_at: int, total: int) -> None:
+    batches = _batches(total)
+    model = tiny_mlp((4, 8, 3))
+    opt = make(model)
+    _run(opt, model, batches[:save_at])
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    _run(opt, model, batches[save_at:])
+    resumed = tiny_mlp((4, 8, 3), seed=99)
+    resumed.load_state_dict(saved_model)
+    opt2 = make(resumed)
+    opt2.load_state_dict(saved_opt)
+    _run(opt2, resumed, batches[save_at:])
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+    if hasattr(opt, "radius"):
+        assert opt.radius == opt2.radius
+
+
+@pytest.mark.parametrize("save_at", [2, 5])  # before and after the switch at step 4
+def test_hybrid_resume_across_the_switch_is_bit_identical(save_at: int) -> None:
+    _resume_is_bit_identical(lambda m: HybridTRSGD(m, switch_at_step=4), save_at, 8)
+
+
+@pytest.mark.parametrize("rule", ["stochastic", "deterministic"])
+def test_radius_survives_state_dict(rule: str) -> None:
+    _resume_is_bit_identical(lambda m: EfficientTR(m, 0.3, radius_rule=rule), 3, 8)
+
+
+# --------------------------------------------------------------------------- validation
+
+INVALID_EFFICIENT_TR: dict[str, Any] = {
+    "radius": 0.0,
+    "lr": -1.0,
+    "step_size": 0.0,
+    "n1": -1,
+    "n2": 1.5,
+    "fd_epsilon": 0.0,
+    "max_radius": -1.0,
+    "very_successful": 0.0,
+    "successful": 0.95,
+    "expand": 0.5,
+    "shrink": 1.0,
+    "grad_radius_factor": -1.0,
+    "init_scale": 1.0,
+    "armijo_sigma": 0.0,
+    "armijo_shrink": 1.0,
+    "armijo_max_backtracks": -1,
+    "variant": "released",
+    "radius_rule": "adaptive",
+    "subproblem": "steihaug",
+    "hvp": "ggn",
+}
+
+INVALID_HYBRID: dict[str, Any] = {
+    **INVALID_EFFICIENT_TR,
+    "sgd_lr": -0.1,
+    "patience": 0,
+    "mode": "median",
+    "min_delta": -1.0,
+    "switch_at_step": 0,
+    "switch_at_epoch": 2.5,
+}
+
+
+@pytest.mark.parametrize(
+    ("cls", "key", "value"),
+    [(EfficientTR, k, v) for k, v in INVALID_EFFICIENT_TR.items()]
+    + [(HybridTRSGD, k, v) for k, v in INVALID_HYBRID.items()],
+)
+def test_invalid_hyperparameter_raises_naming_it(cls: type, key: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=f"^{key}"):
+        cls(tiny_mlp(), **{key: value})
+
+
+@pytest.mark.parametrize(("key", "value"), [("lr", math.nan), ("radius", -1.0), ("n1", 0.5)])
+@pytest.mark.parametrize("cls", [EfficientTR, HybridTRSGD])
+def test_invalid_hyperparameter_set_later_is_rejected_at_step(
+    cls: type, key: str, value: Any
+) -> None:
+    model = tiny_mlp((4, 8, 3))
+    opt = cls(model)
+    opt.param_groups[0][key] = value
+    x, y = _batches(1)[0]
+    with pytest.raises(ValueError, match=f"^{key}"):
+        opt.step(Objective(model, nn.MSELoss(), x, y))
+
+
+# --------------------------------------------------------------------------- conformance
+
+CASES: dict[str, tuple[type, dict[str, Any]]] = {
+    "paper": (EfficientTR, {}),
+    "deterministic": (EfficientTR, {"radius_rule": "deterministic"}),
+    "fd": (EfficientTR, {"hvp": "hessian-fd"}),
+    "code": (EfficientTR, {"variant": "code", "radius": 0.3}),
+    "hybrid": (HybridTRSGD, {"switch_at_step": 20}),
+    "hybrid-early": (HybridTRSGD, {"switch_at_step": 3}),
+}
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_conformance_loss_decreases(cls: type, kwargs: dict[str, Any], dtype: torch.dtype) -> None:
+    model = tiny_mlp((4, 8, 3), dtype=dtype)
+    batches = [(x.to(dtype), y.to(dtype)) for x, y in _batches(4)]
+    opt = cls(model, **kwargs)
+    start = _full_loss(model, batches)
+    for _ in range(10):
+        _run(opt, model, batches)
+    assert _full_loss(model, batches) < 0.7 * start
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), CASES.values(), ids=CASES.keys())
+def test_conformance_state_dict_round_trip(cls: type, kwargs: dict[str, Any]) -> None:
+    _resume_is_bit_identical(lambda m: cls(m, **kwargs), 5, 12)
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), CASES.values(), ids=CASES.keys())
+def test_conformance_lr_scheduler_is_respected(cls: type, kwargs: dict[str, Any]) -> None:
+    model = tiny_mlp((4, 8, 3))
+    batches = _batches(3)
+    opt = cls(model, **kwargs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 if epoch == 0 else 0.0)
+    _run(opt, model, batches[:1])
+    sched.step()
+    frozen = [p.detach().clone() for p in model.parameters()]
+    _run(opt, model, batches[1:])
+    for p, q in zip(model.parameters(), frozen, strict=True):
+        assert torch.equal(p, q)
