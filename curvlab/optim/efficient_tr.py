@@ -92,9 +92,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from curvlab.autodiff import DEFAULT_FD_EPSILON, curvature_operator
+from curvlab.autodiff import DEFAULT_FD_EPSILON, CurvatureOperator, curvature_operator
 from curvlab.objective import Objective
-from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal
+from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal, SkipStep
 from curvlab.optim.switching import TwoStage
 from curvlab.optim.validation import check_choice, check_int, check_range
 from curvlab.solvers import tr_gd_subproblem
@@ -170,15 +170,6 @@ def stochastic_radius_update(
 
 
 # --------------------------------------------------------------------------- the optimizer
-class _SkipStep(Exception):
-    """Raised inside `propose` to skip the step with a reason (parameters, radius untouched)."""
-
-    def __init__(self, loss: Tensor, reason: str) -> None:
-        super().__init__(reason)
-        self.loss = loss
-        self.reason = reason
-
-
 class EfficientTR(ModelwiseOptimizer):
     """[P3] Algorithm 1 with the Algorithm 2 subproblem solver (see the module docstring).
 
@@ -273,6 +264,7 @@ class EfficientTR(ModelwiseOptimizer):
             armijo_max_backtracks=armijo_max_backtracks,
         )
         super().__init__(model, defaults)
+        self._operator: CurvatureOperator | None = None
         self.model = model
 
     # -------------------------------------------------------------------- hooks
@@ -296,20 +288,28 @@ class EfficientTR(ModelwiseOptimizer):
         """One iteration of [P3] Alg 1 (lines 2–6) on the objective's mini-batch."""
         try:
             return super().step(closure)
-        except _SkipStep as skip:
-            return self._skip(skip.loss, skip.reason)
+        finally:
+            self._operator = None  # no autograd graph outlives the step
 
-    def propose(self, objective: Objective, loss: Tensor, grad: Tensor) -> Proposal:
-        """Alg 1 lines 2–4: H on the batch, z_t by Alg 2, the model's predicted reduction."""
+    def evaluate(self, objective: Objective) -> tuple[Tensor, Tensor]:
+        """Alg 1 line 2: g and H on the batch from one pass. The curvature operator's build is
+        the gradient pass, so a step costs one gradient plus the solver's products (``.grad``
+        is not filled)."""
         group = self.param_groups[0]
-        radius = self.radius
-        # Line 2: g is the base's batch gradient; H acts through one operator per step.
-        operator = curvature_operator(
+        self._operator = curvature_operator(
             objective,
             self.params,
             self.hvp,
             fd_epsilon=group["fd_epsilon"] if self.hvp == "hessian-fd" else None,
         )
+        return self._operator.loss, self._operator.gradient()
+
+    def propose(self, objective: Objective, loss: Tensor, grad: Tensor) -> Proposal:
+        """Alg 1 lines 2–4: H on the batch, z_t by Alg 2, the model's predicted reduction."""
+        group = self.param_groups[0]
+        radius = self.radius
+        operator = self._operator
+        assert operator is not None, "evaluate() builds the operator first"
         # Lines 3–4: z_t ≈ argmin_{‖z‖ ≤ r_t} ½ zᵀHz + gᵀz (Alg 2, or the code's loop).
         result = tr_gd_subproblem(
             operator.matvec,
@@ -326,7 +326,7 @@ class EfficientTR(ModelwiseOptimizer):
             compute_model_decrease=self.uses_trial_loss,
         )
         if result.status == NON_FINITE:
-            raise _SkipStep(loss, "non-finite curvature product in the subproblem solver")
+            raise SkipStep("non-finite curvature product in the subproblem solver")
         z = result.solution
         lr = float(group["lr"])
         predicted: float | None = None

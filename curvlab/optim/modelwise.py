@@ -4,13 +4,17 @@ The base owns the order of a model-wide step; a method supplies `propose` (curva
 operator + subproblem solve) and, if it uses a model of the loss, `control` (accept or
 reject, adapt the radius / σ / LM damping from the reduction ratio ρ)::
 
-    loss, g = objective()                      # loss and flat gradient on the mini-batch
+    loss, g = evaluate(objective)              # loss and flat gradient on the mini-batch
     s, predicted = propose(objective, loss, g)  # e.g. Steihaug-CG, cubic, MINRES, SMW
     trial = objective.loss_at(θ + s)            # same batch, model untouched
     ρ = (loss − trial) / predicted
     if control(ρ, ...): θ ← θ + s               # a rejected step leaves θ exactly as it was
 
-Non-finite losses, gradients or proposals skip the step (reported in ``last_step_info``).
+Non-finite losses, gradients or proposals skip the step (reported in ``last_step_info``), and
+so does a `SkipStep` raised by a hook (e.g. a failed decomposition), with its reason.
+`evaluate` runs the closure by default; a method that builds a curvature operator can override
+it to take the loss and gradient from the operator's own pass, so one step costs one gradient
+plus the products (then ``.grad`` is not filled).
 A non-finite trial loss counts as ρ = −∞: the step is rejected and `control` shrinks.
 Global state (radius, σ, λ, counters) lives in ``global_state`` so ``state_dict`` has it.
 """
@@ -30,7 +34,16 @@ from torch.optim import Optimizer
 from curvlab.objective import Objective
 from curvlab.optim.base import require_objective
 
-__all__ = ["ModelwiseOptimizer", "Proposal"]
+__all__ = ["ModelwiseOptimizer", "Proposal", "SkipStep"]
+
+
+class SkipStep(Exception):
+    """Raised by a hook (`evaluate`, `propose`) to skip this step: nothing changes, the reason is
+    reported in ``last_step_info``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,13 @@ class ModelwiseOptimizer(Optimizer, ABC):
         return {n: moved.get(id(p), p) for n, p in objective.model.named_parameters()}
 
     # -------------------------------------------------------------------- hooks
+    def evaluate(self, objective: Objective) -> tuple[Tensor, Tensor]:
+        """Loss and flat gradient at the current parameters. Default: the closure (fills
+        ``.grad``); override to take them from a pass the method makes anyway."""
+        with torch.enable_grad():
+            loss = objective()
+        return loss, self.flat_grad()
+
     def check_hyperparameters(self, group: dict[str, Any]) -> None:
         """Validate ``group`` on every step (hyperparameters may be changed by schedulers)."""
 
@@ -121,12 +141,13 @@ class ModelwiseOptimizer(Optimizer, ABC):
         objective = require_objective(closure, type(self).__name__)
         self.check_hyperparameters(self.param_groups[0])
         state = self.global_state
-        with torch.enable_grad():
-            loss = objective()
-        grad = self.flat_grad()
+        loss, grad = self.evaluate(objective)
         if not torch.isfinite(loss) or not bool(torch.isfinite(grad).all()):
             return self._skip(loss, "non-finite loss or gradient")
-        proposal = self.propose(objective, loss, grad)
+        try:
+            proposal = self.propose(objective, loss, grad)
+        except SkipStep as skip:
+            return self._skip(loss, skip.reason)
         if not bool(torch.isfinite(proposal.step).all()):
             return self._skip(loss, "non-finite proposal")
         rho = math.nan

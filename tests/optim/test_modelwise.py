@@ -87,3 +87,48 @@ def test_plain_closure_and_several_groups_are_rejected() -> None:
         opt.step(lambda: torch.tensor(1.0))
     with pytest.raises(ValueError, match="one parameter group"):
         DenseLM([{"params": [model[0].weight]}, {"params": [model[0].bias]}])
+
+
+class _Skipper(ModelwiseOptimizer):
+    """Proposes a step, or raises SkipStep when told to; takes loss and gradient from its own
+    evaluation (``.grad`` stays untouched)."""
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params, {"lr": 0.1})
+        self.skip = False
+        self.evaluations = 0
+
+    def evaluate(self, objective: Objective) -> tuple[torch.Tensor, torch.Tensor]:
+        self.evaluations += 1
+        with torch.enable_grad():
+            outputs, loss = objective.forward()
+            grads = torch.autograd.grad(loss, self.params)
+        return loss.detach(), torch.cat([g.reshape(-1) for g in grads])
+
+    def propose(self, objective: Objective, loss: torch.Tensor, grad: torch.Tensor) -> Proposal:
+        from curvlab.optim.modelwise import SkipStep
+
+        if self.skip:
+            raise SkipStep("told to")
+        return Proposal(-0.1 * grad)
+
+
+def test_skip_step_from_a_hook_changes_nothing_and_evaluate_replaces_the_closure() -> None:
+    model = tiny_mlp((4, 3, 2))
+    x, y = regression_problem(n=12, d_out=2)
+    opt = _Skipper(model)
+    obj = Objective(model, nn.MSELoss(), x, y)
+    opt.step(obj)
+    assert opt.evaluations == 1 and opt.last_step_info["accepted"] is True
+    assert all(p.grad is None for p in model.parameters())  # the closure never ran
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.skip = True
+    opt.step(obj)
+    assert opt.last_step_info == {
+        "skipped": True,
+        "reason": "told to",
+        "loss": opt.last_step_info["loss"],
+    }
+    assert opt.global_state["skipped_steps"] == 1
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
