@@ -101,7 +101,7 @@ class _Skipper(ModelwiseOptimizer):
     def evaluate(self, objective: Objective) -> tuple[torch.Tensor, torch.Tensor]:
         self.evaluations += 1
         with torch.enable_grad():
-            outputs, loss = objective.forward()
+            _, loss = objective.forward()
             grads = torch.autograd.grad(loss, self.params)
         return loss.detach(), torch.cat([g.reshape(-1) for g in grads])
 
