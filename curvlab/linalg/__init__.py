@@ -11,6 +11,7 @@ solves (:mod:`.woodbury`).
 from __future__ import annotations
 
 from curvlab.linalg.bfgs import (
+    bfgs_correction,
     bfgs_update,
     double_damping,
     dp_dlm_damping,
@@ -33,6 +34,7 @@ from curvlab.linalg.woodbury import WoodburyForm, woodbury_coefficients, woodbur
 
 __all__ = [
     "all_finite",
+    "bfgs_correction",
     "bfgs_update",
     "double_damping",
     "dp_dlm_damping",

@@ -73,14 +73,24 @@ def bfgs_update(
     """
     if Hy is None:
         Hy = H @ y
-    rho = 1.0 / _dot(s, y)
-    coeff = rho * rho * _dot(y, Hy) + rho
-    u = (0.5 * coeff) * s - rho * Hy
+    u = bfgs_correction(s, y, Hy)
     left = torch.stack([s, u], dim=1)
     right = torch.stack([u, s], dim=0)
     if inplace:
         return H.addmm_(left, right)
     return torch.addmm(H, left, right)
+
+
+def bfgs_correction(s: Tensor, y: Tensor, Hy: Tensor) -> Tensor:
+    r"""The vector :math:`u = \tfrac12(\rho^2 y^\top H y + \rho)\,s - \rho\,Hy` of
+    `bfgs_update` (:math:`H^+ = H + s u^\top + u s^\top`, :math:`\rho = 1/s^\top y`).
+
+    A caller can check it for finiteness before committing an update: a pair with a tiny
+    positive :math:`s^\top y` passes the curvature condition yet overflows :math:`\rho^2`.
+    """
+    rho = 1.0 / _dot(s, y)
+    coeff = rho * rho * _dot(y, Hy) + rho
+    return (0.5 * coeff) * s - rho * Hy
 
 
 def powell_damping_h(s: Tensor, y: Tensor, Hy: Tensor, mu: float) -> Tensor:

@@ -91,6 +91,7 @@ from curvlab.curvature.hooks import Capture, capture
 from curvlab.curvature.layers import KroneckerLayer, find_layers
 from curvlab.linalg import DecompositionError, damped_inverse
 from curvlab.linalg.bfgs import (
+    bfgs_correction,
     bfgs_update,
     double_damping,
     dp_dlm_damping,
@@ -429,9 +430,13 @@ class KBFGS(LayerwiseOptimizer):
             Hy_t = self._H_g_times(name, y_t)
             sy = torch.dot(s_t, y_t)
             average_ok = torch.isfinite(s).all() & torch.isfinite(y).all()
-            pair_ok = average_ok & (sy > 0) & torch.isfinite(torch.cat([s_t, y_t, Hy_t])).all()
+            # Deviation: a pair whose BFGS correction overflows (sᵀy > 0 but tiny) is skipped
+            # like one with sᵀy ≤ 0, so that H never holds an Inf or NaN.
+            u_g = bfgs_correction(s_t, y_t, Hy_t)
+            pair_ok = average_ok & (sy > 0) & torch.isfinite(torch.cat([s_t, y_t, Hy_t, u_g])).all()
             sy_a = torch.dot(f.s_a, f.y_a)
-            a_ok = (sy_a > 0) & torch.isfinite(torch.cat([f.s_a, f.y_a])).all()
+            u_a = bfgs_correction(f.s_a, f.y_a, state["H_a"] @ f.y_a)
+            a_ok = (sy_a > 0) & torch.isfinite(torch.cat([f.s_a, f.y_a, u_a])).all()
             a_stat_ok = torch.isfinite(f.A).all() if f.A is not None else torch.ones_like(a_ok)
             checks.append(
                 torch.stack(

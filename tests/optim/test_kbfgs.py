@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any
 
 import pytest
@@ -475,3 +476,25 @@ def test_conformance_lr_scheduler_is_respected(kwargs: dict) -> None:
     _run(opt, model, batches[1:])
     for p, q in zip(model.parameters(), frozen, strict=True):
         assert torch.equal(p, q)
+
+
+def test_pair_whose_bfgs_correction_overflows_is_skipped_not_applied() -> None:
+    """Found by fuzzing: BatchNorm over one unit with two examples makes the first layer's
+    output gradient ~1e-10, so sᵀy > 0 but ρ² overflows float32; H_G must stay finite."""
+    batches = [
+        ([[1.5410, -0.2934, -2.1788], [0.5684, -1.0845, -1.3986]], [[0.4033], [0.8380]]),
+        ([[-0.7193, -0.4033, -0.5966], [0.1820, -0.8567, 1.1006]], [[-1.0712], [0.1227]]),
+        ([[-0.5663, 0.3731, -0.8920], [-1.5091, 0.3704, 1.4565]], [[0.9398], [0.7748]]),
+    ]
+    torch.manual_seed(24)
+    model = nn.Sequential(
+        nn.Linear(3, 1, bias=False), nn.BatchNorm1d(1), nn.Tanh(), nn.Linear(1, 1, bias=False)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = KBFGS(model, lr=1.0, damping=1.0, variant="ch2")
+    for x, y in batches:
+        opt.step(Objective(model, nn.MSELoss(), torch.tensor(x), torch.tensor(y)))
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert bool(torch.isfinite(opt.layer_state("0")["H_g"]).all())
+    assert opt.global_state["skipped_g_pairs_total"] >= 1
