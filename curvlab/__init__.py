@@ -2,6 +2,7 @@
 
 from curvlab.objective import Objective
 from curvlab.optim import (
+    EDF,
     KBFGS,
     KFAC,
     SMWGN,
@@ -10,6 +11,7 @@ from curvlab.optim import (
     TNT,
     TSOALRA,
     EfficientTR,
+    HessianFree,
     HybridTRSGD,
     LayerwiseOptimizer,
     ModelwiseOptimizer,
@@ -26,7 +28,9 @@ __all__ = [
     # closures
     "Objective",
     # optimizers
+    "EDF",
     "EfficientTR",
+    "HessianFree",
     "HybridTRSGD",
     "KBFGS",
     "KFAC",

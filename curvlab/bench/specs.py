@@ -29,6 +29,7 @@ from torch import nn
 
 from curvlab.bench.registry import UnknownNameError, lookup
 from curvlab.optim import (
+    EDF,
     KBFGS,
     KFAC,
     SMWGN,
@@ -37,6 +38,7 @@ from curvlab.optim import (
     TNT,
     TSOALRA,
     EfficientTR,
+    HessianFree,
     HybridTRSGD,
     Shampoo,
     TSOALRAFirstStage,
@@ -338,6 +340,56 @@ _SPECS: list[OptimizerSpec] = [
         curvature=True,
     ),
     OptimizerSpec(
+        name="edf",
+        factory=lambda model, hp: EDF(model, **hp),
+        defaults={"lr": 0.5, "order": 2},
+        paper="Exponentially Decaying Flows (seed 000), EDF-G",
+        algorithm="App. A Alg 1 (MINRES of order k), λ = a‖g‖^b (eq. 24), W1 momentum (eq. 25)",
+        file="curvlab/optim/edf.py",
+        description="EDF-G: k MINRES steps on the damped GGN system, W1 acceleration",
+        curvature=True,
+    ),
+    OptimizerSpec(
+        name="edf-k1",
+        factory=lambda model, hp: EDF(model, **{"order": 1, **hp}),
+        defaults={"lr": 0.5},
+        paper="Exponentially Decaying Flows (seed 000)",
+        algorithm="App. A Alg 2 (the k = 1 closed form, eq. 23)",
+        file="curvlab/optim/edf.py",
+        description="EDF-G with k = 1 (closed form)",
+        curvature=True,
+    ),
+    OptimizerSpec(
+        name="edf-w2",
+        factory=lambda model, hp: EDF(model, **{"acceleration": "w2", **hp}),
+        defaults={"lr": 0.5, "order": 2},
+        paper="Exponentially Decaying Flows (seed 000)",
+        algorithm="Alg 1 with W2 (κ = α/t, Nesterov-like; eq. 25)",
+        file="curvlab/optim/edf.py",
+        description="EDF-G with W2 acceleration",
+        curvature=True,
+    ),
+    OptimizerSpec(
+        name="edf-h",
+        factory=lambda model, hp: EDF(model, **{"kind": "hessian", **hp}),
+        defaults={"lr": 0.5, "order": 2},
+        paper="Exponentially Decaying Flows (seed 000), EDF-H",
+        algorithm="App. A Alg 1 on the damped Hessian system",
+        file="curvlab/optim/edf.py",
+        description="EDF-H: k MINRES steps on the damped Hessian system",
+        curvature=True,
+    ),
+    OptimizerSpec(
+        name="hessian-free",
+        factory=lambda model, hp: HessianFree(model, **hp),
+        defaults={"lr": 0.1, "curvature_batch_size": 30},
+        paper="Martens 2010 as the thesis's ch.5 baseline",
+        algorithm="thesis Alg 23 loop with a CG direction on the GGN, LM rule §5.2.3",
+        file="curvlab/optim/hessian_free.py",
+        description="Hessian-free: Gauss-Newton + CG, LM damping, CG warm start",
+        curvature=True,
+    ),
+    OptimizerSpec(
         name="tso-alra",
         factory=lambda model, hp: TSOALRA(model, **hp),
         defaults={"lr": 0.01, "ema_decay": 0.95, "inverse_every": 20, "eps": 1e-6, "patience": 3},
@@ -402,7 +454,7 @@ _CH5 = "thesis §5.8 MNIST set-up (N1 = 60, N2 = 30, LM defaults); used here on 
 _PRESET_LIST: list[Preset] = [
     *[
         Preset(name, "fmnist-mlp-logistic", "thesis", {"lr": 0.1, "curvature_batch_size": 30}, _CH5)
-        for name in ("smw-gn", "smw-ng", "smw-ng-bd")
+        for name in ("smw-gn", "smw-ng", "smw-ng-bd", "hessian-free")
     ],
     *_autoencoder_presets("tnt", _T43, (1e-4, 0.1), (3e-6, 0.01)),
     *_autoencoder_presets("shampoo", _T43, (3e-4, 3e-4), (3e-4, 3e-4)),

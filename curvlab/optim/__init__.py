@@ -3,7 +3,9 @@
 `TwoStage`."""
 
 from curvlab.optim.base import LayerwiseOptimizer
+from curvlab.optim.edf import EDF
 from curvlab.optim.efficient_tr import EfficientTR, HybridTRSGD
+from curvlab.optim.hessian_free import HessianFree
 from curvlab.optim.kbfgs import KBFGS
 from curvlab.optim.kfac import KFAC
 from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal
@@ -15,7 +17,9 @@ from curvlab.optim.tnt import TNT
 from curvlab.optim.tso_alra import TSOALRA, TSOALRAFirstStage
 
 __all__ = [
+    "EDF",
     "EfficientTR",
+    "HessianFree",
     "HybridTRSGD",
     "KBFGS",
     "KFAC",

@@ -144,6 +144,34 @@ INVALID_HYBRID = {
     "switch_at_epoch": 2.5,
 }
 
+INVALID_EDF = {
+    "lr": -1.0,
+    "order": 0,
+    "damping_scale": -1.0,
+    "damping_power": -1.0,
+    "kind": "fisher",
+    "acceleration": "nesterov",
+    "alpha": 1.0,
+    "space": "logits",
+    "restart_on_lr_change": "yes",
+}
+
+INVALID_HF = {
+    "lr": -1.0,
+    "damping": -1.0,
+    "tau": 0.0,
+    "boost": 1.0,
+    "drop": 1.0,
+    "epsilon": 0.5,
+    "cg_max_iters": 0,
+    "cg_tol": -1.0,
+    "warm_start_decay": 1.5,
+    "curvature_batch_size": 0,
+    "accept_threshold": 0.3,
+    "curvature_subset": "all",
+    "ratio_point": "both",
+}
+
 CASES: dict[str, Case] = {
     "kfac": Case(curvlab.optim.KFAC, dict(lr=0.1, damping=0.1), INVALID_KFAC),
     "kfac-before-step": Case(
@@ -229,6 +257,16 @@ CASES: dict[str, Case] = {
     "efficient-tr-code": Case(curvlab.optim.EfficientTR, dict(variant="code", radius=0.3)),
     "hybrid-tr-sgd": Case(curvlab.optim.HybridTRSGD, dict(switch_at_step=20), INVALID_HYBRID),
     "hybrid-tr-sgd-switched-early": Case(curvlab.optim.HybridTRSGD, dict(switch_at_step=3)),
+    "edf": Case(curvlab.optim.EDF, {}, INVALID_EDF),
+    "edf-k1": Case(curvlab.optim.EDF, dict(order=1)),
+    "edf-w2": Case(curvlab.optim.EDF, dict(acceleration="w2", lr=0.2)),
+    "edf-h": Case(curvlab.optim.EDF, dict(kind="hessian")),
+    "edf-output-space": Case(curvlab.optim.EDF, dict(space="output")),
+    "hessian-free": Case(curvlab.optim.HessianFree, {}, INVALID_HF),
+    "hessian-free-subset-martens": Case(
+        curvlab.optim.HessianFree,
+        dict(lr=1.0, curvature_batch_size=8, boost=1.5, drop=2 / 3, cg_max_iters=10),
+    ),
 }
 
 # Base classes are not optimizers a user picks. TwoStage wraps two optimizers (it cannot be

@@ -1,0 +1,353 @@
+r"""Hessian-free: subsampled Gauss-Newton with CG and Levenberg–Marquardt damping (thesis ch.5).
+
+The thesis's ch.5 baseline "HF" (spec-thesis §6.5, §8.4) is Martens (2010) as the thesis
+describes it: the GGN "approximately solve[d] ... with an LM damping term ... by an
+'early-termination' linear CG method" (§5.1), with λ updated by Martens's LM "heuristic"
+(§5.6) in the form of §5.2.3, run inside the loop of Alg 23 like SMW-GN (same LM settings,
+N2 = N1/2, learning rate α; the direction is the only difference: "SMW-GN ... is always
+faster than HF", cost n_HF × O(N2 n), §5.7). With α = ``lr``, λ_t = λ_LM + τ::
+
+    1  for t = 0, 1, 2, ...
+    2      S1 = the objective's batch ;  S2 ⊆ S1 with |S2| = N2          # Alg 23 line 3
+    3      g_t = (1/N1) Σ_{i∈S1} ∇f_i(θ_t)                                # line 4
+    4      B_t = (1/N2) Σ_{i∈S2} J_iᵀ H_i J_i  (R-op / L-op products)      # GN, (5.2)
+    5      p_t ≈ −(B_t + λ_t I)⁻¹ g_t  by CG from x₀ = ζ p_{t−1}           # Martens 2010 §4.5
+           (at most ``cg_max_iters`` products, stop at ‖r‖ ≤ ``cg_tol``·‖g_t‖)
+    6      ρ_t = (f(θ_t) − f(θ_t + p_t)) / (m_t(0) − m_t(p_t))  on S1       # (5.5)
+           m_t(0) − m_t(p) = −g_tᵀp − ½ pᵀB_t p
+    7      λ_LM ← boost·λ_LM if ρ_t < ε ; drop·λ_LM if ρ_t > 1 − ε         # §5.2.3
+    8      θ_{t+1} = θ_t + α p_t                                            # line 7
+
+Defaults are the thesis's ch.5 settings (§5.8, "same as in Kiros"): λ_LM(0) = 1, boost =
+1.01, drop = 0.99, ε = 1/4, τ = 0.001, α = 0.1 (MNIST; 0.01 CIFAR-10, 0.05 webspam).
+The thesis gives no CG settings (spec-thesis A24); those below follow Martens (2010):
+
+* warm start x₀ = ζ p_{t−1} with ζ = ``warm_start_decay`` = 0.95 (``0`` starts from zero);
+  p_{t−1} is the previous CG solution (the direction, before α), kept in ``state``;
+* an iteration cap, ``cg_max_iters`` = 250.
+
+Deviations (marked in the code):
+
+* CG stops on the relative residual (``cg_tol``, default 1e-4) or the cap, because
+  `curvlab.solvers.cg` has no hook for Martens's relative-progress test on the quadratic.
+* No backtracking over CG iterates, no CG preconditioner and no line search: the thesis
+  mentions none of them for its HF baseline (Martens 2010 has all three).
+* pᵀB_t p for ρ costs one extra GGN product (CG's iterate is not the exact solve, so the
+  identity of spec-thesis §5.4 does not apply).
+* As in `curvlab.optim.smw`: ``accept_threshold=η`` accepts only when ρ_t ≥ η (Theorem 6),
+  ``ratio_point="step"`` measures ρ at αp_t instead of p_t (spec A21), a non-finite trial
+  loss rejects the step (λ_LM boosted), and a non-finite gradient / product / CG result skips
+  the step with nothing changed.
+* Curvature batch: B_t on the first or a random ``curvature_batch_size`` rows of S1 (the
+  optimizer's own generator, saved in ``state_dict``), scaled to the objective's loss
+  reduction: with L = c Σ_{S1} l_n, B_t is N1 c /(N2 c₂) times the GGN of the S2 loss
+  (c₂ its scale), i.e. (1/N2) Σ_{S2} for a batch mean, as (5.2).
+
+The LM rule is the pure function `lm_damping_update` (it belongs with the other step-control
+rules in ``curvlab/optim/control.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.autodiff import curvature_operator
+from curvlab.objective import Objective
+from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal
+from curvlab.optim.validation import check_choice, check_int, check_range
+from curvlab.solvers import cg
+from curvlab.solvers.result import NON_FINITE
+
+__all__ = ["HessianFree", "lm_damping_update"]
+
+RatioPoint = Literal["direction", "step"]
+Subset = Literal["random", "first"]
+
+
+def lm_damping_update(
+    lambda_lm: float, rho: float, *, epsilon: float, boost: float, drop: float
+) -> float:
+    """The LM rule of thesis §5.2.3 (Martens 2010's heuristic): the next λ_LM.
+
+    ρ < ε → boost·λ_LM; ρ > 1 − ε → drop·λ_LM; otherwise unchanged. A NaN ρ counts as a
+    failure (boost).
+    """
+    if math.isnan(rho) or rho < epsilon:
+        return boost * lambda_lm
+    if rho > 1.0 - epsilon:
+        return drop * lambda_lm
+    return lambda_lm
+
+
+class _SkipStep(Exception):
+    """Raised inside `propose` to skip the step with a reason (nothing changes)."""
+
+    def __init__(self, loss: Tensor, reason: str) -> None:
+        super().__init__(reason)
+        self.loss = loss
+        self.reason = reason
+
+
+class HessianFree(ModelwiseOptimizer):
+    """Hessian-free: GGN + CG + LM damping, the thesis's ch.5 baseline (Martens 2010).
+
+    Args:
+        model: the network (or an iterable of its parameters).
+        lr: α of Alg 23 line 7 (thesis: 0.1 MNIST, 0.01 CIFAR-10, 0.05 webspam).
+        damping: initial λ_LM (thesis 1); afterwards λ_LM evolves in ``state``.
+        tau: τ > 0 added to λ_LM (thesis 0.001).
+        boost: λ_LM factor when ρ < ε (> 1; thesis 1.01, Martens 3/2).
+        drop: λ_LM factor when ρ > 1 − ε (in (0, 1); thesis 0.99, Martens 2/3).
+        epsilon: ε in (0, 1/2) (thesis and Martens 1/4).
+        cg_max_iters: CG iteration cap (Martens 250).
+        cg_tol: CG stops when ‖r‖ ≤ cg_tol·‖g‖ (deviation: Martens's progress test).
+        warm_start_decay: ζ in [0, 1]: CG starts at ζ p_{t−1} (Martens 0.95; 0 = cold).
+        curvature_batch_size: N2 ≤ N1, or None for N2 = N1 (thesis N2 = N1/2).
+        accept_threshold: None (Alg 23: always step) or η in (0, ε) (Theorem 6).
+        curvature_subset: ``"random"`` S2 ⊆ S1 (Alg 23) or ``"first"`` N2 rows.
+        ratio_point: ``"direction"`` (ρ at p_t, literal 5.5) or ``"step"`` (at α p_t).
+
+    ``step`` takes a `curvlab.Objective`. ``last_step_info`` has ``rho``, ``trial_loss``,
+    ``predicted_reduction``, λ used (``damping``) and next (``next_damping``), ``accepted``,
+    ``cg_iterations``, ``cg_status``, ``cg_residual_norm``, ``matvecs``, ``warm_started``, or
+    the reason of a skip.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Any,
+        lr: float = 0.1,
+        damping: float = 1.0,
+        tau: float = 1e-3,
+        boost: float = 1.01,
+        drop: float = 0.99,
+        epsilon: float = 0.25,
+        cg_max_iters: int = 250,
+        cg_tol: float = 1e-4,
+        warm_start_decay: float = 0.95,
+        curvature_batch_size: int | None = None,
+        accept_threshold: float | None = None,
+        curvature_subset: Subset = "random",
+        ratio_point: RatioPoint = "direction",
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "damping": damping,
+            "tau": tau,
+            "boost": boost,
+            "drop": drop,
+            "epsilon": epsilon,
+            "cg_max_iters": cg_max_iters,
+            "cg_tol": cg_tol,
+            "warm_start_decay": warm_start_decay,
+            "curvature_batch_size": curvature_batch_size,
+            "accept_threshold": accept_threshold,
+        }
+        _validate(defaults)
+        self.curvature_subset = check_choice(
+            "curvature_subset", curvature_subset, ("random", "first")
+        )
+        self.ratio_point = check_choice("ratio_point", ratio_point, ("direction", "step"))
+        super().__init__(model, defaults)
+        device = self.params[0].device
+        self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        self._pending_direction: Tensor | None = None
+
+    # ------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """`torch.optim` state plus the S2 sampler's random state."""
+        self.global_state["sampler_state"] = self._generator.get_state()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore everything saved by `state_dict`, the S2 sampler included."""
+        super().load_state_dict(state_dict)
+        sampler = self.global_state.get("sampler_state")
+        if sampler is not None:
+            # torch.optim casts state tensors to the parameter dtype; bytes survive exactly.
+            self._generator.set_state(sampler.to(device="cpu", dtype=torch.uint8))
+
+    @property
+    def damping(self) -> float:
+        """The current λ_t = λ_LM + τ (thesis §5.2.3)."""
+        return self._lambda_lm() + float(self.param_groups[0]["tau"])
+
+    def _lambda_lm(self) -> float:
+        state = self.global_state
+        if "lambda_lm" not in state:
+            state["lambda_lm"] = float(self.param_groups[0]["damping"])
+        return float(state["lambda_lm"])
+
+    # -------------------------------------------------------------------- hooks
+    def check_hyperparameters(self, group: dict[str, Any]) -> None:
+        _validate(group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
+        """One HF iteration on the objective's mini-batch S1 (see the module docstring)."""
+        self._pending_direction = None
+        try:
+            loss = super().step(closure)
+        except _SkipStep as skip:
+            return self._skip(skip.loss, skip.reason)
+        self.last_step_info["next_damping"] = self.damping
+        return loss
+
+    def propose(self, objective: Objective, loss: Tensor, grad: Tensor) -> Proposal:
+        """Lines 2–6: S2, B_t, the CG direction p_t and ρ_t on S1."""
+        group = self.param_groups[0]
+        lam = self.damping  # λ_t = λ_LM + τ
+        matvec, products, n2 = self._curvature(objective)  # lines 2 and 4
+
+        # Line 5: CG on (B + λI) p = −g, warm-started from ζ p_{t−1} (Martens 2010 §4.5).
+        def damped(v: Tensor) -> Tensor:
+            return matvec(v) + lam * v
+
+        state = self.global_state
+        zeta = float(group["warm_start_decay"])
+        previous = state.get("previous_direction")
+        x0 = None
+        if zeta > 0.0 and isinstance(previous, Tensor):
+            x0 = zeta * previous
+        # Deviation: residual test instead of Martens's relative-progress test (docstring).
+        result = cg(
+            damped,
+            -grad,
+            x0=x0,
+            tol=float(group["cg_tol"]),
+            max_iters=int(group["cg_max_iters"]),
+        )
+        p = result.solution
+        if result.status == NON_FINITE or not bool(torch.isfinite(p).all()):
+            # Deviation: skip (nothing changes) because a non-finite product has no useful step.
+            raise _SkipStep(loss, f"non-finite CG direction (status {result.status})")
+
+        # Line 6: ρ_t (5.5) on S1, model reduction at c·p (c = 1 literal, c = α at the step).
+        # Deviation: pᵀB_t p costs one extra product because CG's iterate is not the exact
+        # solve, so the identity m(0) − m(p) = ½(−gᵀp + λ‖p‖²) of §5.4 does not hold.
+        curvature = float(p @ matvec(p))
+        gp = float(grad @ p)
+        if not (math.isfinite(curvature) and math.isfinite(gp)):
+            raise _SkipStep(loss, "non-finite curvature along the CG direction")
+        alpha = float(group["lr"])
+        c = 1.0 if self.ratio_point == "direction" else alpha
+        predicted = -c * gp - 0.5 * c * c * curvature  # m_t(0) − m_t(c p)
+        trial = float(objective.loss_at(self.trial_parameters(objective, c * p)))
+        rho = _reduction_ratio(float(loss), trial, predicted)
+        self._pending_direction = p
+        info = {
+            "rho": rho,
+            "trial_loss": trial,
+            "predicted_reduction": predicted,
+            "damping": lam,
+            "cg_iterations": result.iterations,
+            "cg_status": result.status,
+            "cg_residual_norm": result.residual_norm,
+            "matvecs": products(),
+            "warm_started": x0 is not None,
+            "damped_model_value": gp + 0.5 * curvature + 0.5 * lam * float(p @ p),
+            "curvature_batch_size": n2,
+        }
+        return Proposal(alpha * p, predicted, info)  # line 8: θ + α p_t
+
+    def control(self, rho: float, proposal: Proposal) -> bool:
+        """Line 7 (LM rule on ρ_t); accept always (Alg 23) or when ρ_t ≥ η (Theorem 6)."""
+        group = self.param_groups[0]
+        rho = float(proposal.info["rho"])  # measured in `propose` (see ``ratio_point``)
+        self.global_state["lambda_lm"] = lm_damping_update(
+            self._lambda_lm(),
+            rho,
+            epsilon=float(group["epsilon"]),
+            boost=float(group["boost"]),
+            drop=float(group["drop"]),
+        )
+        if self._pending_direction is not None:  # p_t, the next warm start's base
+            self.global_state["previous_direction"] = self._pending_direction
+            self._pending_direction = None
+        if not math.isfinite(rho):
+            return False  # Deviation: never step towards a non-finite loss (docstring)
+        threshold = group["accept_threshold"]
+        return threshold is None or rho >= threshold
+
+    # ---------------------------------------------------------------- helpers
+    def _curvature(
+        self, objective: Objective
+    ) -> tuple[Callable[[Tensor], Tensor], Callable[[], int], int]:
+        """B_t v on S2 (scaled to S1's loss reduction), a product counter, and N2."""
+        group = self.param_groups[0]
+        n1 = objective.batch_size
+        n2 = n1 if group["curvature_batch_size"] is None else int(group["curvature_batch_size"])
+        if n2 > n1:
+            raise ValueError(
+                f"curvature_batch_size: N2 = {n2} exceeds the objective's batch size N1 = {n1} "
+                "(thesis Alg 23 needs S2 ⊆ S1)"
+            )
+        sub, scale = objective, 1.0
+        if n2 < n1:
+            if self.curvature_subset == "first":
+                index = torch.arange(n2, device=objective.inputs.device)
+            else:
+                perm = torch.randperm(n1, generator=self._generator, device=self._generator.device)
+                index = perm[:n2].to(objective.inputs.device)
+            targets = objective.targets[index] if objective.targets.dim() > 0 else objective.targets
+            sub = Objective(
+                objective.model,
+                objective.loss_fn,
+                objective.inputs[index],
+                targets,
+                batch_average=objective.batch_average,
+            )
+            scale = _subset_scale(objective, sub, index)
+        op = curvature_operator(sub, self.params, "ggn")
+
+        def matvec(v: Tensor) -> Tensor:
+            out = op.matvec(v)
+            return out if scale == 1.0 else scale * out
+
+        return matvec, lambda: op.products, n2
+
+
+def _subset_scale(objective: Objective, sub: Objective, index: Tensor) -> float:
+    """N1 c / (N2 c₂): makes the S2 GGN the (1/N2) Σ_{S2} estimate of S1's (thesis 5.2)."""
+    outputs = objective.outputs
+    if objective.likelihood is None or outputs is None:
+        raise ValueError(
+            "curvature_batch_size: a curvature subset needs a loss with a known reduction "
+            "(nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss or nn.BCELoss)"
+        )
+    c1 = objective.loss_scale(outputs)
+    c2 = sub.loss_scale(outputs[index])
+    return (objective.batch_size * c1) / (sub.batch_size * c2)
+
+
+def _reduction_ratio(loss: float, trial: float, predicted: float) -> float:
+    """ρ = (f(θ) − f(θ + s)) / (m(0) − m(s)) with the base's conventions (modelwise.py)."""
+    if not math.isfinite(trial):
+        return -math.inf
+    if predicted > 0:
+        return (loss - trial) / predicted
+    return -math.inf if trial > loss else 1.0
+
+
+def _validate(group: dict[str, Any]) -> None:
+    check_range("lr", group["lr"], 0.0)
+    check_range("damping", group["damping"], 0.0)
+    check_range("tau", group["tau"], 0.0, low_open=True)
+    check_range("boost", group["boost"], 1.0, low_open=True)
+    check_range("drop", group["drop"], 0.0, 1.0, low_open=True, high_open=True)
+    eps = check_range("epsilon", group["epsilon"], 0.0, 0.5, low_open=True, high_open=True)
+    check_int("cg_max_iters", group["cg_max_iters"], 1)
+    check_range("cg_tol", group["cg_tol"], 0.0)
+    check_range("warm_start_decay", group["warm_start_decay"], 0.0, 1.0)
+    if group["curvature_batch_size"] is not None:
+        check_int("curvature_batch_size", group["curvature_batch_size"], 1)
+    if group["accept_threshold"] is not None:
+        check_range(
+            "accept_threshold", group["accept_threshold"], 0.0, eps, low_open=True, high_open=True
+        )

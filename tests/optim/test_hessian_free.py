@@ -1,0 +1,350 @@
+"""Hessian-free (thesis ch.5 baseline): the converged CG direction is the dense LM solve, the
+S2 scaling, ρ, the LM rule, CG warm start, acceptance, skips, validation, conformance-style."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, hessian, jacrev
+
+import curvlab.optim.hessian_free as hf_module
+from curvlab import Objective
+from curvlab.optim.hessian_free import HessianFree, lm_damping_update
+from curvlab.solvers import SolverResult
+from curvlab.testing.models import regression_problem, tiny_mlp
+
+F64 = torch.float64
+
+
+def _unflat(model: nn.Module, v: Tensor) -> dict[str, Tensor]:
+    out, o = {}, 0
+    for n, p in model.named_parameters():
+        out[n] = v[o : o + p.numel()].view_as(p)
+        o += p.numel()
+    return out
+
+
+def _flat(model: nn.Module) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _loss_grad(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> tuple[float, Tensor]:
+    theta = _flat(model)
+
+    def f(t: Tensor) -> Tensor:
+        return loss_fn(functional_call(model, _unflat(model, t), (x,)), y)
+
+    return float(f(theta)), grad(f)(theta)
+
+
+def _ggn(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    theta = _flat(model)
+
+    def outputs(t: Tensor) -> Tensor:
+        return functional_call(model, _unflat(model, t), (x,))
+
+    out = outputs(theta).detach()
+    J = jacrev(outputs)(theta).reshape(out.numel(), -1)
+    HL = hessian(lambda o: loss_fn(o, y))(out).reshape(out.numel(), out.numel())
+    return J.T @ HL @ J
+
+
+def _problem(loss: str = "mse", n: int = 6) -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
+    model = tiny_mlp((3, 4, 2))  # 26 parameters
+    x, y = regression_problem(n=n, d_in=3, d_out=2, seed=5)
+    if loss == "ce":
+        return model, nn.CrossEntropyLoss(), x, torch.tensor([0, 1, 1, 0, 1, 0][:n])
+    if loss == "mse-sum":
+        return model, nn.MSELoss(reduction="sum"), x, y
+    return model, nn.MSELoss(), x, y
+
+
+EXACT = {"lr": 1.0, "cg_tol": 1e-13, "warm_start_decay": 0.0}
+
+
+# --------------------------------------------------------------------------- direction
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_converged_cg_direction_is_the_dense_lm_solve(loss: str) -> None:
+    model, loss_fn, x, y = _problem(loss)
+    theta = _flat(model)
+    f0, g = _loss_grad(model, loss_fn, x, y)
+    G = _ggn(model, loss_fn, x, y)
+    opt = HessianFree(model, damping=0.5, tau=1e-3, **EXACT)
+    opt.step(Objective(model, loss_fn, x, y))
+    lam = 0.5 + 1e-3
+    p = -torch.linalg.solve(G + lam * torch.eye(len(g), dtype=F64), g)
+    torch.testing.assert_close(_flat(model) - theta, p, rtol=1e-8, atol=1e-10)
+    info = opt.last_step_info
+    assert info["damping"] == pytest.approx(lam)
+    assert info["cg_status"] == "converged" and info["warm_started"] is False
+    assert info["matvecs"] == info["cg_iterations"] + 1  # + pᵀBp for ρ
+    # ρ (5.5) with the undamped GN model on the same batch
+    f1, _ = _loss_grad(model, loss_fn, x, y)
+    predicted = float(-(g @ p) - 0.5 * p @ G @ p)
+    assert info["predicted_reduction"] == pytest.approx(predicted, rel=1e-8)
+    assert info["trial_loss"] == pytest.approx(f1, rel=1e-12)
+    assert info["rho"] == pytest.approx((f0 - f1) / predicted, rel=1e-8)
+
+
+@pytest.mark.parametrize("loss", ["mse", "mse-sum"])
+def test_curvature_subset_is_the_scaled_ggn_of_its_rows(loss: str) -> None:
+    model, loss_fn, x, y = _problem(loss)
+    theta = _flat(model)
+    _, g = _loss_grad(model, loss_fn, x, y)
+    n1, n2 = 6, 4
+    # (1/N2) Σ_{S2} J_iᵀH_iJ_i in the scale of the S1 loss: a mean loss on S2 as is, a sum
+    # loss on S2 times N1/N2.
+    G_sub = _ggn(model, loss_fn, x[:n2], y[:n2]) * (n1 / n2 if loss == "mse-sum" else 1.0)
+    opt = HessianFree(
+        model, damping=0.2, curvature_batch_size=n2, curvature_subset="first", **EXACT
+    )
+    opt.step(Objective(model, loss_fn, x, y))
+    lam = 0.2 + 1e-3
+    p = -torch.linalg.solve(G_sub + lam * torch.eye(len(g), dtype=F64), g)
+    torch.testing.assert_close(_flat(model) - theta, p, rtol=1e-8, atol=1e-10)
+    assert opt.last_step_info["curvature_batch_size"] == n2
+
+
+def test_lr_scales_the_step_and_ratio_point() -> None:
+    model, loss_fn, x, y = _problem("mse")
+    theta = _flat(model)
+    G = _ggn(model, loss_fn, x, y)
+    _, g = _loss_grad(model, loss_fn, x, y)
+    p = -torch.linalg.solve(G + 1.001 * torch.eye(len(g), dtype=F64), g)
+    for point, c in (("direction", 1.0), ("step", 0.3)):
+        m = copy.deepcopy(model)
+        opt = HessianFree(m, **{**EXACT, "lr": 0.3}, ratio_point=point)  # type: ignore[arg-type]
+        opt.step(Objective(m, loss_fn, x, y))
+        torch.testing.assert_close(_flat(m) - theta, 0.3 * p, rtol=1e-8, atol=1e-10)
+        predicted = float(-c * (g @ p) - 0.5 * c * c * (p @ G @ p))
+        assert opt.last_step_info["predicted_reduction"] == pytest.approx(predicted, rel=1e-8)
+
+
+# --------------------------------------------------------------------------- LM rule
+def test_lm_rule_thresholds() -> None:
+    kw = {"epsilon": 0.25, "boost": 1.5, "drop": 0.5}
+    assert lm_damping_update(2.0, 0.1, **kw) == 3.0  # ρ < ε: boost
+    assert lm_damping_update(2.0, -math.inf, **kw) == 3.0
+    assert lm_damping_update(2.0, math.nan, **kw) == 3.0
+    assert lm_damping_update(2.0, 0.9, **kw) == 1.0  # ρ > 1 − ε: drop
+    assert lm_damping_update(2.0, 0.5, **kw) == 2.0  # in between: unchanged
+    assert lm_damping_update(2.0, 0.25, **kw) == 2.0  # boundaries are "in between"
+    assert lm_damping_update(2.0, 0.75, **kw) == 2.0
+
+
+def test_optimizer_moves_lambda_by_the_lm_rule() -> None:
+    model, loss_fn, x, y = _problem("ce")
+    opt = HessianFree(model, lr=1.0, damping=1.0, boost=1.5, drop=0.5, tau=1e-3)
+    lam_lm = 1.0
+    seen = set()
+    for scale in (1.0, 1.0, 30.0, 30.0, 1.0):
+        opt.step(Objective(model, loss_fn, scale * x, y))
+        info = opt.last_step_info
+        assert info["damping"] == pytest.approx(lam_lm + 1e-3)
+        rho = info["rho"]
+        lam_lm = 1.5 * lam_lm if rho < 0.25 else (0.5 * lam_lm if rho > 0.75 else lam_lm)
+        seen.add("boost" if rho < 0.25 else ("drop" if rho > 0.75 else "keep"))
+        assert opt.global_state["lambda_lm"] == pytest.approx(lam_lm)
+        assert info["next_damping"] == pytest.approx(lam_lm + 1e-3)
+    assert "drop" in seen
+
+
+class _WorseTrial(Objective):
+    def loss_at(self, params: Any) -> Tensor:
+        return super().loss_at(params) + 1.0
+
+
+def test_accept_threshold_rejects_and_boosts() -> None:
+    model, loss_fn, x, y = _problem("mse")
+    opt = HessianFree(model, lr=1.0, damping=0.5, accept_threshold=0.2)
+    before = _flat(model)
+    # the trial loss is worse than the current one: ρ < 0 < η
+    opt.step(_WorseTrial(model, loss_fn, x, y))
+    info = opt.last_step_info
+    assert info["rho"] < 0.0
+    assert info["accepted"] is False
+    assert torch.equal(_flat(model), before)
+    assert opt.global_state["lambda_lm"] == pytest.approx(0.5 * 1.01)  # boosted
+    assert opt.global_state["rejected_steps"] == 1
+    # accepted when ρ ≥ η
+    opt = HessianFree(model, lr=1.0, damping=1.0, accept_threshold=0.2)
+    opt.step(Objective(model, loss_fn, x, y))
+    assert opt.last_step_info["rho"] >= 0.2 and opt.last_step_info["accepted"] is True
+    assert not torch.equal(_flat(model), before)
+
+
+# --------------------------------------------------------------------------- warm start
+def test_cg_warm_starts_from_the_decayed_previous_direction() -> None:
+    model, loss_fn, x, y = _problem("mse")
+    opt = HessianFree(model, lr=1.0, damping=0.3, cg_tol=1e-13, warm_start_decay=0.9)
+    obj1 = Objective(model, loss_fn, x, y)
+    theta0 = _flat(model)
+    opt.step(obj1)
+    p1 = _flat(model) - theta0
+    torch.testing.assert_close(opt.global_state["previous_direction"], p1)
+    p1 = opt.global_state["previous_direction"]
+    lam = opt.damping
+    # second step, one CG iteration from x0 = ζ p1 on a different batch
+    opt.param_groups[0]["cg_max_iters"] = 1
+    x2, y2 = x.flip(0)[:5], y.flip(0)[:5] * 0.5
+    A = _ggn(model, loss_fn, x2, y2) + lam * torch.eye(len(p1), dtype=F64)
+    _, g = _loss_grad(model, loss_fn, x2, y2)
+    x0 = 0.9 * p1
+    r0 = -g - A @ x0
+    expected = x0 + float(r0 @ r0 / (r0 @ A @ r0)) * r0  # CG's first iterate (p0 = r0)
+    theta1 = _flat(model)
+    opt.step(Objective(model, loss_fn, x2, y2))
+    info = opt.last_step_info
+    assert info["warm_started"] is True and info["cg_iterations"] == 1
+    assert info["matvecs"] == 3  # A x0, one iteration, pᵀBp
+    torch.testing.assert_close(_flat(model) - theta1, expected, rtol=1e-9, atol=1e-11)
+    # ζ = 0: cold start
+    opt.param_groups[0]["warm_start_decay"] = 0.0
+    opt.step(Objective(model, loss_fn, x2, y2))
+    assert opt.last_step_info["warm_started"] is False
+
+
+# --------------------------------------------------------------------------- robustness
+def test_non_finite_cg_skips_the_step(monkeypatch: Any) -> None:
+    model, loss_fn, x, y = _problem("mse")
+    opt = HessianFree(model, lr=1.0)
+    opt.step(Objective(model, loss_fn, x, y))
+    before = _flat(model)
+    lam, previous = opt.global_state["lambda_lm"], opt.global_state["previous_direction"].clone()
+
+    def broken(matvec: Any, b: Tensor, **kw: Any) -> SolverResult:
+        return SolverResult(torch.zeros_like(b), 0, float("inf"), "non_finite")
+
+    monkeypatch.setattr(hf_module, "cg", broken)
+    opt.step(Objective(model, loss_fn, x, y))
+    assert opt.last_step_info["skipped"] is True
+    assert torch.equal(_flat(model), before)
+    assert opt.global_state["lambda_lm"] == lam
+    assert torch.equal(opt.global_state["previous_direction"], previous)
+
+
+class _InfiniteTrial(Objective):
+    def loss_at(self, params: Any) -> Tensor:
+        return torch.tensor(math.inf, dtype=F64)
+
+
+def test_non_finite_trial_loss_rejects_and_boosts() -> None:
+    model, loss_fn, x, y = _problem("mse")
+    opt = HessianFree(model, lr=1.0, damping=2.0)
+    before = _flat(model)
+    opt.step(_InfiniteTrial(model, loss_fn, x, y))
+    info = opt.last_step_info
+    assert info["rho"] == -math.inf and info["accepted"] is False
+    assert torch.equal(_flat(model), before)
+    assert opt.global_state["lambda_lm"] == pytest.approx(2.0 * 1.01)
+
+
+def test_subset_larger_than_batch_and_plain_closure() -> None:
+    model, loss_fn, x, y = _problem("mse")
+    opt = HessianFree(model, curvature_batch_size=7)
+    with pytest.raises(ValueError, match="^curvature_batch_size"):
+        opt.step(Objective(model, loss_fn, x, y))
+    with pytest.raises(TypeError):
+        HessianFree(model).step(lambda: loss_fn(model(x), y))
+
+
+INVALID = {
+    "lr": -1.0,
+    "damping": -1.0,
+    "tau": 0.0,
+    "boost": 1.0,
+    "drop": 1.0,
+    "epsilon": 0.5,
+    "cg_max_iters": 0,
+    "cg_tol": -1.0,
+    "warm_start_decay": 1.5,
+    "curvature_batch_size": 0,
+    "accept_threshold": 0.3,
+    "curvature_subset": "all",
+    "ratio_point": "both",
+}
+
+
+@pytest.mark.parametrize(("key", "value"), INVALID.items())
+def test_invalid_hyperparameters_raise_naming_them(key: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=f"^{key}"):
+        HessianFree(tiny_mlp(), **{key: value})
+
+
+def test_invalid_hyperparameter_set_later_is_rejected_at_step() -> None:
+    model, loss_fn, x, y = _problem("mse")
+    opt = HessianFree(model)
+    opt.param_groups[0]["lr"] = float("nan")
+    with pytest.raises(ValueError, match="^lr"):
+        opt.step(Objective(model, loss_fn, x, y))
+
+
+# --------------------------------------------------------------------------- conformance-style
+CONFIGS = {
+    "hf": {"lr": 1.0},
+    "hf-subset": {"lr": 1.0, "curvature_batch_size": 8},
+    "hf-martens-lm": {"lr": 1.0, "boost": 1.5, "drop": 2 / 3, "cg_max_iters": 10},
+}
+
+
+def _batches(n: int) -> list[tuple[Tensor, Tensor]]:
+    x, y = regression_problem(n=16 * n, seed=1)
+    return list(zip(x.split(16), y.split(16), strict=True))
+
+
+def _run(opt: Any, model: nn.Module, batches: list) -> None:
+    for x, y in batches:
+        opt.step(Objective(model, nn.MSELoss(), x, y))
+
+
+def _full_loss(model: nn.Module, batches: list) -> float:
+    with torch.no_grad():
+        return sum(float(nn.MSELoss()(model(x), y)) for x, y in batches) / len(batches)
+
+
+@pytest.mark.parametrize("kwargs", CONFIGS.values(), ids=CONFIGS.keys())
+def test_conformance_loss_decreases(kwargs: dict[str, Any]) -> None:
+    model = tiny_mlp((4, 8, 3))
+    batches = _batches(4)
+    opt = HessianFree(model, **kwargs)
+    start = _full_loss(model, batches)
+    for _ in range(10):
+        _run(opt, model, batches)
+    assert _full_loss(model, batches) < 0.7 * start
+
+
+@pytest.mark.parametrize("kwargs", CONFIGS.values(), ids=CONFIGS.keys())
+def test_conformance_resume_is_bit_identical(kwargs: dict[str, Any]) -> None:
+    batches = _batches(8)
+    model = tiny_mlp((4, 8, 3))
+    opt = HessianFree(model, **kwargs)
+    _run(opt, model, batches[:4])
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    _run(opt, model, batches[4:])
+    resumed = tiny_mlp((4, 8, 3), seed=99)
+    resumed.load_state_dict(saved_model)
+    opt2 = HessianFree(resumed, **kwargs)
+    opt2.load_state_dict(saved_opt)
+    _run(opt2, resumed, batches[4:])
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("kwargs", CONFIGS.values(), ids=CONFIGS.keys())
+def test_conformance_lr_zero_freezes(kwargs: dict[str, Any]) -> None:
+    model = tiny_mlp((4, 8, 3))
+    batches = _batches(3)
+    opt = HessianFree(model, **kwargs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 if epoch == 0 else 0.0)
+    _run(opt, model, batches[:1])
+    sched.step()
+    frozen = [p.detach().clone() for p in model.parameters()]
+    _run(opt, model, batches[1:])
+    for p, q in zip(model.parameters(), frozen, strict=True):
+        assert torch.equal(p, q)
