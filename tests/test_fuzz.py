@@ -118,6 +118,24 @@ def _hybrid(d: Draw) -> dict[str, Any]:
     return {**_efficient_tr(d), "switch_at_step": d(st.integers(1, 3))}
 
 
+def _edf(d: Draw) -> dict[str, Any]:
+    return {
+        "lr": d(_log(1e-3, 1.0)),
+        "order": d(st.integers(1, 4)),
+        "damping_scale": d(_log(1e-3, 10.0)),
+        "kind": d(st.sampled_from(["ggn", "hessian"])),
+        "acceleration": d(st.sampled_from(["w1", "w2", "none"])),
+    }
+
+
+def _hessian_free(d: Draw) -> dict[str, Any]:
+    return {
+        "lr": d(_log(1e-3, 1.0)),
+        "damping": d(_log(1e-3, 10.0)),
+        "cg_max_iters": d(st.integers(1, 10)),
+    }
+
+
 FUZZED: dict[str, Fuzzed] = {
     "KFAC": Fuzzed(curvlab.optim.KFAC, _kfac),
     "KBFGS": Fuzzed(curvlab.optim.KBFGS, _kbfgs),
@@ -130,6 +148,8 @@ FUZZED: dict[str, Fuzzed] = {
     "SMWNGBD": Fuzzed(curvlab.optim.SMWNGBD, _smw, needs_layers=True),
     "EfficientTR": Fuzzed(curvlab.optim.EfficientTR, _efficient_tr),
     "HybridTRSGD": Fuzzed(curvlab.optim.HybridTRSGD, _hybrid),
+    "EDF": Fuzzed(curvlab.optim.EDF, _edf),
+    "HessianFree": Fuzzed(curvlab.optim.HessianFree, _hessian_free),
 }
 
 _WRAPPERS_AND_BASES = {
