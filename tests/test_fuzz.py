@@ -194,21 +194,22 @@ def problems(draw: Draw) -> Problem:
         shape: tuple[int, ...] = (widths[0],)
     else:  # CNN
         channels = draw(st.integers(1, 3))
-        side = draw(st.integers(4, 7))
+        kernel, dilation = draw(st.integers(1, 3)), draw(st.integers(1, 2))
+        side = draw(st.integers(dilation * (kernel - 1) + 1, 7))
         conv = nn.Conv2d(
             channels,
             draw(st.integers(1, 3)),
-            kernel_size=draw(st.integers(1, 3)),
+            kernel_size=kernel,
             stride=draw(st.integers(1, 2)),
             padding=draw(st.integers(0, 1)),
-            dilation=draw(st.integers(1, 2)),
+            dilation=dilation,
             bias=draw(st.booleans()),
         )
         mods: list[nn.Module] = [conv]
         if batchnorm:
             mods.append(nn.BatchNorm2d(conv.out_channels))
         mods += [nn.ReLU(), nn.Flatten()]
-        probe = nn.Sequential(*mods)(torch.zeros(2, channels, side, side))
+        probe = nn.Sequential(*mods).eval()(torch.zeros(2, channels, side, side))
         model = nn.Sequential(*mods, nn.Linear(probe.shape[1], out))
         shape = (channels, side, side)
     model = model.to(dtype)
