@@ -2,6 +2,7 @@
 
 from curvlab.objective import Objective
 from curvlab.optim import (
+    ARC,
     EDF,
     KBFGS,
     KFAC,
@@ -11,6 +12,7 @@ from curvlab.optim import (
     TNT,
     TSOALRA,
     EfficientTR,
+    EllipsoidalTR,
     HessianFree,
     HybridTRSGD,
     LayerwiseOptimizer,
@@ -28,8 +30,10 @@ __all__ = [
     # closures
     "Objective",
     # optimizers
+    "ARC",
     "EDF",
     "EfficientTR",
+    "EllipsoidalTR",
     "HessianFree",
     "HybridTRSGD",
     "KBFGS",

@@ -136,6 +136,22 @@ def _hessian_free(d: Draw) -> dict[str, Any]:
     }
 
 
+def _adaptive_norm(d: Draw) -> dict[str, Any]:
+    return {
+        "norm": d(st.sampled_from(["uniform", "adagrad", "rmsprop"])),
+        "curvature": d(st.sampled_from(["hessian", "ggn"])),
+        "max_krylov_dim": d(st.integers(1, 10)),
+    }
+
+
+def _tr(d: Draw) -> dict[str, Any]:
+    return {**_adaptive_norm(d), "radius": d(_log(1e-4, 10.0))}
+
+
+def _arc(d: Draw) -> dict[str, Any]:
+    return {**_adaptive_norm(d), "sigma": d(_log(1e-3, 100.0))}
+
+
 FUZZED: dict[str, Fuzzed] = {
     "KFAC": Fuzzed(curvlab.optim.KFAC, _kfac),
     "KBFGS": Fuzzed(curvlab.optim.KBFGS, _kbfgs),
@@ -150,6 +166,8 @@ FUZZED: dict[str, Fuzzed] = {
     "HybridTRSGD": Fuzzed(curvlab.optim.HybridTRSGD, _hybrid),
     "EDF": Fuzzed(curvlab.optim.EDF, _edf),
     "HessianFree": Fuzzed(curvlab.optim.HessianFree, _hessian_free),
+    "EllipsoidalTR": Fuzzed(curvlab.optim.EllipsoidalTR, _tr),
+    "ARC": Fuzzed(curvlab.optim.ARC, _arc),
 }
 
 _WRAPPERS_AND_BASES = {

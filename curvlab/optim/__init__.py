@@ -2,6 +2,7 @@
 `curvlab.optim.modelwise` and `curvlab.optim.tensorwise`, plus the generic two-stage wrapper
 `TwoStage`."""
 
+from curvlab.optim.arc import ARC
 from curvlab.optim.base import LayerwiseOptimizer
 from curvlab.optim.edf import EDF
 from curvlab.optim.efficient_tr import EfficientTR, HybridTRSGD
@@ -14,11 +15,14 @@ from curvlab.optim.smw import SMWGN, SMWNG, SMWNGBD
 from curvlab.optim.switching import TwoStage
 from curvlab.optim.tensorwise import TensorwiseOptimizer
 from curvlab.optim.tnt import TNT
+from curvlab.optim.trust_region import EllipsoidalTR
 from curvlab.optim.tso_alra import TSOALRA, TSOALRAFirstStage
 
 __all__ = [
+    "ARC",
     "EDF",
     "EfficientTR",
+    "EllipsoidalTR",
     "HessianFree",
     "HybridTRSGD",
     "KBFGS",

@@ -172,6 +172,41 @@ INVALID_HF = {
     "ratio_point": "both",
 }
 
+INVALID_TR = {
+    "lr": -1.0,
+    "norm": "full",
+    "radius": 0.0,
+    "max_radius": -1.0,
+    "eta1": 1.0,
+    "eta2": 0.001,
+    "increase": 0.5,
+    "decrease": 1.0,
+    "krylov_tol": -0.1,
+    "max_krylov_dim": 0,
+    "stopping": "eq53",
+    "beta": 1.0,
+    "eps": 0.0,
+    "eps_mode": "both",
+    "curvature": "fisher",
+}
+
+INVALID_ARC = {
+    "lr": -1.0,
+    "norm": "full",
+    "sigma": 0.0,
+    "min_sigma": -1.0,
+    "eta1": -0.1,
+    "eta2": 1.0,
+    "increase": 0.5,
+    "decrease": 0.9,
+    "krylov_tol": float("inf"),
+    "max_krylov_dim": 2.5,
+    "beta": -0.1,
+    "eps": -1e-8,
+    "eps_mode": "both",
+    "curvature": "fd",
+}
+
 CASES: dict[str, Case] = {
     "kfac": Case(curvlab.optim.KFAC, dict(lr=0.1, damping=0.1), INVALID_KFAC),
     "kfac-before-step": Case(
@@ -267,6 +302,17 @@ CASES: dict[str, Case] = {
         curvlab.optim.HessianFree,
         dict(lr=1.0, curvature_batch_size=8, boost=1.5, drop=2 / 3, cg_max_iters=10),
     ),
+    "ellipsoidal-tr": Case(curvlab.optim.EllipsoidalTR, dict(radius=0.05), INVALID_TR),
+    "ellipsoidal-tr-uniform": Case(curvlab.optim.EllipsoidalTR, dict(norm="uniform")),
+    "ellipsoidal-tr-adagrad": Case(curvlab.optim.EllipsoidalTR, dict(norm="adagrad")),
+    "ellipsoidal-tr-code": Case(
+        curvlab.optim.EllipsoidalTR,
+        dict(radius=0.05, stopping="model_decrease", eps_mode="code"),
+    ),
+    "ellipsoidal-tr-ggn": Case(curvlab.optim.EllipsoidalTR, dict(norm="uniform", curvature="ggn")),
+    "arc": Case(curvlab.optim.ARC, {}, INVALID_ARC),
+    "arc-uniform": Case(curvlab.optim.ARC, dict(norm="uniform")),
+    "arc-ggn": Case(curvlab.optim.ARC, dict(curvature="ggn")),
 }
 
 # Base classes are not optimizers a user picks. TwoStage wraps two optimizers (it cannot be

@@ -1,0 +1,174 @@
+r"""Pure step-control rules of model-based methods: reduction ratio, radius, σ, LM damping.
+
+A model-based step compares the decrease of the loss with the decrease its local model
+predicted, the reduction ratio (Conn, Gould & Toint 2000, eq. 6.1.6; seed 002 App. F.1)::
+
+    ρ = (L(θ) − L(θ + s)) / (m(0) − m(s))
+
+and adapts the size of the next step from ρ. Every rule here is a pure function of scalars (no
+state, no tensors), so a trust-region radius (seeds 002 and 003), a cubic weight σ (ARC) and a
+Levenberg–Marquardt damping (thesis §5.2.3) share one tested implementation. Classification
+(CGT Alg. 6.1.1, with seed 002's thresholds "accepted if ρ exceeds η₁ … increased whenever ρ
+exceeds the very successful threshold η₂", App. F.1)::
+
+    ρ ≥ η₂        very successful   accept, enlarge the region
+    η₁ ≤ ρ < η₂   successful        accept, keep it
+    ρ < η₁        unsuccessful      reject, shrink it          (ρ = NaN or −∞ included)
+
+The comparisons are ``≥`` as in the released code ([C-AN] ``Ellipsoidal_TR.step_quality``,
+[C-SCR] ``scr.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "RHO_GUARD",
+    "Outcome",
+    "StepControl",
+    "arc_sigma_update",
+    "classify_step",
+    "levenberg_marquardt_update",
+    "reduction_ratio",
+    "scaled_model_decrease",
+    "trust_region_update",
+]
+
+Outcome = Literal["very_successful", "successful", "unsuccessful"]
+
+#: |m(0) − m(s)| below this counts as "no predicted decrease": ρ := 1 ([C-AN]
+#: ``update_procedure_2nd_order``; spec-papers §6.9: "with a 1e-15 guard").
+RHO_GUARD = 1e-15
+
+
+@dataclass(frozen=True)
+class StepControl:
+    """The result of a step-control rule: the next value, acceptance and the classification."""
+
+    value: float
+    accepted: bool
+    outcome: Outcome
+
+
+def reduction_ratio(actual: float, predicted: float, *, guard: float = RHO_GUARD) -> float:
+    """ρ = actual / predicted reduction (CGT eq. 6.1.6), with the released code's guards.
+
+    Args:
+        actual: ``L(θ) − L(θ + s)`` on the same mini-batch; a non-finite value (an overflowing
+            or NaN trial loss) gives ρ = −∞, so the step is rejected and the region shrinks.
+        predicted: ``m(0) − m(s)``; ``|predicted| < guard`` gives ρ = 1 ([C-AN]: "if function
+            or model improvement are too small we set the ratio to 1 because of possible
+            numerical instabilities").
+        guard: the threshold of the second rule (default `RHO_GUARD` = 1e-15).
+    """
+    if not math.isfinite(actual):
+        return -math.inf
+    if not math.isfinite(predicted):
+        return -math.inf
+    if abs(predicted) < guard:
+        return 1.0
+    return actual / predicted
+
+
+def scaled_model_decrease(
+    scale: float, linear: float, quadratic: float, cubic: float = 0.0
+) -> float:
+    """``m(0) − m(α s)`` for ``m(α s) = α·linear + α²·quadratic + α³·cubic``.
+
+    With ``linear = gᵀs``, ``quadratic = ½ sᵀBs`` and ``cubic = σ/3 ‖s‖³`` this is the
+    predicted reduction of a step scaled by α (a learning rate applied to a model step).
+    """
+    a = scale
+    return -(a * linear + a * a * quadratic + a * a * a * cubic)
+
+
+def classify_step(rho: float, eta1: float, eta2: float) -> Outcome:
+    """Very successful (ρ ≥ η₂), successful (η₁ ≤ ρ < η₂) or unsuccessful (otherwise, NaN too)."""
+    if rho >= eta2:
+        return "very_successful"
+    if rho >= eta1:
+        return "successful"
+    return "unsuccessful"
+
+
+def trust_region_update(
+    radius: float,
+    rho: float,
+    *,
+    eta1: float = 0.01,
+    eta2: float = 0.95,
+    increase: float = 1.1,
+    decrease: float = 1.5,
+    max_radius: float = 10.0,
+) -> StepControl:
+    """The trust-region radius rule of seed 002 (App. F.1; Table 1; [C-AN] ``trust_region.py``).
+
+    ::
+
+        ρ ≥ η₂:       accept,  Δ ← min(increase·Δ, Δ_max)
+        η₁ ≤ ρ < η₂:  accept,  Δ unchanged
+        ρ < η₁:       reject,  Δ ← Δ / decrease
+
+    Defaults are seed 002's Table 1 (Δ_max = 10, η₂ = 0.95, γ₁ = 1.1, γ₂ = 1.5 uniform /
+    Adagrad, 1.75 RMSProp) and [C-AN]'s η₁ = 0.01 (a column lost from Table 1). Seed 003's
+    deterministic rule (Alg. 1) is ``eta1=0.1, eta2=0.9, increase=2, decrease=2,
+    max_radius=inf``.
+    """
+    outcome = classify_step(rho, eta1, eta2)
+    if outcome == "very_successful":
+        return StepControl(min(increase * radius, max_radius), True, outcome)
+    if outcome == "successful":
+        return StepControl(radius, True, outcome)
+    return StepControl(radius / decrease, False, outcome)
+
+
+def arc_sigma_update(
+    sigma: float,
+    rho: float,
+    *,
+    eta1: float = 0.1,
+    eta2: float = 0.9,
+    increase: float = 2.0,
+    decrease: float = 2.0,
+    min_sigma: float = 1e-16,
+) -> StepControl:
+    """The ARC regularisation rule (Cartis, Gould & Toint 2011; [C-SCR] ``scr.py``).
+
+    ::
+
+        ρ ≥ η₂:       accept,  σ ← max(σ / decrease, σ_min)
+        η₁ ≤ ρ < η₂:  accept,  σ unchanged
+        ρ < η₁:       reject,  σ ← increase·σ
+
+    Defaults are [C-SCR]'s (η₁ = 0.1, η₂ = 0.9, γ₁ = γ₂ = 2, σ_min = 1e-16); seed 002 gives no
+    ARC algorithm (spec-papers §4.5, a reconstruction).
+    """
+    outcome = classify_step(rho, eta1, eta2)
+    if outcome == "very_successful":
+        return StepControl(max(sigma / decrease, min_sigma), True, outcome)
+    if outcome == "successful":
+        return StepControl(sigma, True, outcome)
+    return StepControl(increase * sigma, False, outcome)
+
+
+def levenberg_marquardt_update(
+    damping: float, rho: float, *, epsilon: float = 0.25, boost: float = 1.01, drop: float = 0.99
+) -> float:
+    """The Levenberg–Marquardt damping rule of thesis §5.2.3 (Martens 2010 style).
+
+    ::
+
+        ρ < ε:      λ ← boost·λ
+        ρ > 1 − ε:  λ ← drop·λ
+        otherwise:  λ unchanged
+
+    A NaN ρ counts as ρ < ε (the model failed). The step itself is not rejected by this rule.
+    """
+    if not rho >= epsilon:  # also NaN
+        return boost * damping
+    if rho > 1.0 - epsilon:
+        return drop * damping
+    return damping

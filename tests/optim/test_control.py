@@ -1,0 +1,110 @@
+"""Pure step-control rules: ρ with its guards, the TR radius rule of seed 002's Table 1, ARC's σ."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from curvlab.optim.control import (
+    RHO_GUARD,
+    arc_sigma_update,
+    classify_step,
+    levenberg_marquardt_update,
+    reduction_ratio,
+    scaled_model_decrease,
+    trust_region_update,
+)
+
+
+def test_reduction_ratio_divides_and_guards() -> None:
+    assert reduction_ratio(0.3, 0.6) == 0.5
+    assert reduction_ratio(-0.3, 0.6) == -0.5
+    # [C-AN]: a model decrease below 1e-15 counts as ρ = 1, whatever the loss did.
+    assert reduction_ratio(1e-3, 0.5 * RHO_GUARD) == 1.0
+    assert reduction_ratio(-1e-3, 0.0) == 1.0
+    assert reduction_ratio(1e-3, 2e-15) == pytest.approx(5e11)
+    # A non-finite trial loss (or model) rejects.
+    assert reduction_ratio(-math.inf, 1.0) == -math.inf
+    assert reduction_ratio(math.nan, 1.0) == -math.inf
+    assert reduction_ratio(1.0, math.nan) == -math.inf
+
+
+def test_scaled_model_decrease_is_minus_the_model_along_the_ray() -> None:
+    linear, quadratic, cubic = -2.0, 0.5, 0.25  # gᵀs, ½sᵀBs, σ/3‖s‖³
+    for a in (0.0, 0.5, 1.0, 2.0):
+        model = a * linear + a**2 * quadratic + a**3 * cubic
+        assert scaled_model_decrease(a, linear, quadratic, cubic) == pytest.approx(-model)
+    assert scaled_model_decrease(1.0, linear, quadratic) == 1.5
+
+
+def test_classification_uses_closed_lower_thresholds() -> None:
+    assert classify_step(0.95, 0.01, 0.95) == "very_successful"
+    assert classify_step(0.9499, 0.01, 0.95) == "successful"
+    assert classify_step(0.01, 0.01, 0.95) == "successful"
+    assert classify_step(0.0099, 0.01, 0.95) == "unsuccessful"
+    assert classify_step(math.nan, 0.01, 0.95) == "unsuccessful"
+    assert classify_step(-math.inf, 0.01, 0.95) == "unsuccessful"
+    assert classify_step(math.inf, 0.01, 0.95) == "very_successful"
+
+
+@pytest.mark.parametrize(
+    ("rho", "radius", "expected", "accepted", "outcome"),
+    [
+        (1.0, 0.05, 0.05 * 1.1, True, "very_successful"),  # Δ ← γ₁Δ, γ₁ = 1.1
+        (0.95, 0.05, 0.05 * 1.1, True, "very_successful"),
+        (2.0, 9.5, 10.0, True, "very_successful"),  # capped at Δ_max = 10
+        (0.5, 0.05, 0.05, True, "successful"),  # kept
+        (0.01, 0.05, 0.05, True, "successful"),
+        (0.005, 0.05, 0.05 / 1.5, False, "unsuccessful"),  # Δ ← Δ/γ₂, γ₂ = 1.5
+        (-3.0, 0.05, 0.05 / 1.5, False, "unsuccessful"),
+        (-math.inf, 0.05, 0.05 / 1.5, False, "unsuccessful"),
+        (math.nan, 0.05, 0.05 / 1.5, False, "unsuccessful"),
+    ],
+)
+def test_trust_region_rule_follows_table_1(
+    rho: float, radius: float, expected: float, accepted: bool, outcome: str
+) -> None:
+    update = trust_region_update(radius, rho)  # defaults: Table 1 (uniform/Adagrad rows)
+    assert update.value == expected
+    assert update.accepted is accepted
+    assert update.outcome == outcome
+
+
+def test_trust_region_rule_rmsprop_row_and_seed_003_rule() -> None:
+    # Table 1, RMSProp row: γ₂ = 1.75.
+    assert trust_region_update(1e-4, 0.0, decrease=1.75).value == 1e-4 / 1.75
+    # Seed 003 Alg. 1 (deterministic): q ≥ 0.9 → 2r; 0.1 ≤ q < 0.9 keep; q < 0.1 → r/2.
+    rule = dict(eta1=0.1, eta2=0.9, increase=2.0, decrease=2.0, max_radius=math.inf)
+    assert trust_region_update(1.0, 0.95, **rule).value == 2.0
+    assert trust_region_update(1.0, 0.5, **rule).value == 1.0
+    rejected = trust_region_update(1.0, 0.05, **rule)
+    assert rejected.value == 0.5 and not rejected.accepted
+
+
+@pytest.mark.parametrize(
+    ("rho", "sigma", "expected", "accepted"),
+    [
+        (0.95, 1.0, 0.5, True),  # σ ← σ/γ₂
+        (0.9, 1e-16, 1e-16, True),  # floored at σ_min
+        (0.5, 1.0, 1.0, True),
+        (0.1, 1.0, 1.0, True),
+        (0.09, 1.0, 2.0, False),  # σ ← γ₁σ
+        (math.nan, 1.0, 2.0, False),
+        (-math.inf, 1.0, 2.0, False),
+    ],
+)
+def test_arc_sigma_rule_follows_scr_defaults(
+    rho: float, sigma: float, expected: float, accepted: bool
+) -> None:
+    update = arc_sigma_update(sigma, rho)
+    assert update.value == expected
+    assert update.accepted is accepted
+
+
+def test_levenberg_marquardt_rule() -> None:
+    assert levenberg_marquardt_update(1.0, 0.1) == 1.01  # ρ < ε: boost
+    assert levenberg_marquardt_update(1.0, math.nan) == 1.01
+    assert levenberg_marquardt_update(1.0, 0.8) == 0.99  # ρ > 1 − ε: drop
+    assert levenberg_marquardt_update(1.0, 0.5) == 1.0
+    assert levenberg_marquardt_update(2.0, 0.0, epsilon=0.1, boost=3.0) == 6.0

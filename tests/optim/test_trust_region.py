@@ -1,0 +1,451 @@
+"""Seed 002's ellipsoidal trust region against dense float64 references on tiny models."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import grad, hessian, jacrev
+
+from curvlab import Objective
+from curvlab.optim.modelwise import Proposal
+from curvlab.optim.trust_region import EllipsoidalTR, norm_matrix_diagonal, update_second_moment
+from curvlab.solvers import steihaug_cg
+from curvlab.testing.models import deep_linear, regression_problem, tiny_mlp
+from tests.solvers import dense_tr_solution, quadratic_model
+
+F64 = torch.float64
+NORMS = ["uniform", "adagrad", "rmsprop"]
+
+
+# ------------------------------------------------------------------ helpers (also for ARC)
+def flat(model: nn.Module) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def flat_loss(objective: Objective) -> Any:
+    """θ ↦ L(θ) on the objective's batch, θ the flat parameter vector."""
+    names = [n for n, _ in objective.model.named_parameters()]
+    shapes = [p.shape for p in objective.model.parameters()]
+
+    def f(theta: Tensor) -> Tensor:
+        parts, offset = {}, 0
+        for n, s in zip(names, shapes, strict=True):
+            parts[n] = theta[offset : offset + s.numel()].view(s)
+            offset += s.numel()
+        return objective.functional_loss(parts)
+
+    return f
+
+
+def dense_derivatives(objective: Objective) -> tuple[Tensor, Tensor]:
+    """Gradient and Hessian of the batch loss at the model's parameters (torch.func, dense)."""
+    f = flat_loss(objective)
+    theta = flat(objective.model)
+    return grad(f)(theta), hessian(f)(theta)
+
+
+def spy_proposals(opt: Any) -> list[Proposal]:
+    """Record every proposal the optimizer makes (its step before acceptance)."""
+    seen: list[Proposal] = []
+    original = opt.propose
+
+    def propose(objective: Objective, loss: Tensor, g: Tensor) -> Proposal:
+        proposal = original(objective, loss, g)
+        seen.append(proposal)
+        return proposal
+
+    opt.propose = propose
+    return seen
+
+
+def batches(n: int) -> list[tuple[Tensor, Tensor]]:
+    x, y = regression_problem(n=16 * n, seed=1)
+    return list(zip(x.split(16), y.split(16), strict=True))
+
+
+def run(opt: Any, model: nn.Module, data: list[tuple[Tensor, Tensor]]) -> list[float]:
+    return [float(opt.step(Objective(model, nn.MSELoss(), x, y))) for x, y in data]
+
+
+def full_loss(model: nn.Module, data: list[tuple[Tensor, Tensor]]) -> float:
+    with torch.no_grad():
+        return sum(float(nn.MSELoss()(model(x), y)) for x, y in data) / len(data)
+
+
+def check_conformance(cls: type, kwargs: dict[str, Any]) -> None:
+    """The loss / round-trip / LR-scheduler checks of tests/optim/test_conformance.py."""
+    model = tiny_mlp((4, 8, 3))
+    data = batches(4)
+    opt = cls(model, **kwargs)
+    start = full_loss(model, data)
+    for _ in range(10):
+        run(opt, model, data)
+    assert full_loss(model, data) < 0.7 * start
+
+    data = batches(12)
+    model = tiny_mlp((4, 8, 3))
+    opt = cls(model, **kwargs)
+    run(opt, model, data[:5])
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    run(opt, model, data[5:])
+    resumed = tiny_mlp((4, 8, 3), seed=99)
+    resumed.load_state_dict(saved_model)
+    opt2 = cls(resumed, **kwargs)
+    opt2.load_state_dict(saved_opt)
+    run(opt2, resumed, data[5:])
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert opt2.state_dict()["state"][0].keys() == opt.state_dict()["state"][0].keys()
+
+    model = tiny_mlp((4, 8, 3))
+    opt = cls(model, **kwargs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 if epoch == 0 else 0.0)
+    run(opt, model, data[:1])
+    sched.step()
+    frozen = [p.detach().clone() for p in model.parameters()]
+    run(opt, model, data[1:3])
+    for p, q in zip(model.parameters(), frozen, strict=True):
+        assert torch.equal(p, q)
+
+
+def check_invalid(cls: type, kwargs: dict[str, Any], invalid: dict[str, Any]) -> None:
+    for key, value in invalid.items():
+        with pytest.raises(ValueError, match=f"^{key}"):
+            cls(tiny_mlp(), **{**kwargs, key: value})
+    model = tiny_mlp((4, 8, 3))
+    opt = cls(model, **kwargs)
+    x, y = batches(1)[0]
+    opt.param_groups[0]["lr"] = float("nan")
+    with pytest.raises(ValueError, match="^lr"):
+        opt.step(Objective(model, nn.MSELoss(), x, y))
+    opt.param_groups[0]["lr"] = 1.0
+    with pytest.raises(TypeError, match="curvlab.Objective"):
+        opt.step(lambda: torch.tensor(1.0))
+
+
+# ------------------------------------------------------------------------------- tests
+CASES = {
+    "uniform": dict(norm="uniform"),
+    "adagrad": dict(norm="adagrad"),
+    "rmsprop": dict(norm="rmsprop", radius=0.05),
+    "uniform-code-stopping-ggn": dict(norm="uniform", stopping="model_decrease", curvature="ggn"),
+    "rmsprop-code-eps": dict(norm="rmsprop", radius=0.05, eps_mode="code"),
+}
+
+INVALID = {
+    "lr": -1.0,
+    "norm": "full",
+    "radius": 0.0,
+    "max_radius": -1.0,
+    "eta1": 1.0,
+    "eta2": 0.001,  # below η₁ = 0.01
+    "increase": 0.5,
+    "decrease": 1.0,
+    "krylov_tol": -0.1,
+    "max_krylov_dim": 0,
+    "stopping": "eq53",
+    "beta": 1.0,
+    "eps": 0.0,
+    "eps_mode": "both",
+    "curvature": "fisher",
+}
+
+
+@pytest.mark.parametrize("kwargs", CASES.values(), ids=CASES.keys())
+def test_conformance(kwargs: dict[str, Any]) -> None:
+    check_conformance(EllipsoidalTR, kwargs)
+
+
+def test_invalid_hyperparameters_are_rejected_naming_them() -> None:
+    check_invalid(EllipsoidalTR, {}, INVALID)
+
+
+def test_table_1_defaults_per_norm() -> None:
+    for norm, radius, decrease in [
+        ("uniform", 0.05, 1.5),
+        ("adagrad", 0.05, 1.5),
+        ("rmsprop", 1e-4, 1.75),
+    ]:
+        group = EllipsoidalTR(tiny_mlp(), norm=norm).param_groups[0]
+        assert (group["radius"], group["decrease"]) == (radius, decrease)
+        assert (group["max_radius"], group["eta2"], group["increase"]) == (10.0, 0.95, 1.1)
+        assert (group["krylov_tol"], group["eta1"], group["stopping"]) == (0.1, 0.01, "paper")
+        assert group["curvature"] == "hessian"
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_interior_step_on_a_quadratic_is_the_newton_step(norm: str) -> None:
+    model = deep_linear((4, 3))  # linear model + MSE: the loss is quadratic in θ
+    x, y = regression_problem(n=16)
+    objective = Objective(model, nn.MSELoss(), x, y)
+    g, H = dense_derivatives(objective)
+    newton = -torch.linalg.solve(H, g)
+    before = flat(model)
+    opt = EllipsoidalTR(
+        model, norm=norm, radius=100.0, max_radius=100.0, krylov_tol=0.0, max_krylov_dim=40
+    )
+    loss = float(opt.step(objective))
+    info = opt.last_step_info
+    assert not info["hit_boundary"]
+    assert info["accepted"] and info["outcome"] == "very_successful"
+    torch.testing.assert_close(flat(model) - before, newton, rtol=1e-9, atol=1e-11)
+    # The model is exact on a quadratic: ρ = 1 and the predicted reduction is −m(s).
+    assert info["model_decrease"] == pytest.approx(-quadratic_model(H, g, newton), rel=1e-9)
+    assert info["rho"] == pytest.approx(1.0, abs=1e-6)
+    assert info["trial_loss"] == pytest.approx(loss - info["model_decrease"], rel=1e-9)
+    assert opt.radius == 100.0  # min(1.1·Δ, Δ_max)
+
+
+def _expected_norm_matrix(grads: list[Tensor], norm: str, beta: float, eps: float) -> Tensor:
+    """diag(A_t) of seed 002 eqs. 2–3 from the full outer-product matrices G_t."""
+    t = len(grads)
+    if norm == "adagrad":
+        G = sum(torch.outer(g, g) for g in grads)  # eq. 2: Σ g_i g_iᵀ
+        return torch.sqrt(torch.diagonal(G) + eps)
+    G = sum(beta ** (t - 1 - i) * torch.outer(g, g) for i, g in enumerate(grads))  # eq. 3
+    return torch.sqrt((1.0 - beta) * torch.diagonal(G) + eps)
+
+
+@pytest.mark.parametrize("norm", ["adagrad", "rmsprop"])
+def test_norm_matrices_are_the_papers_and_bound_the_step(norm: str) -> None:
+    model = tiny_mlp((3, 4, 2))
+    data = [regression_problem(n=8, d_in=3, d_out=2, seed=s) for s in range(4)]
+    beta, eps = 0.7, 1e-3
+    opt = EllipsoidalTR(model, norm=norm, radius=0.05, beta=beta, eps=eps)
+    proposals = spy_proposals(opt)
+    grads: list[Tensor] = []
+    boundary = []
+    for x, y in data:
+        objective = Objective(model, nn.MSELoss(), x, y)
+        grads.append(dense_derivatives(objective)[0])  # g_t at θ_t, before the step
+        radius = opt.radius
+        opt.step(objective)
+        M = _expected_norm_matrix(grads, norm, beta, eps)
+        state = opt.global_state
+        torch.testing.assert_close(torch.sqrt(state["second_moment"] + eps), M)
+        s = proposals[-1].step
+        norm_s = math.sqrt(float((M * s * s).sum()))  # ‖s‖_A, A = diag(M) (not diag(M²))
+        assert norm_s <= radius * (1 + 1e-12)
+        boundary.append(opt.last_step_info["hit_boundary"])
+        if boundary[-1]:
+            assert norm_s == pytest.approx(radius, rel=1e-10)
+    assert any(boundary)
+
+
+def test_code_eps_mode_starts_the_accumulator_at_eps() -> None:
+    model = tiny_mlp((3, 4, 2))
+    x, y = regression_problem(n=8, d_in=3, d_out=2)
+    objective = Objective(model, nn.MSELoss(), x, y)
+    g = dense_derivatives(objective)[0]
+    opt = EllipsoidalTR(model, norm="rmsprop", beta=0.8, eps=1e-3, eps_mode="code")
+    opt.step(objective)
+    # [C-AN] RMSPreconditioning: v_0 = ε, v_1 = β ε + (1 − β) g², M = sqrt(v_1).
+    torch.testing.assert_close(opt.global_state["second_moment"], 0.8 * 1e-3 + 0.2 * g * g)
+
+
+def test_boundary_step_ratio_and_lr_scaling_match_the_dense_model() -> None:
+    model = tiny_mlp((3, 4, 2))
+    x, y = regression_problem(n=8, d_in=3, d_out=2)
+    objective = Objective(model, nn.MSELoss(), x, y)
+    g, H = dense_derivatives(objective)
+    f = flat_loss(objective)
+    theta = flat(model)
+    opt = EllipsoidalTR(model, norm="uniform", radius=0.01, lr=0.5, krylov_tol=0.0)
+    proposals = spy_proposals(opt)
+    loss = float(opt.step(objective))
+    info = opt.last_step_info
+    step = proposals[0].step  # lr · s
+    s = step / 0.5
+    assert info["hit_boundary"] and float(s.norm()) == pytest.approx(0.01, rel=1e-12)
+    # A small region: Steihaug's boundary point is close to the exact TR solution.
+    exact = dense_tr_solution(H, g, 0.01)
+    assert -quadratic_model(H, g, s) >= 0.99 * -quadratic_model(H, g, exact)
+    assert info["model_decrease"] == pytest.approx(-quadratic_model(H, g, s), rel=1e-9)
+    assert info["predicted_reduction"] == pytest.approx(-quadratic_model(H, g, step), rel=1e-9)
+    trial = float(f(theta + step))
+    assert info["trial_loss"] == pytest.approx(trial, rel=1e-12)
+    assert info["rho"] == pytest.approx((loss - trial) / info["predicted_reduction"], rel=1e-12)
+    if info["accepted"]:
+        torch.testing.assert_close(flat(model), theta + step)
+
+
+def test_ggn_option_solves_with_the_gauss_newton_matrix() -> None:
+    model = tiny_mlp((3, 3, 2))  # 20 parameters, 16 samples × 2 outputs: G is nonsingular
+    x, y = regression_problem(n=16, d_in=3, d_out=2)
+    objective = Objective(model, nn.MSELoss(), x, y)
+    g, _ = dense_derivatives(objective)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def outputs(theta: Tensor) -> Tensor:
+        parts, offset = {}, 0
+        for n, s in zip(names, shapes, strict=True):
+            parts[n] = theta[offset : offset + s.numel()].view(s)
+            offset += s.numel()
+        return objective.functional_outputs(parts).reshape(-1)
+
+    J = jacrev(outputs)(flat(model))
+    G = J.T @ J * (2.0 / J.shape[0])  # MSE mean over 32 entries: H_L = (2/32) I
+    opt = EllipsoidalTR(
+        model,
+        norm="uniform",
+        curvature="ggn",
+        radius=1e3,
+        max_radius=1e3,
+        krylov_tol=0.0,
+        max_krylov_dim=60,
+    )
+    proposals = spy_proposals(opt)
+    opt.step(objective)
+    assert not opt.last_step_info["hit_boundary"]
+    torch.testing.assert_close(proposals[0].step, -torch.linalg.solve(G, g), rtol=1e-7, atol=1e-9)
+
+
+def test_rejected_steps_leave_parameters_exactly_and_shrink_the_radius() -> None:
+    model = tiny_mlp((4, 8, 3))
+    x, y = regression_problem(n=16, seed=3)
+    objective = Objective(model, nn.MSELoss(), x, y)
+    opt = EllipsoidalTR(model, norm="adagrad", radius=10.0, decrease=1.5)
+    rejected = 0
+    for _ in range(12):
+        before = [p.detach().clone() for p in model.parameters()]
+        radius = opt.radius
+        opt.step(objective)
+        info = opt.last_step_info
+        if not info["accepted"]:
+            rejected += 1
+            assert info["rho"] < 0.01 and info["outcome"] == "unsuccessful"
+            assert opt.radius == info["next_radius"] == radius / 1.5
+            for p, q in zip(model.parameters(), before, strict=True):
+                assert torch.equal(p, q)
+    assert rejected >= 1
+    assert opt.global_state["rejected_steps"] == rejected
+
+
+def test_non_finite_trial_loss_rejects_and_shrinks() -> None:
+    model = tiny_mlp((4, 8, 3))
+    x, y = regression_problem(n=16)
+    objective = Objective(model, nn.MSELoss(), x, y)
+    objective.loss_at = lambda params: torch.tensor(math.inf, dtype=F64)  # type: ignore[method-assign]
+    opt = EllipsoidalTR(model, norm="uniform")
+    before = flat(model)
+    opt.step(objective)
+    info = opt.last_step_info
+    assert info["accepted"] is False and info["rho"] == -math.inf
+    assert opt.radius == 0.05 / 1.5
+    assert torch.equal(flat(model), before)
+
+
+def test_negative_and_zero_curvature_end_on_the_boundary() -> None:
+    model = deep_linear((3, 2))
+    x, _ = regression_problem(n=8, d_in=3, d_out=2)
+    concave = Objective(model, lambda out, t: -(out**2).mean(), x, torch.zeros(8))
+    opt = EllipsoidalTR(model, norm="uniform", radius=0.1)
+    proposals = spy_proposals(opt)
+    opt.step(concave)  # H ≺ 0: the first CG direction has negative curvature
+    info = opt.last_step_info
+    assert info["solver_status"] == "negative_curvature" and info["hit_boundary"]
+    assert float(proposals[-1].step.norm()) == pytest.approx(0.1, rel=1e-12)
+    assert info["accepted"]  # the concave loss decreases more than the model predicts
+
+    # H = 0 (a loss linear in θ): seed 002 Lemma 1, the first-order TR step in the Adagrad
+    # ellipsoid is the Adagrad direction −A⁻¹g, scaled to the boundary ‖s‖_A = Δ.
+    model = deep_linear((3, 2))
+    linear = Objective(model, lambda out, t: (out * t).mean(), x, torch.randn(8, 2, dtype=F64))
+    g = dense_derivatives(linear)[0]
+    opt = EllipsoidalTR(model, norm="adagrad", radius=0.1, eps=1e-8)
+    proposals = spy_proposals(opt)
+    opt.step(linear)
+    assert opt.last_step_info["solver_status"] == "negative_curvature"
+    M = torch.sqrt(g * g + 1e-8)
+    direction = -g / M
+    tau = 0.1 / math.sqrt(float((M * direction * direction).sum()))
+    torch.testing.assert_close(proposals[-1].step, tau * direction, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("stopping", ["paper", "model_decrease"])
+@pytest.mark.parametrize("norm", ["uniform", "rmsprop"])
+def test_stopping_rules_reach_the_solver_and_the_step_report(stopping: str, norm: str) -> None:
+    model = deep_linear((4, 3))
+    x, y = regression_problem(n=16)
+    objective = Objective(model, nn.MSELoss(), x, y)
+    g, H = dense_derivatives(objective)
+    opt = EllipsoidalTR(model, norm=norm, radius=100.0, max_radius=100.0, stopping=stopping)
+    proposals = spy_proposals(opt)
+    opt.step(objective)
+    info = opt.last_step_info
+    expected_keys = {
+        "rho",
+        "accepted",
+        "radius",
+        "next_radius",
+        "outcome",
+        "solver_status",
+        "solver_iterations",
+        "hit_boundary",
+        "model_decrease",
+        "predicted_reduction",
+        "residual_norm",
+        "curvature_products",
+        "loss",
+        "trial_loss",
+        "step_norm",
+        "skipped",
+    }
+    assert expected_keys <= info.keys()
+    # The same solve with the dense Hessian and the paper's first RMSProp matrix (β = 0.8).
+    M = None if norm == "uniform" else torch.sqrt(0.2 * g * g + 1e-10)
+    reference = steihaug_cg(
+        lambda v: H @ v, g, 100.0, norm_matrix_diag=M, tol=0.1, max_iters=50, stopping=stopping
+    )
+    assert info["solver_status"] == reference.status == "converged"
+    assert info["solver_iterations"] == reference.iterations
+    torch.testing.assert_close(proposals[0].step, reference.solution, rtol=1e-9, atol=1e-12)
+    if stopping == "paper":  # Eq. 52: ‖g + Bs‖ ≤ ‖g‖ · min(κ, ‖g‖^{1/2}), κ = 0.1
+        g_norm = float(g.norm())
+        assert info["residual_norm"] <= g_norm * min(0.1, math.sqrt(g_norm))
+    # Exact products: one Hessian-vector product per CG iteration, counted in the state.
+    assert info["curvature_products"] == info["solver_iterations"]
+    assert opt.global_state["curvature_products"] == info["solver_iterations"]
+
+
+def test_non_finite_curvature_rejects_without_touching_the_radius() -> None:
+    class NaNCurvature:
+        products = 0
+
+        def matvec(self, v: Tensor) -> Tensor:
+            self.products += 1
+            return torch.full_like(v, math.nan)
+
+    model = tiny_mlp((4, 8, 3))
+    x, y = regression_problem(n=16)
+    opt = EllipsoidalTR(model, norm="uniform")
+    opt._operator = lambda objective, group: NaNCurvature()  # type: ignore[method-assign]
+    before = flat(model)
+    opt.step(Objective(model, nn.MSELoss(), x, y))
+    info = opt.last_step_info
+    assert info["solver_status"] == "non_finite" and info["accepted"] is False
+    assert math.isnan(info["rho"]) and opt.radius == 0.05
+    assert torch.equal(flat(model), before)
+
+
+def test_norm_matrix_stays_positive_when_the_accumulator_underflows() -> None:
+    # "code" mode: v_t = β^t ε for a coordinate whose gradient stays 0 (flushed to 0 on
+    # devices without denormals); "paper" mode: an ε below the dtype's range.
+    zeros = torch.zeros(3, dtype=torch.float32)
+    M = norm_matrix_diagonal(zeros, "rmsprop", eps=1e-10, eps_mode="code")
+    assert M is not None and bool((M > 0).all())
+    M = norm_matrix_diagonal(zeros, "adagrad", eps=1e-60, eps_mode="paper")
+    assert M is not None and bool((M > 0).all())
+    assert norm_matrix_diagonal(None, "uniform", eps=1e-10, eps_mode="paper") is None
+    moment = update_second_moment(
+        None, zeros + 2.0, "rmsprop", beta=0.8, eps=1e-10, eps_mode="code"
+    )
+    assert moment is not None
+    torch.testing.assert_close(moment, torch.full((3,), 0.8e-10 + 0.2 * 4.0))
