@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-exec .venv/bin/curvlab compare --problem curves-autoencoder --seconds "${SECONDS_PER_METHOD:-60}" \
+exec .venv/bin/curvlab compare --problem curves-autoencoder --seconds "${SECONDS_PER_METHOD:-15}" \
   --threads 2 --out results/quickstart "$@"

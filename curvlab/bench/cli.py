@@ -22,13 +22,12 @@ from curvlab.bench.records import environment, load_records, to_jsonable
 from curvlab.bench.registry import UnknownNameError
 from curvlab.bench.report import markdown_table, summarize, write_report
 from curvlab.bench.runner import Budget, run
-from curvlab.bench.specs import OPTIMIZERS, get_optimizer, presets_for
+from curvlab.bench.specs import COMPARE_DEFAULT, get_optimizer, presets_for
 
 __all__ = ["main", "parse_value"]
 
 DEFAULT_COMPARE_PROBLEM = "curves-autoencoder"
 DEFAULT_COMPARE_SECONDS = 30.0
-BASELINES = ("sgd-m", "adam")
 
 
 class UsageError(Exception):
@@ -117,7 +116,10 @@ def _parser() -> argparse.ArgumentParser:
         f"{DEFAULT_COMPARE_SECONDS:g} per optimizer",
     )
     p.add_argument(
-        "--optimizers", help="comma-separated (default: every curvature method, sgd-m and adam)"
+        "--optimizers",
+        help="comma-separated (default: sgd-m, adam and one of each curvature method: "
+        + ",".join(COMPARE_DEFAULT)
+        + ")",
     )
     p.add_argument(
         "--preset",
@@ -180,8 +182,7 @@ def _compare_optimizers(args: argparse.Namespace) -> list[str]:
     if args.optimizers:
         names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     else:
-        curvature = [s.name for s in OPTIMIZERS.values() if s.curvature]
-        names = [*BASELINES, *curvature]
+        names = list(COMPARE_DEFAULT)
     for name in names:
         get_optimizer(name)
     if not names:

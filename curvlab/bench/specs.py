@@ -47,6 +47,7 @@ from curvlab.optim import (
 )
 
 __all__ = [
+    "COMPARE_DEFAULT",
     "OPTIMIZERS",
     "PRESETS",
     "OptimizerFactory",
@@ -464,6 +465,27 @@ _SPECS: list[OptimizerSpec] = [
 ]
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in _SPECS}
+
+#: What ``curvlab compare`` runs when no ``--optimizers`` are given: the two first-order
+#: baselines and one representative of each curvature method (variants are one ``--optimizers``
+#: away), so that the README's first command finishes in minutes.
+COMPARE_DEFAULT: tuple[str, ...] = (
+    "sgd-m",
+    "adam",
+    "kfac-alg7",
+    "kfac",
+    "kbfgs",
+    "kbfgs-l",
+    "tnt",
+    "shampoo",
+    "tso-alra-stage1",
+    "hessian-free",
+    "smw-ng",
+    "edf",
+    "tr-rmsprop",
+    "arc-rmsprop",
+    "efficient-tr",
+)
 
 _T35 = "thesis Table 3.5 / Table 4.3 (ch.3/ch.4, m = 1000)"
 _T25 = (
