@@ -21,8 +21,9 @@ update rule and defaults of the same group's sub-sampled cubic regularisation co
 
 Defaults ([C-SCR]): σ_0 = 1, η₁ = 0.1, η₂ = 0.9, γ₁ = γ₂ = 2, σ_min = 1e-16, κ = 0.1. The norm
 matrices, their defaults (β = 0.8, ε = 1e-10, ``eps_mode``), the curvature choice, the ``lr``
-extension, the ρ guard and the handling of non-finite products are those of
-`curvlab.optim.trust_region` (see its docstring); the Krylov cap is 50 products as for TR.
+extension, the ρ guard, the handling of non-finite products and the cost per step (the
+operator's build is the gradient pass) are those of `curvlab.optim.trust_region` (see its
+docstring); the Krylov cap is 50 products as for TR.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ class ARC(AdaptiveNormNewton):
     ``solver_iterations``, ``model_decrease`` (m(0) − m(s), cubic term included),
     ``predicted_reduction`` (at lr·s), ``residual_norm``, ``multiplier`` (σ‖s‖_A),
     ``hard_case``, ``curvature_products``.
+
+    Loss and gradient come from the curvature operator's build (`AdaptiveNormNewton.evaluate`):
+    ``step`` does not fill ``.grad`` (it does for a model with BatchNorm or dropout).
     """
 
     def __init__(
@@ -135,7 +139,7 @@ class ARC(AdaptiveNormNewton):
         group = self.param_groups[0]
         sigma = self.sigma
         norm_diag = self._norm_matrix(grad, group)  # line 4
-        operator = self._operator(objective, group)  # line 3
+        operator = self._step_operator(objective, group)  # line 3
         result = cubic_subproblem(  # line 5
             operator.matvec,
             grad,

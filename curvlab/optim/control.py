@@ -7,9 +7,13 @@ predicted, the reduction ratio (Conn, Gould & Toint 2000, eq. 6.1.6; seed 002 Ap
 
 and adapts the size of the next step from ρ. Every rule here is a pure function of scalars (no
 state, no tensors), so a trust-region radius (seeds 002 and 003), a cubic weight σ (ARC) and a
-Levenberg–Marquardt damping (thesis §5.2.3) share one tested implementation. Classification
-(CGT Alg. 6.1.1, with seed 002's thresholds "accepted if ρ exceeds η₁ … increased whenever ρ
-exceeds the very successful threshold η₂", App. F.1)::
+Levenberg–Marquardt damping (thesis §5.2.3) share one tested implementation. Every model-wide
+method with step control takes its rule from here: `trust_region_update` (`EllipsoidalTR`),
+`arc_sigma_update` (`ARC`), `deterministic_radius_update` / `stochastic_radius_update`
+(`EfficientTR`), `levenberg_marquardt_update` (`HessianFree`, `SMWGN`, `SMWNG`, `SMWNGBD`).
+
+Classification (CGT Alg. 6.1.1, with seed 002's thresholds "accepted if ρ exceeds η₁ …
+increased whenever ρ exceeds the very successful threshold η₂", App. F.1)::
 
     ρ ≥ η₂        very successful   accept, enlarge the region
     η₁ ≤ ρ < η₂   successful        accept, keep it
@@ -31,9 +35,11 @@ __all__ = [
     "StepControl",
     "arc_sigma_update",
     "classify_step",
+    "deterministic_radius_update",
     "levenberg_marquardt_update",
     "reduction_ratio",
     "scaled_model_decrease",
+    "stochastic_radius_update",
     "trust_region_update",
 ]
 
@@ -114,8 +120,8 @@ def trust_region_update(
 
     Defaults are seed 002's Table 1 (Δ_max = 10, η₂ = 0.95, γ₁ = 1.1, γ₂ = 1.5 uniform /
     Adagrad, 1.75 RMSProp) and [C-AN]'s η₁ = 0.01 (a column lost from Table 1). Seed 003's
-    deterministic rule (Alg. 1) is ``eta1=0.1, eta2=0.9, increase=2, decrease=2,
-    max_radius=inf``.
+    deterministic rule (Alg. 1 line 5, `deterministic_radius_update`) is the same rule with
+    ``eta1=0.1, eta2=0.9, increase=2, decrease=2, max_radius=inf``.
     """
     outcome = classify_step(rho, eta1, eta2)
     if outcome == "very_successful":
@@ -154,20 +160,79 @@ def arc_sigma_update(
     return StepControl(increase * sigma, False, outcome)
 
 
-def levenberg_marquardt_update(
-    damping: float, rho: float, *, epsilon: float = 0.25, boost: float = 1.01, drop: float = 0.99
-) -> float:
-    """The Levenberg–Marquardt damping rule of thesis §5.2.3 (Martens 2010 style).
+def deterministic_radius_update(
+    rho: float,
+    radius: float,
+    *,
+    very_successful: float = 0.9,
+    successful: float = 0.1,
+    expand: float = 2.0,
+    shrink: float = 0.5,
+    max_radius: float | None = None,
+) -> tuple[bool, float]:
+    """Seed 003's deterministic radius rule ([P3] Alg. 1, line 5): ``(accept, next radius)``.
+
+    Liu, Lee & Hsieh, "Better Generalization by Efficient Trust Region Method" (seed 003)::
+
+        q ≥ 0.9:        accept,  r ← 2r     (capped at ``max_radius`` if given; no cap in [P3])
+        0.1 ≤ q < 0.9:  accept,  r kept
+        q < 0.1:        reject,  r ← 0.5 r  (NaN q included)
+
+    The same rule as `trust_region_update` with seed 003's constants, in [P3]'s parametrisation
+    (a shrink factor, an optional cap).
+    """
+    if rho >= very_successful:
+        grown = expand * radius
+        return True, grown if max_radius is None else min(grown, max_radius)
+    if rho >= successful:
+        return True, radius
+    return False, shrink * radius
+
+
+def stochastic_radius_update(
+    rho: float,
+    radius: float,
+    grad_norm: float,
+    *,
+    max_radius: float,
+    very_successful: float = 0.9,
+    grad_radius_factor: float = 1.0,
+    expand: float = 2.0,
+    shrink: float = 0.5,
+) -> tuple[bool, float]:
+    """Seed 003's stochastic radius rule ([P3] Alg. 1, line 6): ``(accept, next radius)``.
 
     ::
 
-        ρ < ε:      λ ← boost·λ
-        ρ > 1 − ε:  λ ← drop·λ
-        otherwise:  λ unchanged
+        q ≥ 0.9 and ‖g‖ ≥ c·r:  accept,  r ← min{2r, r_max}
+        otherwise:              reject,  r ← 0.5 r      (NaN q included)
 
-    A NaN ρ counts as ρ < ε (the model failed). The step itself is not rejected by this rule.
+    c = ``grad_radius_factor`` (1 in [P3], "‖g‖ ≥ r_t" as printed; spec-papers §5.1 reads it as
+    STORM's η₂). Unlike the deterministic rule there is no "successful" band: a step is
+    accepted only when it is very successful.
     """
-    if not rho >= epsilon:  # also NaN
+    if rho >= very_successful and grad_norm >= grad_radius_factor * radius:
+        return True, min(expand * radius, max_radius)
+    return False, shrink * radius
+
+
+def levenberg_marquardt_update(
+    damping: float, rho: float, *, epsilon: float = 0.25, boost: float = 1.01, drop: float = 0.99
+) -> float:
+    """The Levenberg–Marquardt rule of thesis §5.2.3 (Martens 2010's heuristic): next λ_LM.
+
+    Thesis §5.2.3, with 0 < ε < 1/2 and drop < 1 < boost::
+
+        if ρ_t < ε:            λ_LM ← boost·λ_LM
+        else if ρ_t > 1 − ε:   λ_LM ← drop·λ_LM
+        else:                  λ_LM unchanged
+
+    (the damping of the next step is then λ_{t+1} = λ_LM + τ, kept by the optimizer). Defaults
+    are the thesis's ch.5 settings (ε = 1/4, boost = 1.01, drop = 0.99, "same as in Kiros").
+    The step itself is not rejected by this rule.
+    """
+    # Deviation: a NaN ρ counts as ρ < ε (the model failed); the thesis does not treat it.
+    if math.isnan(rho) or rho < epsilon:
         return boost * damping
     if rho > 1.0 - epsilon:
         return drop * damping

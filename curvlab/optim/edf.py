@@ -70,8 +70,14 @@ Deviations and conventions:
   (A + λI)g = 0 (singular, undamped) gives a zero step with status ``"breakdown"``.
 * A non-finite product or solution skips the step (parameters and momentum untouched,
   ``last_step_info["reason"]``), as does a non-finite loss or gradient (the base's rule).
-* The curvature operator is built on the same batch after the base's gradient pass; random
-  layers (dropout) draw their masks for the products from the RNG state at that point.
+* Cost: the loss and g of line 1 come from the build of the step's operator (`EDF.evaluate`;
+  the GGN / Hessian operator, or the output-space one with g = Jᵀ ∂L/∂φ), so a step is one
+  gradient + k products and ``.grad`` is not filled. The operator's passes are functional (no
+  BatchNorm running-statistics update, the global RNG not advanced); for a model with such
+  state in training mode (`curvlab.optim.modelwise.has_stateful_forward`) the ordinary training
+  pass (the closure) gives loss and g, and the operator is built after it on the same batch
+  (dropout masks for the products from the RNG state at that point): one gradient more. The
+  operator is dropped at the end of ``step``: no autograd graph outlives a step.
 """
 
 from __future__ import annotations
@@ -83,10 +89,20 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from curvlab.autodiff import ParameterView, curvature_operator, output_curvature
+from curvlab.autodiff import (
+    CurvatureOperator,
+    ParameterView,
+    curvature_operator,
+    output_curvature,
+)
 from curvlab.autodiff.functional import capture_rng, replayed_rng
 from curvlab.objective import Objective
-from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal
+from curvlab.optim.modelwise import (
+    ModelwiseOptimizer,
+    Proposal,
+    SkipStep,
+    has_stateful_forward,
+)
 from curvlab.optim.validation import check_choice, check_int, check_range
 from curvlab.solvers import SolverResult, minres
 from curvlab.solvers.result import BREAKDOWN, CONVERGED, MAX_ITERATIONS, NON_FINITE, Matvec
@@ -156,6 +172,7 @@ class _OutputSpaceOperator:
     Built once per step at the current parameters: one forward pass with the graph kept, the
     output gradient ∂L/∂φ, and Jᵀw with ``create_graph`` for the R-op by the double-vjp trick
     (as [C-EDF] ``custom_grad.Rop``). ``products`` counts applications (one L-op + one R-op).
+    ``loss`` is the loss of that forward pass and `gradient` its gradient Jᵀ ∂L/∂φ.
     """
 
     def __init__(self, objective: Objective, params: Sequence[Tensor]) -> None:
@@ -183,7 +200,12 @@ class _OutputSpaceOperator:
         self._curvature = output_curvature(objective, outputs.detach(), "ggn")
         #: ∂L/∂φ, flattened: the right-hand side of the output-space system.
         self.rhs = rhs.detach().reshape(-1)
+        self.loss = loss.detach()
         self.products = 0
+
+    def gradient(self) -> Tensor:
+        """∇L = Jᵀ ∂L/∂φ at the build point (one L-op on the kept forward graph)."""
+        return self.transpose_jacobian(self.rhs)
 
     def transpose_jacobian(self, x: Tensor) -> Tensor:
         """Jᵀ x (L-op) for a flat output-space vector x, as a flat parameter vector."""
@@ -222,15 +244,6 @@ class _OutputSpaceOperator:
 
 
 # --------------------------------------------------------------------------- optimizer
-class _SkipStep(Exception):
-    """Raised inside `propose` to skip the step with a reason (nothing changes)."""
-
-    def __init__(self, loss: Tensor, reason: str) -> None:
-        super().__init__(reason)
-        self.loss = loss
-        self.reason = reason
-
-
 class EDF(ModelwiseOptimizer):
     """EDF-G / EDF-H with k-step MINRES (paper Alg 1), the k = 1 closed form (Alg 2), W1 / W2.
 
@@ -254,7 +267,9 @@ class EDF(ModelwiseOptimizer):
     ``step`` takes a `curvlab.Objective`. ``last_step_info`` has λ (``damping``), the solver's
     ``solver_status`` / ``solver_iterations`` / ``residual_norm``, ``matvecs``, Alg 2's
     ``coefficient`` (order 1), ``accepted`` (always True: EDF has no model test), ``rho`` (NaN:
-    not defined), or the reason of a skip.
+    not defined), or the reason of a skip. Loss and gradient come from the build of the step's
+    curvature operator (`evaluate`), so ``step`` does not fill ``.grad`` (it does for a model
+    with BatchNorm or dropout, see the module docstring).
     """
 
     def __init__(
@@ -293,6 +308,7 @@ class EDF(ModelwiseOptimizer):
         self._validate(defaults)
         super().__init__(model, defaults)
         self._pending: Callable[[], None] | None = None
+        self._operator: CurvatureOperator | _OutputSpaceOperator | None = None
 
     # -------------------------------------------------------------------- hooks
     def _validate(self, group: dict[str, Any]) -> None:
@@ -319,10 +335,23 @@ class EDF(ModelwiseOptimizer):
         self._pending = None
         try:
             return super().step(closure)
-        except _SkipStep as skip:
-            return self._skip(skip.loss, skip.reason)
         finally:
             self._pending = None
+            self._operator = None  # no autograd graph outlives the step
+
+    def evaluate(self, objective: Objective) -> tuple[Tensor, Tensor]:
+        """Line 1's loss and g from the build of the step's curvature operator (one gradient
+        pass; ``.grad`` is not filled), or from the closure for a stateful training pass."""
+        if has_stateful_forward(objective.model):
+            return super().evaluate(objective)  # the operator is built in `propose`
+        self._operator = self._build_operator(objective)
+        return self._operator.loss, self._operator.gradient()
+
+    def _build_operator(self, objective: Objective) -> CurvatureOperator | _OutputSpaceOperator:
+        """A = G or H by products (parameter space), or H_L J Jᵀ (output space)."""
+        if self.space == "output":
+            return _OutputSpaceOperator(objective, self.params)
+        return curvature_operator(objective, self.params, self.kind)
 
     def propose(self, objective: Objective, loss: Tensor, grad: Tensor) -> Proposal:
         """Alg 1 / Alg 2 for the direction d, then the W1 / W2 / plain update."""
@@ -330,7 +359,9 @@ class EDF(ModelwiseOptimizer):
         k = int(group["order"])
         g_norm = float(torch.linalg.vector_norm(grad))
         lam = edf_damping(g_norm, group["damping_scale"], group["damping_power"])  # line 1
-        result, matvecs = self._direction(objective, grad, k, lam)
+        if self._operator is None:  # the closure gave loss and g (stateful training pass)
+            self._operator = self._build_operator(objective)
+        result, matvecs = self._direction(self._operator, grad, k, lam)
         info: dict[str, Any] = {
             "damping": lam,
             "grad_norm": g_norm,
@@ -345,7 +376,7 @@ class EDF(ModelwiseOptimizer):
         d = result.solution
         if result.status == NON_FINITE or not bool(torch.isfinite(d).all()):
             # Deviation: skip (nothing changes) because a non-finite product has no useful step.
-            raise _SkipStep(loss, f"non-finite EDF direction (solver status {result.status})")
+            raise SkipStep(f"non-finite EDF direction (solver status {result.status})")
         step = self._accelerated_step(d, float(group["lr"]), float(group["alpha"] or 0.0), info)
         return Proposal(step, None, info)
 
@@ -358,11 +389,15 @@ class EDF(ModelwiseOptimizer):
 
     # ---------------------------------------------------------------- helpers
     def _direction(
-        self, objective: Objective, grad: Tensor, k: int, lam: float
+        self,
+        operator: CurvatureOperator | _OutputSpaceOperator,
+        grad: Tensor,
+        k: int,
+        lam: float,
     ) -> tuple[SolverResult, int]:
         """d = P_k(A + λI, g): Alg 1 lines 2–8 (MINRES) or Alg 2 (k = 1)."""
-        if self.space == "output":
-            out = _OutputSpaceOperator(objective, self.params)
+        if isinstance(operator, _OutputSpaceOperator):
+            out = operator
             if k == 1:
                 r = edf_first_order_direction(out.matvec, out.rhs, lam)
             else:
@@ -376,7 +411,7 @@ class EDF(ModelwiseOptimizer):
                 info=r.info,
             )
             return result, out.products
-        op = curvature_operator(objective, self.params, self.kind)
+        op = operator
         if k == 1:
             result = edf_first_order_direction(op.matvec, grad, lam)  # Alg 2
         else:

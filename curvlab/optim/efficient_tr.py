@@ -25,9 +25,12 @@ spec-papers §5.1) with the subproblem solved by its Algorithm 2
 
 `EfficientTR` is Algorithm 1 on `curvlab.optim.modelwise.ModelwiseOptimizer` (the base
 evaluates F(x_t + z_t) on the same mini-batch, forms q_t = ρ and leaves the parameters exactly
-as they were on a rejected step). Per step: the base's gradient pass, one curvature operator
-(`curvlab.autodiff.curvature_operator`, built once and reused by every solver iteration), the
-solver (one product per GD step / Armijo trial, one more for f(z_t)), and one trial forward.
+as they were on a rejected step). Per step: one curvature operator
+(`curvlab.autodiff.curvature_operator`, built once and reused by every solver iteration) whose
+build is also the gradient pass of line 2 (`evaluate`: loss and g come from it, ``.grad`` is not
+filled), the solver (one product per GD step / Armijo trial, one more for f(z_t)), and one
+trial forward. The radius rules of lines 5–6 are `curvlab.optim.control`'s
+`deterministic_radius_update` and `stochastic_radius_update`.
 
 Paper version (``variant="paper"``, the default):
 
@@ -69,8 +72,11 @@ Where [P3] is silent ([R]) and deviations:
 * Deviation: the finite-difference products are evaluated functionally (the model's
   BatchNorm running statistics do not move and dropout masks are replayed); [C-TR] moves the
   weights in place, which updates BatchNorm statistics a second time (spec §1.4).
-* The curvature operator recomputes the gradient that the base's closure call already gave
-  (one extra forward and backward per step); the base has no hook to share it.
+* The operator's passes are functional (BatchNorm running statistics do not move, the global
+  RNG is not advanced). For a model with such state in training mode
+  (`curvlab.optim.modelwise.has_stateful_forward`: BatchNorm, dropout) the step keeps the
+  ordinary training pass (the closure, which fills ``.grad``) for loss and g and builds the
+  operator after it: one gradient more per step, the running statistics move once per step.
 
 `HybridTRSGD` is [P3] §4's Hybrid (spec §5.5): "runs trust region method until the accuracy
 no longer increases, and then uses the last epoch to initialize SGD method. When the training
@@ -94,18 +100,19 @@ from torch import Tensor, nn
 
 from curvlab.autodiff import DEFAULT_FD_EPSILON, CurvatureOperator, curvature_operator
 from curvlab.objective import Objective
-from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal, SkipStep
+from curvlab.optim.control import deterministic_radius_update, stochastic_radius_update
+from curvlab.optim.modelwise import (
+    ModelwiseOptimizer,
+    Proposal,
+    SkipStep,
+    has_stateful_forward,
+)
 from curvlab.optim.switching import TwoStage
 from curvlab.optim.validation import check_choice, check_int, check_range
 from curvlab.solvers import tr_gd_subproblem
 from curvlab.solvers.result import NON_FINITE
 
-__all__ = [
-    "EfficientTR",
-    "HybridTRSGD",
-    "deterministic_radius_update",
-    "stochastic_radius_update",
-]
+__all__ = ["EfficientTR", "HybridTRSGD"]
 
 Variant = Literal["paper", "code"]
 RadiusRule = Literal["stochastic", "deterministic", "fixed"]
@@ -122,51 +129,6 @@ _VARIANTS: dict[str, dict[str, str]] = {
 #: Radius guards (module docstring): r² must stay a normal float for the solver.
 _MIN_RADIUS = 1e-100
 _MAX_RADIUS = sys.float_info.max
-
-
-# --------------------------------------------------------------------------- radius rules
-def deterministic_radius_update(
-    rho: float,
-    radius: float,
-    *,
-    very_successful: float = 0.9,
-    successful: float = 0.1,
-    expand: float = 2.0,
-    shrink: float = 0.5,
-    max_radius: float | None = None,
-) -> tuple[bool, float]:
-    """[P3] Alg 1, line 5: ``(accept, next radius)`` from the ratio q_t = ``rho``.
-
-    q ≥ 0.9: accept, r ← 2r (capped at ``max_radius`` if given; the paper has no cap);
-    0.1 ≤ q < 0.9: accept, r kept; q < 0.1 (or NaN): reject, r ← 0.5 r.
-    """
-    if rho >= very_successful:
-        grown = expand * radius
-        return True, grown if max_radius is None else min(grown, max_radius)
-    if rho >= successful:
-        return True, radius
-    return False, shrink * radius
-
-
-def stochastic_radius_update(
-    rho: float,
-    radius: float,
-    grad_norm: float,
-    *,
-    max_radius: float,
-    very_successful: float = 0.9,
-    grad_radius_factor: float = 1.0,
-    expand: float = 2.0,
-    shrink: float = 0.5,
-) -> tuple[bool, float]:
-    """[P3] Alg 1, line 6: ``(accept, next radius)``.
-
-    q ≥ 0.9 and ‖g‖ ≥ c·r (c = ``grad_radius_factor``, 1 in the paper): accept,
-    r ← min{2r, r_max}; otherwise (NaN q included): reject, r ← 0.5 r.
-    """
-    if rho >= very_successful and grad_norm >= grad_radius_factor * radius:
-        return True, min(expand * radius, max_radius)
-    return False, shrink * radius
 
 
 # --------------------------------------------------------------------------- the optimizer
@@ -201,6 +163,9 @@ class EfficientTR(ModelwiseOptimizer):
     ``radius_update``, ``grad_norm``, ``predicted_reduction``, ``solver_status``,
     ``solver_iterations``, ``phase1_iterations``, ``phase2_iterations``, ``hit_boundary``,
     ``hvp_products``, ``step_norm``.
+
+    Loss and gradient come from the curvature operator's build (`evaluate`), so ``.grad`` is
+    not filled by ``step`` (it is for a model with a stateful training pass: BatchNorm, dropout).
     """
 
     def __init__(
@@ -294,22 +259,29 @@ class EfficientTR(ModelwiseOptimizer):
     def evaluate(self, objective: Objective) -> tuple[Tensor, Tensor]:
         """Alg 1 line 2: g and H on the batch from one pass. The curvature operator's build is
         the gradient pass, so a step costs one gradient plus the solver's products (``.grad``
-        is not filled)."""
+        is not filled). A model with a stateful training pass keeps the closure (docstring)."""
+        if has_stateful_forward(objective.model):
+            return super().evaluate(objective)  # the operator is built in `propose`
+        self._operator = self._build_operator(objective)
+        return self._operator.loss, self._operator.gradient()
+
+    def _build_operator(self, objective: Objective) -> CurvatureOperator:
+        """H on the batch as products (exact or forward differences), built once per step."""
         group = self.param_groups[0]
-        self._operator = curvature_operator(
+        return curvature_operator(
             objective,
             self.params,
             self.hvp,
             fd_epsilon=group["fd_epsilon"] if self.hvp == "hessian-fd" else None,
         )
-        return self._operator.loss, self._operator.gradient()
 
     def propose(self, objective: Objective, loss: Tensor, grad: Tensor) -> Proposal:
         """Alg 1 lines 2–4: H on the batch, z_t by Alg 2, the model's predicted reduction."""
         group = self.param_groups[0]
         radius = self.radius
+        if self._operator is None:  # the closure gave loss and g (stateful training pass)
+            self._operator = self._build_operator(objective)
         operator = self._operator
-        assert operator is not None, "evaluate() builds the operator first"
         # Lines 3–4: z_t ≈ argmin_{‖z‖ ≤ r_t} ½ zᵀHz + gᵀz (Alg 2, or the code's loop).
         result = tr_gd_subproblem(
             operator.matvec,

@@ -43,8 +43,17 @@ Deviations (marked in the code):
   reduction: with L = c Σ_{S1} l_n, B_t is N1 c /(N2 c₂) times the GGN of the S2 loss
   (c₂ its scale), i.e. (1/N2) Σ_{S2} for a batch mean, as (5.2).
 
-The LM rule is the pure function `lm_damping_update` (it belongs with the other step-control
-rules in ``curvlab/optim/control.py``).
+Cost per step: with N2 = N1 the GGN operator's build is also the gradient pass of line 3
+(`HessianFree.evaluate` takes the loss and g_t from it, so ``.grad`` is not filled): one gradient
++ (CG products + 1) products + one trial forward. With N2 < N1 the operator lives on S2 and
+cannot give g_t on S1: the closure computes it (filling ``.grad``), one gradient more. The same
+holds for a model whose training pass has state that the operator's functional passes leave
+alone (`curvlab.optim.modelwise.has_stateful_forward`: BatchNorm running statistics, dropout).
+The operator is dropped at the end of ``step``: no autograd graph outlives a step.
+
+The LM rule of line 7 is `curvlab.optim.control.levenberg_marquardt_update` (shared with
+`curvlab.optim.smw`); ρ_t is formed by `ModelwiseOptimizer.step` at the trial point c·p_t
+(``Proposal.trial_step``).
 """
 
 from __future__ import annotations
@@ -56,41 +65,23 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from curvlab.autodiff import curvature_operator
+from curvlab.autodiff import CurvatureOperator, curvature_operator
 from curvlab.objective import Objective
-from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal
+from curvlab.optim.control import levenberg_marquardt_update
+from curvlab.optim.modelwise import (
+    ModelwiseOptimizer,
+    Proposal,
+    SkipStep,
+    has_stateful_forward,
+)
 from curvlab.optim.validation import check_choice, check_int, check_range
 from curvlab.solvers import cg
 from curvlab.solvers.result import NON_FINITE
 
-__all__ = ["HessianFree", "lm_damping_update"]
+__all__ = ["HessianFree"]
 
 RatioPoint = Literal["direction", "step"]
 Subset = Literal["random", "first"]
-
-
-def lm_damping_update(
-    lambda_lm: float, rho: float, *, epsilon: float, boost: float, drop: float
-) -> float:
-    """The LM rule of thesis §5.2.3 (Martens 2010's heuristic): the next λ_LM.
-
-    ρ < ε → boost·λ_LM; ρ > 1 − ε → drop·λ_LM; otherwise unchanged. A NaN ρ counts as a
-    failure (boost).
-    """
-    if math.isnan(rho) or rho < epsilon:
-        return boost * lambda_lm
-    if rho > 1.0 - epsilon:
-        return drop * lambda_lm
-    return lambda_lm
-
-
-class _SkipStep(Exception):
-    """Raised inside `propose` to skip the step with a reason (nothing changes)."""
-
-    def __init__(self, loss: Tensor, reason: str) -> None:
-        super().__init__(reason)
-        self.loss = loss
-        self.reason = reason
 
 
 class HessianFree(ModelwiseOptimizer):
@@ -115,7 +106,9 @@ class HessianFree(ModelwiseOptimizer):
     ``step`` takes a `curvlab.Objective`. ``last_step_info`` has ``rho``, ``trial_loss``,
     ``predicted_reduction``, λ used (``damping``) and next (``next_damping``), ``accepted``,
     ``cg_iterations``, ``cg_status``, ``cg_residual_norm``, ``matvecs``, ``warm_started``, or
-    the reason of a skip.
+    the reason of a skip. With N2 = N1 the loss and gradient come from the GGN operator's build
+    (`evaluate`), so ``step`` does not fill ``.grad`` (it does with N2 < N1, or for a model with
+    BatchNorm or dropout: see the module docstring).
     """
 
     def __init__(
@@ -158,6 +151,7 @@ class HessianFree(ModelwiseOptimizer):
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         self._pending_direction: Tensor | None = None
+        self._operator: CurvatureOperator | None = None
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -188,19 +182,30 @@ class HessianFree(ModelwiseOptimizer):
     def check_hyperparameters(self, group: dict[str, Any]) -> None:
         _validate(group)
 
+    @property
+    def uses_trial_loss(self) -> bool:
+        return True  # line 6: ρ_t on S1
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
         """One HF iteration on the objective's mini-batch S1 (see the module docstring)."""
         self._pending_direction = None
         try:
-            loss = super().step(closure)
-        except _SkipStep as skip:
-            return self._skip(skip.loss, skip.reason)
-        self.last_step_info["next_damping"] = self.damping
-        return loss
+            return super().step(closure)
+        finally:
+            self._operator = None  # no autograd graph outlives the step
+
+    def evaluate(self, objective: Objective) -> tuple[Tensor, Tensor]:
+        """Line 3: loss and g_t on S1. With N2 = N1 they come from the build of line 4's GGN
+        operator (one gradient pass; ``.grad`` is not filled); otherwise from the closure."""
+        n1 = objective.batch_size
+        if self._curvature_batch_size(n1) != n1 or has_stateful_forward(objective.model):
+            return super().evaluate(objective)  # B_t on S2 ≠ S1: the operator cannot give g_t
+        self._operator = curvature_operator(objective, self.params, "ggn")
+        return self._operator.loss, self._operator.gradient()
 
     def propose(self, objective: Objective, loss: Tensor, grad: Tensor) -> Proposal:
-        """Lines 2–6: S2, B_t, the CG direction p_t and ρ_t on S1."""
+        """Lines 2–6: S2, B_t, the CG direction p_t and the model's reduction for ρ_t."""
         group = self.param_groups[0]
         lam = self.damping  # λ_t = λ_LM + τ
         matvec, products, n2 = self._curvature(objective)  # lines 2 and 4
@@ -226,7 +231,7 @@ class HessianFree(ModelwiseOptimizer):
         p = result.solution
         if result.status == NON_FINITE or not bool(torch.isfinite(p).all()):
             # Deviation: skip (nothing changes) because a non-finite product has no useful step.
-            raise _SkipStep(loss, f"non-finite CG direction (status {result.status})")
+            raise SkipStep(f"non-finite CG direction (status {result.status})")
 
         # Line 6: ρ_t (5.5) on S1, model reduction at c·p (c = 1 literal, c = α at the step).
         # Deviation: pᵀB_t p costs one extra product because CG's iterate is not the exact
@@ -234,16 +239,12 @@ class HessianFree(ModelwiseOptimizer):
         curvature = float(p @ matvec(p))
         gp = float(grad @ p)
         if not (math.isfinite(curvature) and math.isfinite(gp)):
-            raise _SkipStep(loss, "non-finite curvature along the CG direction")
+            raise SkipStep("non-finite curvature along the CG direction")
         alpha = float(group["lr"])
         c = 1.0 if self.ratio_point == "direction" else alpha
         predicted = -c * gp - 0.5 * c * c * curvature  # m_t(0) − m_t(c p)
-        trial = float(objective.loss_at(self.trial_parameters(objective, c * p)))
-        rho = _reduction_ratio(float(loss), trial, predicted)
         self._pending_direction = p
         info = {
-            "rho": rho,
-            "trial_loss": trial,
             "predicted_reduction": predicted,
             "damping": lam,
             "cg_iterations": result.iterations,
@@ -254,19 +255,20 @@ class HessianFree(ModelwiseOptimizer):
             "damped_model_value": gp + 0.5 * curvature + 0.5 * lam * float(p @ p),
             "curvature_batch_size": n2,
         }
-        return Proposal(alpha * p, predicted, info)  # line 8: θ + α p_t
+        # Line 8: θ + α p_t; line 6: the base's trial loss f(θ_t + c p_t) on S1 gives ρ_t.
+        return Proposal(alpha * p, predicted, info, trial_step=c * p)
 
     def control(self, rho: float, proposal: Proposal) -> bool:
         """Line 7 (LM rule on ρ_t); accept always (Alg 23) or when ρ_t ≥ η (Theorem 6)."""
         group = self.param_groups[0]
-        rho = float(proposal.info["rho"])  # measured in `propose` (see ``ratio_point``)
-        self.global_state["lambda_lm"] = lm_damping_update(
+        self.global_state["lambda_lm"] = levenberg_marquardt_update(
             self._lambda_lm(),
             rho,
             epsilon=float(group["epsilon"]),
             boost=float(group["boost"]),
             drop=float(group["drop"]),
         )
+        proposal.info["next_damping"] = self.damping  # λ_{t+1} = λ_LM + τ
         if self._pending_direction is not None:  # p_t, the next warm start's base
             self.global_state["previous_direction"] = self._pending_direction
             self._pending_direction = None
@@ -280,9 +282,8 @@ class HessianFree(ModelwiseOptimizer):
         self, objective: Objective
     ) -> tuple[Callable[[Tensor], Tensor], Callable[[], int], int]:
         """B_t v on S2 (scaled to S1's loss reduction), a product counter, and N2."""
-        group = self.param_groups[0]
         n1 = objective.batch_size
-        n2 = n1 if group["curvature_batch_size"] is None else int(group["curvature_batch_size"])
+        n2 = self._curvature_batch_size(n1)
         if n2 > n1:
             raise ValueError(
                 f"curvature_batch_size: N2 = {n2} exceeds the objective's batch size N1 = {n1} "
@@ -304,13 +305,20 @@ class HessianFree(ModelwiseOptimizer):
                 batch_average=objective.batch_average,
             )
             scale = _subset_scale(objective, sub, index)
-        op = curvature_operator(sub, self.params, "ggn")
+        if self._operator is None:  # N2 < N1, or the closure gave g_t
+            self._operator = curvature_operator(sub, self.params, "ggn")
+        op = self._operator
 
         def matvec(v: Tensor) -> Tensor:
             out = op.matvec(v)
             return out if scale == 1.0 else scale * out
 
         return matvec, lambda: op.products, n2
+
+    def _curvature_batch_size(self, n1: int) -> int:
+        """N2 (``curvature_batch_size``, None: N1)."""
+        n2 = self.param_groups[0]["curvature_batch_size"]
+        return n1 if n2 is None else int(n2)
 
 
 def _subset_scale(objective: Objective, sub: Objective, index: Tensor) -> float:
@@ -324,15 +332,6 @@ def _subset_scale(objective: Objective, sub: Objective, index: Tensor) -> float:
     c1 = objective.loss_scale(outputs)
     c2 = sub.loss_scale(outputs[index])
     return (objective.batch_size * c1) / (sub.batch_size * c2)
-
-
-def _reduction_ratio(loss: float, trial: float, predicted: float) -> float:
-    """ρ = (f(θ) − f(θ + s)) / (m(0) − m(s)) with the base's conventions (modelwise.py)."""
-    if not math.isfinite(trial):
-        return -math.inf
-    if predicted > 0:
-        return (loss - trial) / predicted
-    return -math.inf if trial > loss else 1.0
 
 
 def _validate(group: dict[str, Any]) -> None:

@@ -6,15 +6,19 @@ reject, adapt the radius / σ / LM damping from the reduction ratio ρ)::
 
     loss, g = evaluate(objective)              # loss and flat gradient on the mini-batch
     s, predicted = propose(objective, loss, g)  # e.g. Steihaug-CG, cubic, MINRES, SMW
-    trial = objective.loss_at(θ + s)            # same batch, model untouched
-    ρ = (loss − trial) / predicted
+    trial = objective.loss_at(θ + t)            # t = s, or the proposal's trial_step
+    ρ = (loss − trial) / predicted              # predicted = m(0) − m(t)
     if control(ρ, ...): θ ← θ + s               # a rejected step leaves θ exactly as it was
 
 Non-finite losses, gradients or proposals skip the step (reported in ``last_step_info``), and
 so does a `SkipStep` raised by a hook (e.g. a failed decomposition), with its reason.
 `evaluate` runs the closure by default; a method that builds a curvature operator can override
 it to take the loss and gradient from the operator's own pass, so one step costs one gradient
-plus the products (then ``.grad`` is not filled).
+plus the products (then ``.grad`` is not filled). The operator's passes are functional: they
+move no BatchNorm running statistics and leave the global RNG where it was, so such an override
+keeps the closure for a model where `has_stateful_forward` is true.
+A method whose ratio is measured at a point other than the step (thesis Alg 23: ρ at p_t, step
+α p_t) gives that point as ``Proposal.trial_step``.
 A non-finite trial loss counts as ρ = −∞: the step is rejected and `control` shrinks.
 Global state (radius, σ, λ, counters) lives in ``global_state`` so ``state_dict`` has it.
 """
@@ -34,7 +38,7 @@ from torch.optim import Optimizer
 from curvlab.objective import Objective
 from curvlab.optim.base import require_objective
 
-__all__ = ["ModelwiseOptimizer", "Proposal", "SkipStep"]
+__all__ = ["ModelwiseOptimizer", "Proposal", "SkipStep", "has_stateful_forward"]
 
 
 class SkipStep(Exception):
@@ -46,13 +50,39 @@ class SkipStep(Exception):
         self.reason = reason
 
 
+def has_stateful_forward(model: nn.Module) -> bool:
+    """Whether a training forward pass of ``model`` changes state besides computing outputs.
+
+    True when a module in training mode owns buffers (BatchNorm / InstanceNorm running
+    statistics, moved by a training pass) or draws random numbers (dropout with p > 0, RReLU).
+    A functional curvature-operator pass does neither, so a method that takes its loss and
+    gradient from the operator keeps the ordinary training pass (the closure) for such a model.
+    Randomness inside a custom ``forward`` (e.g. ``F.dropout``) is not detected.
+    """
+    for module in model.modules():
+        if not module.training:
+            continue
+        if next(module.buffers(recurse=False), None) is not None:
+            return True
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            return True
+        if isinstance(module, nn.RReLU):
+            return True
+    return False
+
+
 @dataclass(frozen=True)
 class Proposal:
-    """A candidate step: the flat direction s and the model's predicted reduction."""
+    """A candidate step: the flat direction s and the model's predicted reduction.
+
+    ``trial_step``: where the trial loss of ρ is taken, if not at ``step`` (then
+    ``predicted_reduction`` is the model's reduction at that point).
+    """
 
     step: Tensor
     predicted_reduction: float | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    trial_step: Tensor | None = None
 
 
 class ModelwiseOptimizer(Optimizer, ABC):
@@ -153,7 +183,8 @@ class ModelwiseOptimizer(Optimizer, ABC):
         rho = math.nan
         trial = None
         if self.uses_trial_loss:
-            trial = float(objective.loss_at(self.trial_parameters(objective, proposal.step)))
+            point = proposal.step if proposal.trial_step is None else proposal.trial_step
+            trial = float(objective.loss_at(self.trial_parameters(objective, point)))
             predicted = proposal.predicted_reduction
             if not math.isfinite(trial):
                 rho = -math.inf

@@ -26,11 +26,15 @@ once for all samples of S2; J g is Σ_l ĥᵀ G_l ā (one product per layer, the
 of §5.7); Jᵀw is the backprop of the custom function Σ_i w_iᵀŷ_i (§5.3.2), formed from the
 same vectors without another pass. No per-sample weight gradient is formed for Linear layers.
 Passes per step: NG and NG-BD take g_i and ā_i from the gradient pass of line 4 itself (hooks
-on the layers; §5.3.3), so beyond SGD they add only the trial forward pass of ρ on S1; GN adds
-one forward pass on S2 and m_L backward passes to the layer outputs (no weight gradients).
+on the layers during the closure, `_SubsampledLM.evaluate`; §5.3.3), so beyond SGD they add
+only the trial forward pass of ρ on S1; GN adds one forward pass on S2 and m_L backward passes
+to the layer outputs (no weight gradients). The gradient pass is the ordinary closure (it fills
+``.grad``): S2 ⊆ S1 and the per-sample quantities need hooks, not a curvature operator.
 
-LM rule (§5.2.3): ρ_t < ε → λ_LM ← boost·λ_LM; ρ_t > 1 − ε → λ_LM ← drop·λ_LM; then
-λ_{t+1} = λ_LM + τ. The model reduction of (5.5) is m_t(0) − m_t(p) = −gᵀp − ½ pᵀB_t p, with
+LM rule (§5.2.3, `curvlab.optim.control.levenberg_marquardt_update`): ρ_t < ε → λ_LM ←
+boost·λ_LM; ρ_t > 1 − ε → λ_LM ← drop·λ_LM; then λ_{t+1} = λ_LM + τ. ρ_t is formed by
+`ModelwiseOptimizer.step` at the trial point (``Proposal.trial_step``, see ``ratio_point``
+below). The model reduction of (5.5) is m_t(0) − m_t(p) = −gᵀp − ½ pᵀB_t p, with
 pᵀB_t p = (1/N2)(Jp)ᵀH(Jp) and Jp = −(Jg − (1/N2) JJᵀ w)/λ from quantities at hand (exact even
 when the solve needed extra damping).
 
@@ -74,7 +78,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import ExitStack
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -92,7 +95,8 @@ from curvlab.curvature.per_sample import (
 from curvlab.linalg import DecompositionError
 from curvlab.linalg.woodbury import WoodburyForm, woodbury_coefficients
 from curvlab.objective import Objective, preserved_buffers
-from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal
+from curvlab.optim.control import levenberg_marquardt_update
+from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal, SkipStep
 from curvlab.optim.validation import check_choice, check_int, check_range
 
 __all__ = ["SMWGN", "SMWNG", "SMWNGBD"]
@@ -103,17 +107,12 @@ Subset = Literal["random", "first"]
 FormChoice = Literal["auto", "symmetric", "general"]
 
 
-class _SkipStep(Exception):
-    """Raised inside `propose` to skip the step with a reason (parameters untouched)."""
-
-    def __init__(self, loss: Tensor, reason: str) -> None:
-        super().__init__(reason)
-        self.loss = loss
-        self.reason = reason
-
-
 class _SubsampledLM(ModelwiseOptimizer):
-    """Thesis Alg 23 for one curvature (``_curvature``) and block structure."""
+    """Thesis Alg 23 for one curvature (``_curvature``) and block structure.
+
+    The gradient of line 4 is the closure's (``step`` fills ``.grad``); for NG, `evaluate` runs
+    it under layer hooks so that it also records the per-sample quantities of D_t.
+    """
 
     _curvature: ClassVar[Curvature]
     _block_diagonal: ClassVar[bool] = False
@@ -177,7 +176,6 @@ class _SubsampledLM(ModelwiseOptimizer):
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         self._gradient_capture: Capture | None = None
-        self._end_capture: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -208,28 +206,32 @@ class _SubsampledLM(ModelwiseOptimizer):
     def check_hyperparameters(self, group: dict[str, Any]) -> None:
         _validated(**{k: group[k] for k in _HYPERPARAMETERS})
 
+    @property
+    def uses_trial_loss(self) -> bool:
+        return True  # line 6: ρ_t on S1
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
         """One iteration of thesis Alg 23 on the objective's mini-batch S1."""
-        with ExitStack() as stack:
-            # NG: the gradient pass (line 4) also records what D_t needs (§5.3.3: "all the
-            # vectors needed have been computed when doing backpropagation for the gradient");
-            # `propose` ends the capture before the trial forward pass.
-            self._end_capture = stack.close
-            self._gradient_capture = None
-            if self._curvature == "ng" and isinstance(closure, Objective):
-                self._gradient_capture = stack.enter_context(capture(self.layers))
-            try:
-                loss = super().step(closure)
-            except _SkipStep as skip:
-                return self._skip(skip.loss, skip.reason)
-            finally:
-                self._gradient_capture = None
-        self.last_step_info["next_damping"] = self.damping
-        return loss
+        try:
+            return super().step(closure)
+        finally:
+            self._gradient_capture = None  # the records of this step's gradient pass
+
+    def evaluate(self, objective: Objective) -> tuple[Tensor, Tensor]:
+        """Line 4: loss and g_t on S1 by the closure. NG: the same pass also records what D_t
+        needs (§5.3.3: "all the vectors needed have been computed when doing backpropagation
+        for the gradient"); the hooks are gone before the trial forward pass."""
+        self._gradient_capture = None
+        if self._curvature != "ng":
+            return super().evaluate(objective)
+        with capture(self.layers) as cap:
+            loss, grad = super().evaluate(objective)
+        self._gradient_capture = cap
+        return loss, grad
 
     def propose(self, objective: Objective, loss: Tensor, grad: Tensor) -> Proposal:
-        """Alg 23 lines 3–6: S2, D_t, p_t = −G_t⁻¹g_t, and ρ_t on S1."""
+        """Alg 23 lines 3–6: S2, D_t, p_t = −G_t⁻¹g_t, and the model reduction of ρ_t."""
         group = self.param_groups[0]
         if objective.model is not self.model:
             raise ValueError("objective: its model is not the model this optimizer was built on")
@@ -253,7 +255,6 @@ class _SubsampledLM(ModelwiseOptimizer):
             assert cap is not None
             # The gradient pass recorded ∂L/∂h_i = c ∂l_i/∂h_i; ∂f_i/∂h_i = κ ∂l_i/∂h_i, κ = N1 c.
             captured = sample_rows(cap, self.layers, ["loss"], n1)
-            self._end_capture()
             rows = {name: r.select(index, scale=float(n1)) for name, r in captured.items()}
         else:
             inputs = objective.inputs if index is None else objective.inputs[index]
@@ -281,11 +282,11 @@ class _SubsampledLM(ModelwiseOptimizer):
             else:
                 K, a = sum(grams[1:], grams[0]), sum(Jg[1:], Jg[0])
             if not (bool(torch.isfinite(K).all()) and bool(torch.isfinite(a).all())):
-                raise _SkipStep(loss, "non-finite Gram matrix or J·g")
+                raise SkipStep("non-finite Gram matrix or J·g")
             try:
                 w, solved = woodbury_coefficients(K, a, lam, scale=scale, loss_hessian=H, form=form)
             except DecompositionError as err:
-                raise _SkipStep(loss, f"Woodbury solve failed: {err}") from err
+                raise SkipStep(f"Woodbury solve failed: {err}") from err
             attempts = solved.attempts
         k = rows[used[0]].rows_per_sample if used else 1
 
@@ -313,11 +314,7 @@ class _SubsampledLM(ModelwiseOptimizer):
         alpha = float(group["lr"])
         c = 1.0 if self.ratio_point == "direction" else alpha
         predicted = -c * gp - 0.5 * c * c * curvature  # m_t(0) − m_t(c p)
-        trial = float(objective.loss_at(self.trial_parameters(objective, c * p)))
-        rho = _reduction_ratio(float(loss), trial, predicted)
         info = {
-            "rho": rho,
-            "trial_loss": trial,
             "predicted_reduction": predicted,
             "damping": lam,
             "curvature_batch_size": n2,
@@ -325,19 +322,20 @@ class _SubsampledLM(ModelwiseOptimizer):
         }
         if used:
             info["decomposition_attempts"] = attempts
-        return Proposal(alpha * p, predicted, info)
+        # Line 7: θ + α p_t; line 6: the base's trial loss f(θ_t + c p_t) on S1 gives ρ_t.
+        return Proposal(alpha * p, predicted, info, trial_step=c * p)
 
     def control(self, rho: float, proposal: Proposal) -> bool:
         """LM rule of §5.2.3 on ρ_t; accept always (Alg 23) or when ρ_t ≥ η (Theorem 6)."""
         group = self.param_groups[0]
-        rho = float(proposal.info["rho"])  # measured in `propose` (see ``ratio_point``)
-        lam_lm = self._lambda_lm()
-        eps = float(group["epsilon"])
-        if rho < eps:
-            lam_lm *= float(group["boost"])
-        elif rho > 1.0 - eps:
-            lam_lm *= float(group["drop"])
-        self.global_state["lambda_lm"] = lam_lm
+        self.global_state["lambda_lm"] = levenberg_marquardt_update(
+            self._lambda_lm(),
+            rho,
+            epsilon=float(group["epsilon"]),
+            boost=float(group["boost"]),
+            drop=float(group["drop"]),
+        )
+        proposal.info["next_damping"] = self.damping  # λ_{t+1} = λ_LM + τ
         if not math.isfinite(rho):
             return False  # Deviation: never step towards a non-finite loss (module docstring)
         threshold = group["accept_threshold"]
@@ -407,15 +405,6 @@ def _per_sample_factor(objective: Objective) -> float:
         )
     assert objective.outputs is not None  # set by the gradient pass of the base's step
     return objective.batch_size * objective.loss_scale(objective.outputs)
-
-
-def _reduction_ratio(loss: float, trial: float, predicted: float) -> float:
-    """ρ = (f(θ) − f(θ + s)) / (m(0) − m(s)) with the base's conventions (modelwise.py)."""
-    if not math.isfinite(trial):
-        return -math.inf
-    if predicted > 0:
-        return (loss - trial) / predicted
-    return -math.inf if trial > loss else 1.0
 
 
 class SMWGN(_SubsampledLM):

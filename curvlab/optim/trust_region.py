@@ -58,17 +58,20 @@ Options and deviations:
   pivot check on the full training loss every ``pivot_k`` epochs with batch growth, the
   first-order warm-start epochs (use `curvlab.optim.TwoStage`), and the released code's
   L2 term ``l2_alpha·Σ‖W‖₂`` (add regularisation to the loss instead).
-* Cost: `ModelwiseOptimizer.step` computes loss and gradient by ``objective()``, then the
-  curvature operator builds its own gradient graph for the products: two gradients + k
-  products + one trial forward per step. Reusing the operator's loss and gradient
-  (`CurvatureOperator.loss` / ``gradient()``) for the whole step needs a hook in the base's
-  ``step`` that lets a method compute them itself.
+* Cost: line 3's curvature operator is built once per step and its build is also the gradient
+  pass (`AdaptiveNormNewton.evaluate` takes the loss and g_t from it, so ``.grad`` is not
+  filled): one gradient + k products + one trial forward per step. The operator's passes are
+  functional (no BatchNorm running-statistics update, the global RNG not advanced); for a model
+  with such state in training mode (`curvlab.optim.modelwise.has_stateful_forward`) the
+  ordinary training pass (the closure) gives loss and g_t and the operator is built after it
+  (one gradient more). The operator is dropped at the end of ``step``: no autograd graph
+  outlives a step.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
@@ -77,7 +80,7 @@ from torch import Tensor, nn
 from curvlab.autodiff import CurvatureOperator, curvature_operator
 from curvlab.objective import Objective
 from curvlab.optim.control import RHO_GUARD, scaled_model_decrease, trust_region_update
-from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal
+from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal, has_stateful_forward
 from curvlab.optim.validation import check_choice, check_int, check_range
 from curvlab.solvers import steihaug_cg
 from curvlab.solvers.result import NON_FINITE
@@ -175,12 +178,41 @@ class AdaptiveNormNewton(ModelwiseOptimizer):
 
     Holds the adaptive norm (accumulator in ``global_state["second_moment"]``), builds the
     curvature operator of the step and keeps the cost counters. Subclasses supply `propose` and
-    `control`.
+    `control`; ``propose`` takes the step's operator from `_step_operator`.
+
+    `evaluate` takes loss and gradient from the operator's build (line 3), so ``step`` does not
+    fill ``.grad`` (except for a model with a stateful training pass, see the module docstring).
     """
+
+    def __init__(self, params: Iterable[Any] | nn.Module, defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+        self._operator: CurvatureOperator | None = None
 
     @property
     def uses_trial_loss(self) -> bool:
         return True
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
+        """One step (lines 3–9) on the objective's mini-batch."""
+        try:
+            return super().step(closure)
+        finally:
+            self._operator = None  # no autograd graph outlives the step
+
+    def evaluate(self, objective: Objective) -> tuple[Tensor, Tensor]:
+        """Line 3: loss and g_t from the build of the step's curvature operator (one gradient
+        pass; ``.grad`` is not filled), or from the closure for a stateful training pass."""
+        if has_stateful_forward(objective.model):
+            return super().evaluate(objective)  # the operator is built in `propose`
+        self._operator = self._build_operator(objective, self.param_groups[0])
+        return self._operator.loss, self._operator.gradient()
+
+    def _step_operator(self, objective: Objective, group: dict[str, Any]) -> CurvatureOperator:
+        """The operator built by `evaluate`, or built now (closure path)."""
+        if self._operator is None:
+            self._operator = self._build_operator(objective, group)
+        return self._operator
 
     def _norm_matrix(self, grad: Tensor, group: dict[str, Any]) -> Tensor | None:
         """Line 4: update the accumulator with g_t and return the diagonal M of A_t."""
@@ -200,7 +232,7 @@ class AdaptiveNormNewton(ModelwiseOptimizer):
             moment, group["norm"], eps=float(group["eps"]), eps_mode=group["eps_mode"]
         )
 
-    def _operator(self, objective: Objective, group: dict[str, Any]) -> CurvatureOperator:
+    def _build_operator(self, objective: Objective, group: dict[str, Any]) -> CurvatureOperator:
         """Line 3: B_t as products on this mini-batch (exact Hessian or GGN), built once."""
         return curvature_operator(objective, self.params, group["curvature"])
 
@@ -251,6 +283,9 @@ class EllipsoidalTR(AdaptiveNormNewton):
     ``step_norm``): ``radius`` (Δ_t used), ``next_radius``, ``outcome``, ``solver_status``,
     ``solver_iterations``, ``hit_boundary``, ``model_decrease`` (m(0) − m(s)),
     ``predicted_reduction`` (at lr·s), ``residual_norm`` (‖g + Bs‖), ``curvature_products``.
+
+    Loss and gradient come from the curvature operator's build (`AdaptiveNormNewton.evaluate`):
+    ``step`` does not fill ``.grad`` (it does for a model with BatchNorm or dropout).
     """
 
     def __init__(
@@ -306,7 +341,7 @@ class EllipsoidalTR(AdaptiveNormNewton):
         group = self.param_groups[0]
         radius = self.radius
         norm_diag = self._norm_matrix(grad, group)  # line 4 (A_t includes g_t, spec §4.2)
-        operator = self._operator(objective, group)  # line 3
+        operator = self._step_operator(objective, group)  # line 3
         # line 5: preconditioner A_t⁻¹, ‖s‖_{A_t} ≤ Δ_t, Eq. 52 (or the released code's rule)
         result = steihaug_cg(
             operator.matvec,

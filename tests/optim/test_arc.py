@@ -16,6 +16,7 @@ from curvlab.testing.models import regression_problem, tiny_mlp
 from tests.optim.test_trust_region import (
     check_conformance,
     check_invalid,
+    check_passes,
     dense_derivatives,
     flat,
     flat_loss,
@@ -57,6 +58,11 @@ def test_conformance(kwargs: dict[str, Any]) -> None:
 
 def test_invalid_hyperparameters_are_rejected_naming_them() -> None:
     check_invalid(ARC, {}, INVALID)
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_one_step_is_one_gradient_pass_plus_products_and_a_trial(curvature: str) -> None:
+    check_passes(ARC, {"norm": "rmsprop", "curvature": curvature})
 
 
 def test_scr_defaults() -> None:

@@ -1,4 +1,5 @@
-"""Pure step-control rules: ρ with its guards, the TR radius rule of seed 002's Table 1, ARC's σ."""
+"""Pure step-control rules: ρ with its guards, the TR radius rules of seed 002's Table 1 and
+seed 003's Alg 1, ARC's σ, and the thesis's Levenberg–Marquardt rule."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from curvlab.optim.control import (
     RHO_GUARD,
     arc_sigma_update,
     classify_step,
+    deterministic_radius_update,
     levenberg_marquardt_update,
     reduction_ratio,
     scaled_model_decrease,
+    stochastic_radius_update,
     trust_region_update,
 )
 
@@ -103,8 +106,85 @@ def test_arc_sigma_rule_follows_scr_defaults(
 
 
 def test_levenberg_marquardt_rule() -> None:
+    # Defaults: thesis ch.5 (ε = 1/4, boost = 1.01, drop = 0.99).
     assert levenberg_marquardt_update(1.0, 0.1) == 1.01  # ρ < ε: boost
     assert levenberg_marquardt_update(1.0, math.nan) == 1.01
     assert levenberg_marquardt_update(1.0, 0.8) == 0.99  # ρ > 1 − ε: drop
     assert levenberg_marquardt_update(1.0, 0.5) == 1.0
     assert levenberg_marquardt_update(2.0, 0.0, epsilon=0.1, boost=3.0) == 6.0
+
+
+@pytest.mark.parametrize(
+    ("rho", "expected"),
+    [
+        (0.1, 3.0),  # ρ < ε: boost
+        (-math.inf, 3.0),
+        (math.nan, 3.0),  # Deviation: NaN counts as a failure
+        (0.9, 1.0),  # ρ > 1 − ε: drop
+        (math.inf, 1.0),
+        (0.5, 2.0),  # in between: unchanged
+        (0.25, 2.0),  # the thesis's comparisons are strict: the boundaries are "in between"
+        (0.75, 2.0),
+    ],
+)
+def test_levenberg_marquardt_rule_is_thesis_5_2_3(rho: float, expected: float) -> None:
+    assert levenberg_marquardt_update(2.0, rho, epsilon=0.25, boost=1.5, drop=0.5) == expected
+
+
+# --------------------------------------------------------------------------- seed 003, Alg 1
+@pytest.mark.parametrize(
+    ("rho", "accept", "radius"),
+    [
+        (1.5, True, 2.0),
+        (0.9, True, 2.0),
+        (0.5, True, 1.0),
+        (0.1, True, 1.0),
+        (0.05, False, 0.5),
+        (-3.0, False, 0.5),
+        (-math.inf, False, 0.5),
+        (math.nan, False, 0.5),
+    ],
+)
+def test_deterministic_rule_is_seed_003_alg1_line5(rho: float, accept: bool, radius: float) -> None:
+    assert deterministic_radius_update(rho, 1.0) == (accept, radius)
+    # The same rule as trust_region_update with seed 003's constants.
+    rule = trust_region_update(
+        1.0, rho, eta1=0.1, eta2=0.9, increase=2.0, decrease=2.0, max_radius=math.inf
+    )
+    assert (rule.accepted, rule.value) == (accept, radius)
+
+
+def test_deterministic_rule_options() -> None:
+    assert deterministic_radius_update(0.95, 1.0, max_radius=1.5) == (True, 1.5)
+    assert deterministic_radius_update(0.95, 1.0, very_successful=0.99) == (True, 1.0)
+    assert deterministic_radius_update(0.2, 1.0, successful=0.25, shrink=0.25) == (False, 0.25)
+    assert deterministic_radius_update(0.95, 1.0, expand=3.0) == (True, 3.0)
+
+
+@pytest.mark.parametrize(
+    ("rho", "grad_norm", "accept", "radius"),
+    [
+        (0.95, 2.0, True, 2.0),  # q ≥ 0.9 and ‖g‖ ≥ r: r ← min(2r, r_max)
+        (0.95, 1.0, True, 2.0),  # ‖g‖ = r counts
+        (0.95, 0.99, False, 0.5),  # ‖g‖ < r: reject even a very good step
+        (0.5, 5.0, False, 0.5),  # q < 0.9: reject (no "successful" band)
+        (math.nan, 5.0, False, 0.5),
+        (-math.inf, 5.0, False, 0.5),
+    ],
+)
+def test_stochastic_rule_is_seed_003_alg1_line6(
+    rho: float, grad_norm: float, accept: bool, radius: float
+) -> None:
+    assert stochastic_radius_update(rho, 1.0, grad_norm, max_radius=10.0) == (accept, radius)
+
+
+def test_stochastic_rule_caps_at_max_radius_and_scales_the_gradient_test() -> None:
+    assert stochastic_radius_update(1.0, 1.0, 5.0, max_radius=1.2) == (True, 1.2)
+    assert stochastic_radius_update(1.0, 1.0, 1.5, max_radius=9.0, grad_radius_factor=2.0) == (
+        False,
+        0.5,
+    )
+    assert stochastic_radius_update(1.0, 1.0, 0.6, max_radius=9.0, grad_radius_factor=0.5) == (
+        True,
+        2.0,
+    )

@@ -1,6 +1,7 @@
 """EDF (seed 000): Alg 1 with k = n is the exact damped solve, Alg 2 equals one MINRES step,
-λ = a‖g‖^b, W1 / W2 by hand, EDF-H vs EDF-G, the output-space variant, skips, validation and
-conformance-style behaviour."""
+λ = a‖g‖^b, W1 / W2 by hand, EDF-H vs EDF-G, the output-space variant, skips, passes per step
+(loss and g from the operator's build; the closure for BatchNorm / dropout), no graph after a
+step, validation and conformance-style behaviour."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from curvlab import Objective
 from curvlab.optim.edf import EDF, edf_damping, edf_first_order_direction
 from curvlab.solvers import SolverResult, minres
 from curvlab.testing.models import regression_problem, tiny_mlp
+from tests.optim.test_modelwise import count_forwards, spy_operators
 
 F64 = torch.float64
 
@@ -259,6 +261,51 @@ def test_output_space_order_one_is_the_released_code_formula() -> None:
         opt = EDF(m, lr=0.5, order=k, acceleration="none", space="output")
         opt.step(Objective(m, loss_fn, x, y))
         torch.testing.assert_close(_flat(m), ref.theta - 0.5 * expected[k], rtol=1e-9, atol=1e-11)
+
+
+# --------------------------------------------------------------------------- passes per step
+@pytest.mark.parametrize(
+    ("kind", "space", "order"),
+    [("ggn", "parameter", 3), ("hessian", "parameter", 1), ("ggn", "output", 2)],
+)
+def test_one_step_is_one_gradient_pass_plus_the_products(kind: str, space: str, order: int) -> None:
+    model, loss_fn, x, y = _problem("ce")
+    ref = _dense(model, loss_fn, x, y)
+    opt = EDF(model, lr=1.0, order=order, kind=kind, space=space)  # type: ignore[arg-type]
+    refs = spy_operators(opt)
+    with torch.no_grad():
+        f0 = float(loss_fn(model(x), y))
+    with count_forwards(model) as forwards:
+        loss = opt.step(Objective(model, loss_fn, x, y))
+    info = opt.last_step_info
+    # The operator's build is the only forward: its products reuse the kept graphs, and EDF
+    # has no trial point. The closure never runs, so .grad stays empty.
+    assert forwards[0] == 1
+    assert all(p.grad is None for p in model.parameters())
+    assert info["matvecs"] == order == info["solver_iterations"]
+    # λ = ‖g‖ from the operator's gradient (output space: Jᵀ ∂L/∂φ) is the dense one.
+    assert info["damping"] == pytest.approx(float(ref.g.norm()), rel=1e-12)
+    assert float(loss) == pytest.approx(f0, rel=1e-14) and info["loss"] == float(loss)
+    assert len(refs) == 1 and refs[0]() is None  # no autograd graph outlives the step
+    assert opt._operator is None
+
+
+def test_batchnorm_and_dropout_models_keep_the_training_pass() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Dropout(0.3), nn.Linear(4, 2)
+    ).to(F64)
+    _, loss_fn, x, y = _problem("mse")
+    opt = EDF(model, lr=0.5, order=2)
+    refs = spy_operators(opt)
+    with count_forwards(model) as forwards:
+        opt.step(Objective(model, loss_fn, x, y))
+    assert forwards[0] == 2  # the closure's training pass, then the operator's build
+    assert all(p.grad is not None for p in model.parameters())
+    bn = model[1]
+    assert isinstance(bn, nn.BatchNorm1d) and int(bn.num_batches_tracked) == 1
+    assert float(bn.running_mean.abs().sum()) > 0.0  # the running statistics moved once
+    assert refs[0]() is None
 
 
 # --------------------------------------------------------------------------- robustness

@@ -1,4 +1,5 @@
-"""Seed 003's efficient trust region (Alg 1 + Alg 2), its released-code mode, and the Hybrid."""
+"""Seed 003's efficient trust region (Alg 1 + Alg 2), its released-code mode, and the Hybrid;
+passes per step and no graph after a step. (Its radius rules: tests/optim/test_control.py.)"""
 
 from __future__ import annotations
 
@@ -13,13 +14,9 @@ from torch import Tensor, nn
 from torch.func import hessian
 
 from curvlab import Objective
-from curvlab.optim.efficient_tr import (
-    EfficientTR,
-    HybridTRSGD,
-    deterministic_radius_update,
-    stochastic_radius_update,
-)
+from curvlab.optim.efficient_tr import EfficientTR, HybridTRSGD
 from curvlab.testing.models import regression_problem, tiny_mlp
+from tests.optim.test_modelwise import count_forwards, spy_operators
 
 # --------------------------------------------------------------------------- helpers
 
@@ -75,62 +72,6 @@ def _dense_tr_solution(H: Tensor, g: Tensor, radius: float) -> Tensor:
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if float(s(mid).norm()) > radius else (lo, mid)
     return s(hi)
-
-
-# --------------------------------------------------------------------------- radius rules
-
-
-@pytest.mark.parametrize(
-    ("rho", "accept", "radius"),
-    [
-        (1.5, True, 2.0),
-        (0.9, True, 2.0),
-        (0.5, True, 1.0),
-        (0.1, True, 1.0),
-        (0.05, False, 0.5),
-        (-3.0, False, 0.5),
-        (-math.inf, False, 0.5),
-        (math.nan, False, 0.5),
-    ],
-)
-def test_deterministic_rule_is_alg1_line5(rho: float, accept: bool, radius: float) -> None:
-    assert deterministic_radius_update(rho, 1.0) == (accept, radius)
-
-
-def test_deterministic_rule_options() -> None:
-    assert deterministic_radius_update(0.95, 1.0, max_radius=1.5) == (True, 1.5)
-    assert deterministic_radius_update(0.95, 1.0, very_successful=0.99) == (True, 1.0)
-    assert deterministic_radius_update(0.2, 1.0, successful=0.25, shrink=0.25) == (False, 0.25)
-    assert deterministic_radius_update(0.95, 1.0, expand=3.0) == (True, 3.0)
-
-
-@pytest.mark.parametrize(
-    ("rho", "grad_norm", "accept", "radius"),
-    [
-        (0.95, 2.0, True, 2.0),  # q ≥ 0.9 and ‖g‖ ≥ r: r ← min(2r, r_max)
-        (0.95, 1.0, True, 2.0),  # ‖g‖ = r counts
-        (0.95, 0.99, False, 0.5),  # ‖g‖ < r: reject even a very good step
-        (0.5, 5.0, False, 0.5),  # q < 0.9: reject (no "successful" band)
-        (math.nan, 5.0, False, 0.5),
-        (-math.inf, 5.0, False, 0.5),
-    ],
-)
-def test_stochastic_rule_is_alg1_line6(
-    rho: float, grad_norm: float, accept: bool, radius: float
-) -> None:
-    assert stochastic_radius_update(rho, 1.0, grad_norm, max_radius=10.0) == (accept, radius)
-
-
-def test_stochastic_rule_caps_at_max_radius_and_scales_the_gradient_test() -> None:
-    assert stochastic_radius_update(1.0, 1.0, 5.0, max_radius=1.2) == (True, 1.2)
-    assert stochastic_radius_update(1.0, 1.0, 1.5, max_radius=9.0, grad_radius_factor=2.0) == (
-        False,
-        0.5,
-    )
-    assert stochastic_radius_update(1.0, 1.0, 0.6, max_radius=9.0, grad_radius_factor=0.5) == (
-        True,
-        2.0,
-    )
 
 
 # --------------------------------------------------------------------------- the step
@@ -342,6 +283,49 @@ def test_lr_zero_freezes_parameters_and_radius() -> None:
     assert opt.radius == 0.3
     for p, q in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, q)
+
+
+# --------------------------------------------------------------------------- passes per step
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "forwards_per_product", "trial"),
+    [
+        ({}, 0, 1),  # exact products reuse the kept gradient graph
+        ({"hvp": "hessian-fd"}, 1, 1),  # one gradient (a forward) per product
+        ({"variant": "code"}, 1, 0),  # [C-TR]: no ratio test, no trial forward
+    ],
+)
+def test_one_step_is_one_gradient_pass_plus_products(
+    kwargs: dict[str, Any], forwards_per_product: int, trial: int
+) -> None:
+    model = tiny_mlp((4, 8, 3))
+    x, y = _batches(1)[0]
+    objective = Objective(model, nn.MSELoss(), x, y)
+    _, g = _dense_hessian_and_grad(model, objective)
+    opt = EfficientTR(model, 0.3, **kwargs)
+    refs = spy_operators(opt)
+    with count_forwards(model) as forwards:
+        opt.step(objective)
+    info = opt.last_step_info
+    assert forwards[0] == 1 + forwards_per_product * info["hvp_products"] + trial
+    assert all(p.grad is None for p in model.parameters())  # the closure never ran
+    assert info["grad_norm"] == pytest.approx(float(g.norm()), rel=1e-12)
+    assert refs[0]() is None and opt._operator is None  # no autograd graph outlives the step
+
+
+def test_batchnorm_model_keeps_the_training_pass() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
+    opt = EfficientTR(model, 0.3)
+    refs = spy_operators(opt)
+    for i, (x, y) in enumerate(_batches(2), start=1):
+        with count_forwards(model) as forwards:
+            opt.step(Objective(model, nn.MSELoss(), x, y))
+        assert forwards[0] == 3  # the closure's training pass, the operator's build, the trial
+        assert int(model[1].num_batches_tracked) == i  # running statistics move once per step
+    assert all(p.grad is not None for p in model.parameters())
+    assert all(ref() is None for ref in refs)
 
 
 # --------------------------------------------------------------------------- Hybrid

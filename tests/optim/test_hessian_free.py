@@ -1,5 +1,6 @@
 """Hessian-free (thesis ch.5 baseline): the converged CG direction is the dense LM solve, the
-S2 scaling, ρ, the LM rule, CG warm start, acceptance, skips, validation, conformance-style."""
+S2 scaling, ρ, the LM rule, CG warm start, acceptance, skips, passes per step (one gradient
+from the operator's build when N2 = N1), no graph after a step, validation, conformance-style."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from torch.func import functional_call, grad, hessian, jacrev
 
 import curvlab.optim.hessian_free as hf_module
 from curvlab import Objective
-from curvlab.optim.hessian_free import HessianFree, lm_damping_update
+from curvlab.optim.control import levenberg_marquardt_update
+from curvlab.optim.hessian_free import HessianFree
 from curvlab.solvers import SolverResult
 from curvlab.testing.models import regression_problem, tiny_mlp
+from tests.optim.test_modelwise import count_forwards, spy_operators
 
 F64 = torch.float64
 
@@ -125,18 +128,38 @@ def test_lr_scales_the_step_and_ratio_point() -> None:
         assert opt.last_step_info["predicted_reduction"] == pytest.approx(predicted, rel=1e-8)
 
 
+# --------------------------------------------------------------------------- passes per step
+def test_full_batch_curvature_takes_loss_and_gradient_from_the_operator() -> None:
+    model, loss_fn, x, y = _problem("mse")
+    f0, _ = _loss_grad(model, loss_fn, x, y)
+    opt = HessianFree(model, lr=1.0, cg_max_iters=3)
+    refs = spy_operators(opt)
+    with count_forwards(model) as forwards:
+        loss = opt.step(Objective(model, loss_fn, x, y))
+    info = opt.last_step_info
+    assert float(loss) == pytest.approx(f0, rel=1e-14)
+    # One forward (the GGN operator's build, which is the gradient pass) + the trial forward;
+    # the GGN products reuse the kept graphs.
+    assert forwards[0] == 2
+    assert all(p.grad is None for p in model.parameters())  # no closure ran
+    assert info["matvecs"] == info["cg_iterations"] + 1
+    assert len(refs) == 1 and refs[0]() is None  # no autograd graph outlives the step
+    assert opt._operator is None
+
+
+def test_curvature_subset_keeps_the_closure_for_the_s1_gradient() -> None:
+    model, loss_fn, x, y = _problem("mse")
+    opt = HessianFree(model, lr=1.0, cg_max_iters=3, curvature_batch_size=4)
+    refs = spy_operators(opt)
+    with count_forwards(model) as forwards:
+        opt.step(Objective(model, loss_fn, x, y))
+    # closure on S1 + the operator's build on S2 + the trial forward on S1
+    assert forwards[0] == 3
+    assert all(p.grad is not None for p in model.parameters())
+    assert refs[0]() is None
+
+
 # --------------------------------------------------------------------------- LM rule
-def test_lm_rule_thresholds() -> None:
-    kw = {"epsilon": 0.25, "boost": 1.5, "drop": 0.5}
-    assert lm_damping_update(2.0, 0.1, **kw) == 3.0  # ρ < ε: boost
-    assert lm_damping_update(2.0, -math.inf, **kw) == 3.0
-    assert lm_damping_update(2.0, math.nan, **kw) == 3.0
-    assert lm_damping_update(2.0, 0.9, **kw) == 1.0  # ρ > 1 − ε: drop
-    assert lm_damping_update(2.0, 0.5, **kw) == 2.0  # in between: unchanged
-    assert lm_damping_update(2.0, 0.25, **kw) == 2.0  # boundaries are "in between"
-    assert lm_damping_update(2.0, 0.75, **kw) == 2.0
-
-
 def test_optimizer_moves_lambda_by_the_lm_rule() -> None:
     model, loss_fn, x, y = _problem("ce")
     opt = HessianFree(model, lr=1.0, damping=1.0, boost=1.5, drop=0.5, tau=1e-3)
@@ -147,6 +170,10 @@ def test_optimizer_moves_lambda_by_the_lm_rule() -> None:
         info = opt.last_step_info
         assert info["damping"] == pytest.approx(lam_lm + 1e-3)
         rho = info["rho"]
+        # thesis §5.2.3, the rule of curvlab.optim.control (shared with SMW)
+        assert levenberg_marquardt_update(lam_lm, rho, epsilon=0.25, boost=1.5, drop=0.5) == (
+            1.5 * lam_lm if rho < 0.25 else (0.5 * lam_lm if rho > 0.75 else lam_lm)
+        )
         lam_lm = 1.5 * lam_lm if rho < 0.25 else (0.5 * lam_lm if rho > 0.75 else lam_lm)
         seen.add("boost" if rho < 0.25 else ("drop" if rho > 0.75 else "keep"))
         assert opt.global_state["lambda_lm"] == pytest.approx(lam_lm)

@@ -1,7 +1,12 @@
-"""The model-wide base: a rejected step leaves parameters exactly; ρ; skips; one group."""
+"""The model-wide base: a rejected step leaves parameters exactly; ρ (also at a trial point
+other than the step); skips; one group; which models have a stateful training pass. Also the
+pass-counting helpers used by the model-wide methods' tests."""
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -10,8 +15,41 @@ from torch import nn
 from torch.func import hessian
 
 from curvlab import Objective
-from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal
-from curvlab.testing.models import regression_problem, tiny_mlp
+from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal, has_stateful_forward
+from curvlab.testing.models import regression_problem, tiny_cnn, tiny_mlp
+
+
+# ------------------------------------------------------------------ helpers (also for methods)
+@contextmanager
+def count_forwards(model: nn.Module) -> Iterator[list[int]]:
+    """``[n]``: the number of forward passes of ``model`` inside the block (functional ones,
+    `torch.func.functional_call`, included)."""
+    count = [0]
+
+    def hook(*args: Any) -> None:
+        count[0] += 1
+
+    handle = model.register_forward_hook(hook)
+    try:
+        yield count
+    finally:
+        handle.remove()
+
+
+def spy_operators(opt: Any) -> list[weakref.ref[Any]]:
+    """Weak references to the curvature operator of every step (``opt._operator`` at the end
+    of `propose`); dead after ``step`` when no autograd graph outlives the step."""
+    refs: list[weakref.ref[Any]] = []
+    original = opt.propose
+
+    def propose(objective: Objective, loss: torch.Tensor, g: torch.Tensor) -> Proposal:
+        proposal = original(objective, loss, g)
+        assert opt._operator is not None
+        refs.append(weakref.ref(opt._operator))
+        return proposal
+
+    opt.propose = propose
+    return refs
 
 
 class DenseLM(ModelwiseOptimizer):
@@ -132,3 +170,59 @@ def test_skip_step_from_a_hook_changes_nothing_and_evaluate_replaces_the_closure
     assert opt.global_state["skipped_steps"] == 1
     for p, q in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, q)
+
+
+class _HalfStep(DenseLM):
+    """Steps half the LM step but measures ρ at the full one (thesis Alg 23's ratio point)."""
+
+    def propose(self, objective: Objective, loss: torch.Tensor, grad: torch.Tensor) -> Proposal:
+        full = super().propose(objective, loss, grad)
+        return Proposal(0.5 * full.step, full.predicted_reduction, full.info, trial_step=full.step)
+
+
+def test_trial_step_moves_the_trial_point_but_not_the_step() -> None:
+    model = tiny_mlp((4, 3, 2))
+    x, y = regression_problem(n=12, d_out=2)
+    obj = Objective(model, nn.MSELoss(), x, y)
+    opt = _HalfStep(model.parameters(), damping=0.5)
+    proposals: list[Proposal] = []
+    original = opt.propose
+
+    def spy(objective: Objective, loss: torch.Tensor, g: torch.Tensor) -> Proposal:
+        proposals.append(original(objective, loss, g))
+        return proposals[-1]
+
+    opt.propose = spy  # type: ignore[method-assign]
+    names = [n for n, _ in model.named_parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def loss_at(step: torch.Tensor) -> float:
+        pieces = step.split([p.numel() for p in before])
+        moved = {n: p + d.view_as(p) for n, p, d in zip(names, before, pieces, strict=True)}
+        return float(obj.functional_loss(moved))
+
+    loss = float(opt.step(obj))
+    info, (proposal,) = opt.last_step_info, proposals
+    assert proposal.trial_step is not None and proposal.predicted_reduction is not None
+    full = proposal.trial_step
+    assert info["trial_loss"] == loss_at(full)  # measured at the trial step ...
+    assert info["rho"] == (loss - loss_at(full)) / proposal.predicted_reduction
+    assert info["accepted"]
+    for p, q, d in zip(model.parameters(), before, opt.unflatten(0.5 * full), strict=True):
+        assert torch.equal(p, q + d)  # ... while the parameters move by the step
+
+
+def test_stateful_forward_detects_running_statistics_and_randomness() -> None:
+    assert not has_stateful_forward(tiny_mlp())
+    assert not has_stateful_forward(tiny_cnn())
+    bn = tiny_cnn(batchnorm=True)
+    assert has_stateful_forward(bn)
+    bn.eval()  # running statistics are read, not moved
+    assert not has_stateful_forward(bn)
+    dropout = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5))
+    assert has_stateful_forward(dropout)
+    assert not has_stateful_forward(nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.0)))
+    assert has_stateful_forward(nn.Sequential(nn.Linear(3, 3), nn.RReLU()))
+    assert has_stateful_forward(nn.Sequential(nn.Linear(3, 3), nn.Dropout2d(0.1)))
+    dropout.eval()
+    assert not has_stateful_forward(dropout)

@@ -1,5 +1,6 @@
 """SMW-GN / SMW-NG / SMW-NG-BD (thesis ch.5): directions equal the dense LM solve, the LM
-rule, ρ, Theorem 6's acceptance, skips and bad input, conformance-style behaviour."""
+rule, ρ, Theorem 6's acceptance, skips and bad input, passes per step (NG's per-sample rows
+from the gradient pass), conformance-style behaviour."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from curvlab.linalg import DecompositionError
 from curvlab.optim.modelwise import Proposal
 from curvlab.optim.smw import SMWGN, SMWNG, SMWNGBD
 from curvlab.testing.models import regression_problem, tiny_cnn, tiny_mlp
+from tests.optim.test_modelwise import count_forwards
 
 F64 = torch.float64
 CLASSES = [SMWGN, SMWNG, SMWNGBD]
@@ -157,10 +159,29 @@ def test_lm_rule_moves_lambda_as_specified() -> None:
     opt = SMWNG(tiny_mlp(), damping=2.0, tau=0.01, boost=1.5, drop=0.5, epsilon=0.25)
     cases = [(0.1, 3.0), (-math.inf, 4.5), (0.5, 4.5), (0.75, 4.5), (0.9, 2.25), (0.25, 2.25)]
     for rho, lam_lm in cases:
-        accepted = opt.control(math.nan, Proposal(torch.zeros(1), 1.0, {"rho": rho}))
+        proposal = Proposal(torch.zeros(1), 1.0, {})
+        accepted = opt.control(rho, proposal)
         assert accepted is math.isfinite(rho)  # practical Alg 23 accepts every finite step
         assert opt.global_state["lambda_lm"] == lam_lm
         assert opt.damping == lam_lm + 0.01  # λ = λ_LM + τ
+        assert proposal.info["next_damping"] == opt.damping
+
+
+@pytest.mark.parametrize(("cls", "forwards"), [(SMWNG, 2), (SMWNGBD, 2), (SMWGN, 3)])
+def test_passes_per_step(cls: type, forwards: int) -> None:
+    # NG / NG-BD: the closure's gradient pass also records the per-sample rows (§5.3.3), then
+    # only the trial forward; GN adds one forward on S2 (and backward passes to the outputs).
+    model, loss_fn, x, y = _problem("ce")
+    opt = cls(model, lr=1.0, curvature_batch_size=4)
+    with count_forwards(model) as count:
+        opt.step(Objective(model, loss_fn, x, y))
+    assert count[0] == forwards
+    assert all(p.grad is not None for p in model.parameters())  # the closure's gradient
+    assert opt._gradient_capture is None  # nothing of the step's pass is kept ...
+    for layer in opt.layers.values():  # ... and no hook is left on the layers
+        assert not layer.module._forward_hooks and not layer.module._forward_pre_hooks
+    info = opt.last_step_info
+    assert info["next_damping"] == opt.damping and info["accepted"]
 
 
 def test_step_reports_lambda_and_applies_the_rule() -> None:

@@ -12,10 +12,12 @@ from torch import Tensor, nn
 from torch.func import grad, hessian, jacrev
 
 from curvlab import Objective
+from curvlab.autodiff import curvature_operator
 from curvlab.optim.modelwise import Proposal
 from curvlab.optim.trust_region import EllipsoidalTR, norm_matrix_diagonal, update_second_moment
 from curvlab.solvers import steihaug_cg
 from curvlab.testing.models import deep_linear, regression_problem, tiny_mlp
+from tests.optim.test_modelwise import count_forwards, spy_operators
 from tests.solvers import dense_tr_solution, quadratic_model
 
 F64 = torch.float64
@@ -114,6 +116,44 @@ def check_conformance(cls: type, kwargs: dict[str, Any]) -> None:
         assert torch.equal(p, q)
 
 
+def check_passes(cls: type, kwargs: dict[str, Any]) -> None:
+    """One step = the operator's build (the gradient pass) + k products + one trial forward;
+    ``.grad`` untouched; the operator (and its graphs) gone after ``step``. A BatchNorm model
+    keeps the closure's training pass (running statistics move once per step)."""
+    model = tiny_mlp((3, 4, 2))
+    x, y = regression_problem(n=8, d_in=3, d_out=2)
+    objective = Objective(model, nn.MSELoss(), x, y)
+    g, _ = dense_derivatives(objective)
+    loss0 = float(flat_loss(objective)(flat(model)))
+    opt = cls(model, **kwargs)
+    proposals = spy_proposals(opt)
+    refs = spy_operators(opt)
+    with count_forwards(model) as forwards:
+        loss = opt.step(objective)
+    info = opt.last_step_info
+    assert forwards[0] == 2  # build + trial; Hessian / GGN products reuse the kept graphs
+    assert all(p.grad is None for p in model.parameters())
+    assert float(loss) == pytest.approx(loss0, rel=1e-14)
+    assert info["curvature_products"] >= 1
+    assert opt.global_state["curvature_products"] == info["curvature_products"]
+    # g_t from the operator's build is the dense gradient: the norm's accumulator saw it.
+    weight = {"adagrad": 1.0, "rmsprop": 1.0 - opt.param_groups[0]["beta"]}[kwargs["norm"]]
+    torch.testing.assert_close(opt.global_state["second_moment"], weight * g * g)
+    assert len(proposals) == 1 and len(refs) == 1
+    assert refs[0]() is None and opt._operator is None  # no autograd graph outlives the step
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
+    opt = cls(model, **kwargs)
+    refs = spy_operators(opt)
+    with count_forwards(model) as forwards:
+        opt.step(Objective(model, nn.MSELoss(), x, y))
+    assert forwards[0] == 3  # closure, build, trial
+    assert all(p.grad is not None for p in model.parameters())
+    assert int(model[1].num_batches_tracked) == 1
+    assert refs[0]() is None
+
+
 def check_invalid(cls: type, kwargs: dict[str, Any], invalid: dict[str, Any]) -> None:
     for key, value in invalid.items():
         with pytest.raises(ValueError, match=f"^{key}"):
@@ -164,6 +204,11 @@ def test_conformance(kwargs: dict[str, Any]) -> None:
 
 def test_invalid_hyperparameters_are_rejected_naming_them() -> None:
     check_invalid(EllipsoidalTR, {}, INVALID)
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_one_step_is_one_gradient_pass_plus_products_and_a_trial(curvature: str) -> None:
+    check_passes(EllipsoidalTR, {"norm": "adagrad", "curvature": curvature})
 
 
 def test_table_1_defaults_per_norm() -> None:
@@ -417,7 +462,16 @@ def test_stopping_rules_reach_the_solver_and_the_step_report(stopping: str, norm
 
 def test_non_finite_curvature_rejects_without_touching_the_radius() -> None:
     class NaNCurvature:
+        """The real operator's loss and gradient, NaN products."""
+
         products = 0
+
+        def __init__(self, objective: Objective) -> None:
+            self._inner = curvature_operator(objective, list(model.parameters()), "hessian")
+            self.loss = self._inner.loss
+
+        def gradient(self) -> Tensor:
+            return self._inner.gradient()
 
         def matvec(self, v: Tensor) -> Tensor:
             self.products += 1
@@ -426,7 +480,7 @@ def test_non_finite_curvature_rejects_without_touching_the_radius() -> None:
     model = tiny_mlp((4, 8, 3))
     x, y = regression_problem(n=16)
     opt = EllipsoidalTR(model, norm="uniform")
-    opt._operator = lambda objective, group: NaNCurvature()  # type: ignore[method-assign]
+    opt._build_operator = lambda objective, group: NaNCurvature(objective)  # type: ignore[method-assign]
     before = flat(model)
     opt.step(Objective(model, nn.MSELoss(), x, y))
     info = opt.last_step_info
