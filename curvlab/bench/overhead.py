@@ -1,51 +1,44 @@
-"""Per-step time of K-FAC against SGD with momentum, next to K-FAC's arithmetic floor.
+"""Per-step time of the curvature methods against SGD with momentum, next to their floors.
 
-``curvlab overhead`` answers one question of the project issue: how many times an SGD-m step
-does a K-FAC step cost on a problem (by default the Fashion-MNIST autoencoder, batch 1000,
-float32, 2 threads, inverses every 20 steps), and how far is that from what the extra
-arithmetic alone must cost on this machine?
+``curvlab overhead`` answers two questions of the project issues: how many times an SGD-m step
+does a step of K-FAC (issue 2), K-BFGS, K-BFGS(L), TNT or Shampoo (issue 3) cost on a problem
+(by default the Fashion-MNIST autoencoder, batch 1000, float32, 2 threads, curvature
+statistics every step and inverses / roots every 20 steps), and how far is that from what the
+method's extra arithmetic alone must cost on this machine? It also reports each method's
+memory beyond SGD-m next to the thesis's storage formula (Tables 3.1, 4.1).
 
 Measurement (`measure_overhead`):
 
 * one model per method, all initialised from the same seed, and one fixed list of mini-batches
   drawn once (seeded shuffle) from the real training data, visited in the same order by all;
-* each method is warmed up, then the methods take turns, ``A B C … A B C …``, ``steps`` timed
-  steps per turn and ``repeats`` turns each, so that machine drift hits every method alike;
+* each method is warmed up (at least ``warmup`` steps, and as many as its steady state needs:
+  K-BFGS(L) until its p pairs are stored, a schedule's warm-up refreshes), then the methods
+  take turns, ``A B C … A B C …``, ``steps`` timed steps per turn and ``repeats`` turns each, so
+  that machine drift hits every method alike;
 * a step is ``optimizer.step(Objective(model, loss_fn, x, y, batch_average=…))`` timed with
   ``time.perf_counter`` as `curvlab.bench.runner` times it (the objective is built outside);
-* a turn's mean step time includes the amortised inverse refreshes and statistics steps (exactly
-  so when ``steps`` is a multiple of every T1 and T2); a method's time is the minimum over its
+* a turn's mean step time includes the amortised refreshes and statistics steps (exactly so
+  when ``steps`` is a multiple of every T1 and T2); a method's time is the minimum over its
   turns of the turn mean, and the median over all its timed steps is reported next to it;
 * ratios are to sgd-m's time from the same run.
 
-Floor (`floor_terms`): the time a K-FAC variant must spend beyond an SGD-m step, from FLOPs and
-this machine's measured GEMM throughput at the same thread count, each term converted with the
-throughput of the GEMM shape that really occurs (no single peak number):
+Floor (`curvlab.bench.floors`): the time each method must spend beyond an SGD-m step — extra
+passes, statistics, preconditioning products, and its amortised decompositions — every
+operation timed at the shape where it occurs, decompositions timed on the method's own
+factors after the turns. The floor ratio is ``(t_sgd + extra floor) / t_sgd`` with the
+measured t_sgd. As a cross-check, the FLOPs each method executes per step (over one full
+statistics / inverse period) are counted with ``FlopCounterMode`` after the timing and
+compared with the floor's matrix-product FLOPs: the difference is work the method does beyond
+its floor.
 
-* extra forward (``statistics="after_step"``): ``Σ_l 2·r·d_in·d_out`` with r = rows (m·|T|),
-  timed as ``x @ Wᵀ``;
-* statistics backward (sampled labels, or any after-step pass): only layer-output gradients,
-  i.e. ``Σ_l 2·r·d_out·d_in`` over the layers whose input needs a gradient (not the first),
-  timed as ``g @ W``; no weight gradients;
-* factor products A and G: the FLOPs that `curvlab.curvature.factors` really executes, counted
-  with `torch.utils.flop_counter.FlopCounterMode` (`curvlab.linalg.gram` computes only a block
-  triangle for wide inputs), converted at the throughput of the full ``XᵀX`` GEMM of that shape;
-* preconditioning ``G⁻¹ V A⁻¹``: two products per layer, ``2·d_out·d_a·(d_out + d_a)``;
-* inversions: the *measured* time of `curvlab.linalg.damped_inverse` on each factor size,
-  divided by T2 (not a FLOP estimate).
-
-Statistics terms are divided by T1 (``curvature_every``). The floor ratio is
-``(t_sgd + extra floor) / t_sgd`` with the measured t_sgd. As a cross-check, the FLOPs each
-method executes per step are also counted with ``FlopCounterMode`` after the timing.
-
-Conv layers are costed as their im2col GEMMs (an approximation); the floor is exact in form
-for MLPs.
+The timing learning rates are a tenth of the thesis presets (`TIMING_LR`; K-FAC:
+`KFAC_TIMING_LR`): a diverged method skips its steps, which would time the wrong thing, and
+the learning rate does not change the cost of a step. Skipped steps are flagged in the table.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import json
 import math
@@ -59,29 +52,47 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
-from torch.utils.hooks import RemovableHandle
 
+from curvlab.bench.floors import (
+    FLOOR_TERMS,
+    Decomposition,
+    FloorItem,
+    FloorModel,
+    Gemm,
+    LayerGeometry,
+    RowSum,
+    floor_flops,
+    floor_items,
+    layer_geometry,
+    measure_floor_model,
+    real_factors,
+    state_bytes,
+    storage_formula,
+)
+from curvlab.bench.floors import counted_flops as _counted_flops
 from curvlab.bench.problems import Problem, get_problem
 from curvlab.bench.records import environment, to_jsonable
 from curvlab.bench.specs import get_optimizer, presets_for
-from curvlab.curvature.factors import input_factor, output_factor
-from curvlab.curvature.layers import find_layers
 from curvlab.data import batches
-from curvlab.linalg import damped_inverse
 from curvlab.objective import Objective
+from curvlab.optim.kbfgs import KBFGS
+from curvlab.optim.kfac import KFAC
+from curvlab.optim.tensorwise import TensorwiseOptimizer
 
 __all__ = [
+    "DEFAULT_METHODS",
     "FLOOR_TERMS",
+    "ISSUE3_TARGETS",
     "KFAC_TIMING_LR",
+    "METHODS",
     "TARGET_PROBLEM",
+    "TIMING_LR",
     "FloorModel",
     "Gemm",
     "LayerGeometry",
     "Variant",
     "add_overhead_parser",
     "default_variants",
-    "floor_terms",
     "format_overhead",
     "layer_geometry",
     "measure_floor_model",
@@ -90,15 +101,6 @@ __all__ = [
 ]
 
 BASELINE = "sgd-m"
-FLOOR_TERMS = (
-    "extra_forward",
-    "statistics_backward",
-    "factor_A",
-    "factor_G",
-    "precondition",
-    "inversion",
-)
-"""The components of a K-FAC variant's floor, in milliseconds per step beyond SGD-m."""
 
 _KFAC_DEFAULTS: dict[str, Any] = {
     "fisher": "true",
@@ -128,7 +130,7 @@ class Variant:
 
     @property
     def is_kfac(self) -> bool:
-        """Whether the floor model of K-FAC applies."""
+        """Whether this is a K-FAC variant."""
         return self.optimizer in ("kfac", "kfac-ef")
 
     def kfac_setting(self, key: str) -> Any:
@@ -144,35 +146,93 @@ class Variant:
 #: finite for hundreds of steps there. The learning rate does not change the cost of a step.
 KFAC_TIMING_LR = 0.003
 
+#: The issue-3 methods' learning rates in the timing runs: a tenth of the thesis presets for the
+#: autoencoders (Tables 3.5, 4.3, 4.5), as for K-FAC, so that no run diverges into skipped steps.
+TIMING_LR: dict[str, float] = {
+    "kbfgs": 0.003,
+    "kbfgs-l": 0.003,
+    "tnt": 1e-5,
+    "tnt-ef": 3e-7,
+    "shampoo": 3e-5,
+}
 
-#: The problem the issue's targets were set for (batch 1000, float32, 2 threads).
+#: Issue 3's bounds on the per-step time over SGD-m (`TARGET_PROBLEM`).
+ISSUE3_TARGETS: dict[str, float] = {"shampoo": 2.3, "kbfgs": 2.8, "kbfgs-l": 2.9, "tnt": 3.0}
+
+#: The problem the issues' targets were set for (batch 1000, float32, 2 threads).
 TARGET_PROBLEM = "fmnist-autoencoder"
+
+#: Method groups of ``--methods``: sgd-m is always timed (the baseline).
+METHODS = ("adam", "kfac", "kbfgs", "kbfgs-l", "tnt", "tnt-ef", "shampoo")
+DEFAULT_METHODS = ("adam", "kfac", "kbfgs", "kbfgs-l", "tnt", "shampoo")
 
 
 def default_variants(
-    inverse_every: int = 20, kfac_lr: float = KFAC_TIMING_LR, *, targets: bool = True
+    inverse_every: int = 20,
+    kfac_lr: float = KFAC_TIMING_LR,
+    *,
+    targets: bool = True,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    lrs: Mapping[str, float] | None = None,
 ) -> list[Variant]:
-    """sgd-m, adam and the five K-FAC variants of the issue, with its targets.
+    """sgd-m and the chosen method groups (`METHODS`), with the issues' targets.
 
-    The issue's targets (for `TARGET_PROBLEM`; ``targets=False`` leaves them out): true Fisher
-    with factors every step ≤ 2.8× (both statistics points), empirical Fisher ≤ 2.3×, true
-    Fisher with factors every 10 steps ≤ 1.9×.
+    Groups: ``adam``; ``kfac``, the five K-FAC variants of issue 2 (true Fisher with factors
+    every step ≤ 2.8× at both statistics points, empirical Fisher ≤ 2.3×, true Fisher with
+    factors every 10 steps ≤ 1.9×); ``kbfgs`` (≤ 2.8×), ``kbfgs-l`` (p = 100, ≤ 2.9×), ``tnt``
+    (≤ 3.0×), ``tnt-ef`` and ``shampoo`` (eigh roots, ≤ 2.3×) of issue 3, with statistics every
+    step and inverses / roots every ``inverse_every`` steps on the printed schedule
+    (``inverse_warmup=False``; the refresh warm-up only changes the first T2 steps).
+
+    Args:
+        inverse_every: T2 of K-FAC, TNT and Shampoo.
+        kfac_lr: K-FAC's learning rate.
+        targets: attach the issues' bounds (they hold for `TARGET_PROBLEM` only).
+        methods: method groups, in table order.
+        lrs: learning rates by method group or variant name, over `TIMING_LR` / ``kfac_lr``.
     """
-    base = {"inverse_every": inverse_every, "lr": kfac_lr}
-    before = {"statistics": "before_step"}
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    lrs = dict(lrs or {})
 
-    def bound(value: float) -> float | None:
+    def bound(value: float | None) -> float | None:
         return value if targets else None
 
-    return [
-        Variant(BASELINE, "sgd-m"),
-        Variant("adam", "adam"),
-        Variant("kfac", "kfac", {**base}, bound(2.8)),
-        Variant("kfac/before", "kfac", {**base, **before}, bound(2.8)),
-        Variant("kfac-ef/before", "kfac", {**base, **before, "fisher": "empirical"}, bound(2.3)),
-        Variant("kfac/T1=10", "kfac", {**base, "curvature_every": 10}, bound(1.9)),
-        Variant("kfac/T1=10/before", "kfac", {**base, **before, "curvature_every": 10}, bound(1.9)),
-    ]
+    def lr(name: str, default: float) -> float:
+        return float(lrs.get(name, default))
+
+    out = [Variant(BASELINE, "sgd-m")]
+    for method in dict.fromkeys(methods):
+        if method == "adam":
+            out.append(Variant("adam", "adam", {"lr": lrs["adam"]} if "adam" in lrs else {}))
+        elif method == "kfac":
+            base = {"inverse_every": inverse_every, "lr": lr("kfac", kfac_lr)}
+            before = {"statistics": "before_step"}
+            ef = {**base, **before, "fisher": "empirical"}
+            every10 = {**base, "curvature_every": 10}
+            out += [
+                Variant("kfac", "kfac", {**base}, bound(2.8)),
+                Variant("kfac/before", "kfac", {**base, **before}, bound(2.8)),
+                Variant("kfac-ef/before", "kfac", ef, bound(2.3)),
+                Variant("kfac/T1=10", "kfac", every10, bound(1.9)),
+                Variant("kfac/T1=10/before", "kfac", {**every10, **before}, bound(1.9)),
+            ]
+        elif method in ("kbfgs", "kbfgs-l"):
+            hp = {"lr": lr(method, TIMING_LR[method]), "curvature_every": 1}
+            out.append(Variant(method, method, hp, bound(ISSUE3_TARGETS[method])))
+        else:  # tnt, tnt-ef, shampoo
+            hp = {
+                "lr": lr(method, TIMING_LR[method]),
+                "curvature_every": 1,
+                "inverse_every": inverse_every,
+                "inverse_warmup": False,
+            }
+            out.append(Variant(method, method, hp, bound(ISSUE3_TARGETS.get(method))))
+    for key in lrs:
+        if key not in METHODS and all(v.name != key for v in out):
+            raise ValueError(f"lr: no timed method is called {key!r}")
+    return out
 
 
 def _hyperparameters(variant: Variant, problem: Problem) -> dict[str, Any]:
@@ -186,316 +246,31 @@ def _hyperparameters(variant: Variant, problem: Problem) -> dict[str, Any]:
     return merged
 
 
-# --------------------------------------------------------------------------- geometry
-@dataclass(frozen=True)
-class LayerGeometry:
-    """The matrix-form sizes of one Kronecker layer in one forward pass.
+def _steady_after(optimizer: torch.optim.Optimizer) -> int:
+    """Steps before the optimizer's per-step cost is that of its steady state.
 
-    Attributes:
-        name: module name.
-        rows: r = m·|T|, rows of the layer's matrix form (m for a Linear layer).
-        fan_in: d_in (without the bias coordinate).
-        d_out: output width.
-        bias: whether the layer has a trainable bias (d_a = d_in + 1).
-        input_grad: whether backpropagation continues below this layer (its input needs a
-            gradient); False for the first layer of a network.
-        input_shape, output_shape: tensor shapes seen in the forward pass.
+    K-BFGS(L): p curvature updates fill its pair buffer (its cost grows with the pairs);
+    TNT / Shampoo with ``inverse_warmup`` and K-FAC with ``inverse_warmup=k`` refresh more
+    often during their first T2 (k) steps.
     """
-
-    name: str
-    rows: int
-    fan_in: int
-    d_out: int
-    bias: bool
-    input_grad: bool
-    input_shape: tuple[int, ...]
-    output_shape: tuple[int, ...]
-
-    @property
-    def d_a(self) -> int:
-        """Input-side factor size: fan-in plus the bias coordinate."""
-        return self.fan_in + int(self.bias)
+    group = optimizer.param_groups[0]
+    if isinstance(optimizer, KBFGS) and optimizer.memory is not None:
+        return int(optimizer.memory) * int(group["curvature_every"]) + 1
+    if isinstance(optimizer, TensorwiseOptimizer) and optimizer.inverse_warmup:
+        return int(group["inverse_every"])
+    if isinstance(optimizer, KFAC):
+        return int(group["inverse_warmup"])
+    return 0
 
 
-def layer_geometry(model: nn.Module, inputs: Tensor) -> list[LayerGeometry]:
-    """Sizes of ``model``'s Kronecker layers, from one forward pass on ``inputs``.
-
-    A layer called several times is described by its first call.
-    """
-    layers = find_layers(model)
-    seen: dict[str, tuple[Tensor, bool]] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    handles: list[RemovableHandle] = []
-
-    def pre_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            seen.setdefault(name, (args[0].detach(), bool(args[0].requires_grad)))
-
-        return hook
-
-    def post_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], Tensor], None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-            shapes.setdefault(name, tuple(output.shape))
-
-        return hook
-
-    try:
-        for name, layer in layers.items():
-            handles.append(layer.module.register_forward_pre_hook(pre_hook(name)))
-            handles.append(layer.module.register_forward_hook(post_hook(name)))
-        with torch.enable_grad():
-            model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    out: list[LayerGeometry] = []
-    for name, layer in layers.items():
-        if name not in seen:
-            continue
-        x, needs_grad = seen[name]
-        rows = layer.input_rows(x)
-        out.append(
-            LayerGeometry(
-                name=name,
-                rows=int(rows.shape[0]),
-                fan_in=int(rows.shape[1]),
-                d_out=layer.d_out,
-                bias=layer.bias is not None,
-                input_grad=needs_grad,
-                input_shape=tuple(x.shape),
-                output_shape=shapes[name],
-            )
-        )
-    return out
-
-
-# --------------------------------------------------------------------------- timing helpers
-def _best_time(fn: Callable[[], object], repeats: int = 7, min_group_s: float = 2e-3) -> float:
-    """Seconds per call of ``fn``: the minimum over ``repeats`` groups of calls.
-
-    A group holds enough calls to last ``min_group_s`` so that tiny operations are not
-    dominated by the clock's resolution. The minimum is the machine's best, a floor.
-    """
-    fn()
-    number = 1
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        elapsed = time.perf_counter() - t0
-        if elapsed >= min_group_s or number >= 1 << 14:
-            break
-        number *= 2 if elapsed <= 0 else max(2, math.ceil(min_group_s / elapsed))
-    best = elapsed / number
-    for _ in range(repeats - 1):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / number)
-    return best
-
-
-@dataclass(frozen=True)
-class Gemm:
-    """A matrix product ``(rows × inner) @ (inner × cols)``.
-
-    ``layout`` says how the operands are stored, as in the library's own calls: ``"nn"`` both
-    contiguous (``g @ W``), ``"nt"`` the right one a transposed view (``x @ W.T``,
-    ``P @ A.mT``), ``"tn"`` the left one a transposed view (``X.T @ X``).
-    """
-
-    rows: int
-    inner: int
-    cols: int
-    layout: str
-
-    @property
-    def flops(self) -> int:
-        """2·rows·inner·cols."""
-        return 2 * self.rows * self.inner * self.cols
-
-    @property
-    def label(self) -> str:
-        """E.g. ``(1000×785)@(785×1000) nt``."""
-        return f"({self.rows}×{self.inner})@({self.inner}×{self.cols}) {self.layout}"
-
-    def seconds(self, dtype: torch.dtype) -> float:
-        """Best measured seconds of one product at the current thread count."""
-        gen = torch.Generator().manual_seed(0)
-        if self.layout == "tn":
-            left = torch.randn(self.inner, self.rows, generator=gen, dtype=dtype).t()
-        else:
-            left = torch.randn(self.rows, self.inner, generator=gen, dtype=dtype)
-        if self.layout == "nt":
-            right = torch.randn(self.cols, self.inner, generator=gen, dtype=dtype).t()
-        else:
-            right = torch.randn(self.inner, self.cols, generator=gen, dtype=dtype)
-        out = torch.empty(self.rows, self.cols, dtype=dtype)
-        return _best_time(lambda: torch.mm(left, right, out=out))
-
-
-def _counted_flops(fn: Callable[[], object]) -> int:
-    """FLOPs that ``fn`` executes in matrix products (`FlopCounterMode`)."""
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())
-
-
-def _spd(d: int, dtype: torch.dtype) -> Tensor:
-    """A symmetric positive definite test matrix like a curvature factor (Gram / rows)."""
-    gen = torch.Generator().manual_seed(d)
-    X = torch.randn(max(2 * d, 8), d, generator=gen, dtype=dtype)
-    return (X.t() @ X) / X.shape[0]
-
-
-# --------------------------------------------------------------------------- floor
-@dataclass
-class _LayerCosts:
-    """Per-layer unit costs in seconds (per occurrence) and FLOPs."""
-
-    forward_s: float = 0.0
-    backward_s: float = 0.0
-    factor_a_s: float = 0.0
-    factor_g_s: float = 0.0
-    precondition_s: float = 0.0
-    inversion_s: float = 0.0
-    weight_grad_s: float = 0.0
-    forward_flops: int = 0
-    backward_flops: int = 0
-    factor_a_flops: int = 0
-    factor_g_flops: int = 0
-    precondition_flops: int = 0
-    weight_grad_flops: int = 0
-    factor_a_measured_s: float = 0.0
-    factor_g_measured_s: float = 0.0
-
-
-@dataclass
-class FloorModel:
-    """Measured unit costs of every layer, plus the GEMM and inversion timings behind them."""
-
-    layers: list[LayerGeometry]
-    costs: dict[str, _LayerCosts]
-    gemms: dict[str, dict[str, float]]
-    inversions_ms: dict[int, float]
-
-    def total(self, attr: str) -> float:
-        """Sum over layers of one `_LayerCosts` field."""
-        return float(sum(getattr(c, attr) for c in self.costs.values()))
-
-
-def measure_floor_model(
-    model: nn.Module,
-    inputs: Tensor,
-    *,
-    loss_scale: float,
-    damping: float = 1.0,
-    progress: bool = False,
-) -> FloorModel:
-    """Time every GEMM shape and factor inversion of K-FAC on ``model`` at the current threads.
-
-    Args:
-        model: the network (its layer sizes are read from a forward pass on ``inputs``).
-        inputs: one mini-batch.
-        loss_scale: c of the loss ``L = c·Σ_n l_n`` (only scales G; its FLOPs are unaffected).
-        damping: damping of the timed inversions (does not change their cost).
-        progress: report on stderr.
-    """
-    dtype = inputs.dtype
-    geometry = layer_geometry(model, inputs)
-    layers = find_layers(model)
-    m = int(inputs.shape[0])
-    gemm_seconds: dict[Gemm, float] = {}
-
-    def timed(g: Gemm) -> float:
-        if g not in gemm_seconds:
-            gemm_seconds[g] = g.seconds(dtype)
-        return gemm_seconds[g]
-
-    inversion_s: dict[int, float] = {}
-
-    def inverse_time(d: int) -> float:
-        if d not in inversion_s:
-            M = _spd(d, dtype)
-            inversion_s[d] = _best_time(lambda: damped_inverse(M, damping), repeats=5)
-        return inversion_s[d]
-
-    gen = torch.Generator().manual_seed(1)
-    costs: dict[str, _LayerCosts] = {}
-    for geo in geometry:
-        if progress:
-            print(f"floor: timing {geo.name} ({geo.fan_in}→{geo.d_out})", file=sys.stderr)
-        layer = layers[geo.name]
-        c = _LayerCosts()
-        fwd = Gemm(geo.rows, geo.fan_in, geo.d_out, "nt")
-        c.forward_s, c.forward_flops = timed(fwd), fwd.flops
-        if geo.input_grad:
-            bwd = Gemm(geo.rows, geo.d_out, geo.fan_in, "nn")
-            c.backward_s, c.backward_flops = timed(bwd), bwd.flops
-        wgrad = Gemm(geo.d_out, geo.rows, geo.fan_in, "tn")
-        c.weight_grad_s, c.weight_grad_flops = timed(wgrad), wgrad.flops
-        x = torch.rand(geo.input_shape, generator=gen, dtype=dtype)
-        g = torch.randn(geo.output_shape, generator=gen, dtype=dtype)
-        a_factor = functools.partial(input_factor, layer, [x], m)
-        g_factor = functools.partial(output_factor, layer, [g], m, loss_scale)
-        c.factor_a_flops = _counted_flops(a_factor)
-        c.factor_g_flops = _counted_flops(g_factor)
-        full_a = Gemm(geo.fan_in, geo.rows, geo.fan_in, "tn")
-        full_g = Gemm(geo.d_out, geo.rows, geo.d_out, "tn")
-        c.factor_a_s = timed(full_a) * c.factor_a_flops / full_a.flops
-        c.factor_g_s = timed(full_g) * c.factor_g_flops / full_g.flops
-        c.factor_a_measured_s = _best_time(a_factor, repeats=5)
-        c.factor_g_measured_s = _best_time(g_factor, repeats=5)
-        left = Gemm(geo.d_out, geo.d_out, geo.d_a, "nn")
-        right = Gemm(geo.d_out, geo.d_a, geo.d_a, "nt")
-        c.precondition_s = timed(left) + timed(right)
-        c.precondition_flops = left.flops + right.flops
-        c.inversion_s = inverse_time(geo.d_a) + inverse_time(geo.d_out)
-        costs[geo.name] = c
-    gemms = {
-        g.label: {"ms": 1e3 * s, "gflop_per_s": g.flops / s / 1e9, "flops": float(g.flops)}
-        for g, s in gemm_seconds.items()
-    }
-    return FloorModel(geometry, costs, gemms, {d: 1e3 * s for d, s in sorted(inversion_s.items())})
-
-
-def floor_terms(variant: Variant, floor: FloorModel) -> dict[str, float]:
-    """Milliseconds per step that ``variant`` must spend beyond an SGD-m step (`FLOOR_TERMS`).
-
-    Empty for methods that are not K-FAC.
-    """
-    if not variant.is_kfac:
-        return {}
-    every = int(variant.kfac_setting("curvature_every"))
-    t2 = int(variant.kfac_setting("inverse_every"))
-    after = variant.kfac_setting("statistics") == "after_step"
-    sampled = variant.kfac_setting("fisher") == "true"
-    per_stats = 1e3 / every
-    return {
-        "extra_forward": floor.total("forward_s") * per_stats if after else 0.0,
-        "statistics_backward": (
-            floor.total("backward_s") * per_stats if (after or sampled) else 0.0
-        ),
-        "factor_A": floor.total("factor_a_s") * per_stats,
-        "factor_G": floor.total("factor_g_s") * per_stats,
-        "precondition": floor.total("precondition_s") * 1e3,
-        "inversion": floor.total("inversion_s") * 1e3 / t2,
-    }
-
-
-def _floor_flops(variant: Variant, floor: FloorModel) -> float:
-    """Matrix-product FLOPs per step beyond SGD-m in the floor model (inversions excluded)."""
-    if not variant.is_kfac:
-        return 0.0
-    every = int(variant.kfac_setting("curvature_every"))
-    after = variant.kfac_setting("statistics") == "after_step"
-    sampled = variant.kfac_setting("fisher") == "true"
-    stats = floor.total("factor_a_flops") + floor.total("factor_g_flops")
-    if after:
-        stats += floor.total("forward_flops")
-    if after or sampled:
-        stats += floor.total("backward_flops")
-    return stats / every + floor.total("precondition_flops")
+def _period(optimizer: torch.optim.Optimizer) -> int:
+    """Steps of one full statistics / decomposition cycle (for counting FLOPs per step)."""
+    group = optimizer.param_groups[0]
+    if isinstance(optimizer, KFAC | TensorwiseOptimizer):
+        return math.lcm(int(group["curvature_every"]), int(group["inverse_every"]))
+    if isinstance(optimizer, KBFGS):
+        return int(group["curvature_every"])
+    return 1
 
 
 # --------------------------------------------------------------------------- measurement
@@ -505,6 +280,7 @@ class _Contender:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     hparams: dict[str, Any]
+    warmup: int = 0
     position: int = 0
     turns: list[list[float]] = field(default_factory=list)
     skipped: int = 0
@@ -574,8 +350,10 @@ def measure_overhead(
     seed: int = 0,
     variants: Sequence[Variant] | None = None,
     progress: bool = False,
+    floor_repeats: int = 7,
 ) -> dict[str, Any]:
-    """Time the variants in turns, model K-FAC's floor, and return everything as a JSON-ready dict.
+    """Time the variants in turns, model their floors, and return everything as a JSON-ready
+    dict.
 
     Args:
         problem: a `Problem` or its registry name.
@@ -584,16 +362,20 @@ def measure_overhead(
             None keeps the current setting.
         steps: timed steps per turn (a multiple of every T1 and T2 amortises exactly).
         repeats: turns per method; the minimum turn mean is reported.
-        warmup: untimed steps per method before the first turn.
+        warmup: untimed steps per method before the first turn (at least; see
+            `_steady_after`).
         seed: model initialisation, batch selection and the global RNG.
         variants: the methods (default `default_variants`); must include ``sgd-m``.
         progress: report progress on stderr.
+        floor_repeats: timing groups per floor operation (`curvlab.bench.floors.best_time`).
 
     Returns:
-        ``{"config", "environment", "methods", "floor", "layers", "gemms", "inversions_ms"}``;
-        see `format_overhead` for the table made from it.
+        ``{"config", "environment", "methods", "floor", "layers", "gemms", "ops",
+        "inversions_ms"}``; see `format_overhead` for the tables made from it.
     """
     _validate(steps, repeats, warmup, threads)
+    if floor_repeats < 1:
+        raise ValueError(f"floor_repeats: need at least 1, got {floor_repeats}")
     prob = get_problem(problem) if isinstance(problem, str) else problem
     chosen = list(variants) if variants is not None else default_variants()
     names = [v.name for v in chosen]
@@ -610,9 +392,41 @@ def measure_overhead(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _measure(prob, chosen, m, steps, repeats, warmup, seed, progress)
+        return _measure(prob, chosen, m, steps, repeats, warmup, seed, progress, floor_repeats)
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def _diagnostics(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """State that decides a step's cost: K-BFGS's skipped pairs, K-BFGS(L)'s stored pairs."""
+    if not isinstance(optimizer, KBFGS):
+        return {}
+    glob = optimizer.global_state
+    out: dict[str, Any] = {
+        "skipped_g_pairs_total": glob.get("skipped_g_pairs_total", 0),
+        "skipped_a_pairs_total": glob.get("skipped_a_pairs_total", 0),
+    }
+    if optimizer.memory is not None:
+        out["lbfgs_pairs"] = {
+            name: int(optimizer.layer_state(name)["S"].shape[0])
+            for name in optimizer.layers
+            if "S" in optimizer.layer_state(name)
+        }
+    return out
+
+
+def _sgd_items(geometry: Sequence[LayerGeometry]) -> list[FloorItem]:
+    """SGD-m's own products (forward, backward, weight gradients), for the report."""
+    out: list[FloorItem] = []
+    for g in geometry:
+        ops: list[Gemm | RowSum] = [Gemm(g.rows, g.fan_in, g.d_out, "nt")]
+        if g.input_grad:
+            ops.append(Gemm(g.rows, g.d_out, g.fan_in, "nn"))
+        ops.append(Gemm(g.d_out, g.rows, g.fan_in, "tn"))
+        if g.bias:
+            ops.append(RowSum(g.rows, g.d_out))
+        out += [FloorItem("sgd", op, 1.0, g.name, "forward / backward") for op in ops]
+    return out
 
 
 def _measure(
@@ -624,13 +438,12 @@ def _measure(
     warmup: int,
     seed: int,
     progress: bool,
+    floor_repeats: int,
 ) -> dict[str, Any]:
     def say(text: str) -> None:
         if progress:
             print(text, file=sys.stderr, flush=True)
 
-    data = _fixed_batches(prob, m, steps + warmup, seed)
-    loss_fn = prob.make_loss()
     torch.manual_seed(seed)
     contenders: list[_Contender] = []
     for v in variants:
@@ -638,11 +451,16 @@ def _measure(
         model.train()
         hparams = _hyperparameters(v, prob)
         optimizer = get_optimizer(v.optimizer).factory(model, dict(hparams))
-        contenders.append(_Contender(v, model, optimizer, hparams))
+        contenders.append(
+            _Contender(v, model, optimizer, hparams, max(warmup, _steady_after(optimizer)))
+        )
+    most_warmup = max(c.warmup for c in contenders)
+    data = _fixed_batches(prob, m, steps + most_warmup, seed)
+    loss_fn = prob.make_loss()
 
     for c in contenders:
-        say(f"warm-up: {c.variant.name} ({warmup} steps)")
-        for _ in range(warmup):
+        say(f"warm-up: {c.variant.name} ({c.warmup} steps)")
+        for _ in range(c.warmup):
             _step(c, data, loss_fn, prob.batch_average)
     for turn in range(repeats):
         for c in contenders:
@@ -656,8 +474,8 @@ def _measure(
 
     counted: dict[str, float] = {}
     for c in contenders:
-        # One statistics period, so that every kind of step is counted in its proportion.
-        n = int(c.variant.kfac_setting("curvature_every")) if c.variant.is_kfac else 1
+        # One full period, so that every kind of step is counted in its proportion.
+        n = _period(c.optimizer)
 
         def period(c: _Contender = c, n: int = n) -> None:
             for _ in range(n):
@@ -665,62 +483,89 @@ def _measure(
 
         counted[c.variant.name] = _counted_flops(period) / n
 
-    say("floor: timing GEMM shapes and inversions")
     x0 = data[0][0]
-    objective = Objective(
-        contenders[0].model, loss_fn, x0, data[0][1], batch_average=prob.batch_average
+    geometry = layer_geometry(contenders[0].model, x0)
+    items: dict[str, list[FloorItem] | None] = {}
+    matrices: dict[str, Tensor] = {}
+    for c in contenders:
+        prefix = f"{c.variant.name}/"
+        items[c.variant.name] = floor_items(c.optimizer, geometry, source_prefix=prefix)
+        matrices.update(real_factors(c.optimizer, prefix))
+    sgd_items = _sgd_items(geometry)
+    every_item = [i for its in items.values() if its for i in its] + sgd_items
+    floor = measure_floor_model(
+        geometry, every_item, x0.dtype, matrices=matrices, repeats=floor_repeats, progress=say
     )
-    with torch.no_grad():
-        outputs = contenders[0].model(x0)
-    try:
-        loss_scale = objective.loss_scale(outputs)
-    except ValueError:  # a loss without a likelihood: the scale does not change the cost
-        loss_scale = 1.0
-    floor = measure_floor_model(contenders[0].model, x0, loss_scale=loss_scale, progress=progress)
 
     base = next(c for c in contenders if c.variant.name == BASELINE)
     t_base = min(statistics.fmean(t) for t in base.turns)
+    base_bytes = state_bytes(base.optimizer)
     methods: list[dict[str, Any]] = []
     for c in contenders:
+        its = items[c.variant.name]
         turn_means = [statistics.fmean(t) for t in c.turns]
         mean_s = min(turn_means)
-        terms = floor_terms(c.variant, floor)
-        extra_ms = sum(terms.values())
-        floor_ratio = (1e3 * t_base + extra_ms) / (1e3 * t_base) if c.variant.is_kfac else None
-        if c.variant.name == BASELINE:
-            floor_ratio = 1.0
         ratio = mean_s / t_base
+        terms = floor.terms_ms(its) if its is not None else None
+        extra_ms = sum(terms[k] for k in FLOOR_TERMS) if terms is not None else None
+        floor_ratio = None if extra_ms is None else (1e3 * t_base + extra_ms) / (1e3 * t_base)
+        floor_counted = floor.counted_flops(its) if its is not None else None
+        counted_extra = counted[c.variant.name] - counted[BASELINE]
+        by_layer: dict[str, dict[str, float]] = {}
+        for item in its or []:
+            row = by_layer.setdefault(item.layer, dict.fromkeys(FLOOR_TERMS, 0.0))
+            row[item.term] += 1e3 * item.per_step * floor.seconds[item.op]
+        held = state_bytes(c.optimizer)
+        formula = storage_formula(c.optimizer, geometry)
+        itemsize = x0.element_size()
         methods.append(
             {
                 "name": c.variant.name,
                 "optimizer": c.variant.optimizer,
                 "hyperparameters": c.hparams,
                 "target": c.variant.target,
+                "warmup": c.warmup,
                 "mean_ms": 1e3 * mean_s,
                 "median_ms": 1e3 * statistics.median([s for t in c.turns for s in t]),
                 "turn_means_ms": [1e3 * s for s in turn_means],
                 "ratio": ratio,
                 "floor_ratio": floor_ratio,
                 "measured_over_floor": None if floor_ratio is None else ratio / floor_ratio,
-                "floor_extra_ms": extra_ms if c.variant.is_kfac else None,
+                "floor_extra_ms": extra_ms,
                 "floor_terms_ms": terms,
-                "floor_extra_gflop": _floor_flops(c.variant, floor) / 1e9,
+                "floor_by_layer_ms": by_layer,
+                "floor_extra_gflop": (
+                    None if its is None else sum(floor_flops(its).values()) / 1e9
+                ),
+                "floor_counted_gflop": None if floor_counted is None else floor_counted / 1e9,
                 "counted_gflop_per_step": counted[c.variant.name] / 1e9,
-                "counted_extra_gflop": (counted[c.variant.name] - counted[BASELINE]) / 1e9,
+                "counted_extra_gflop": counted_extra / 1e9,
+                "executed_beyond_floor_gflop": (
+                    None if floor_counted is None else (counted_extra - floor_counted) / 1e9
+                ),
                 "measured_extra_ms": 1e3 * (mean_s - t_base),
                 "meets_target": None if c.variant.target is None else ratio <= c.variant.target,
                 "skipped_steps": c.skipped,
+                "memory": {
+                    "state_bytes": held,
+                    "extra_bytes": held - base_bytes,
+                    "extra_mb": (held - base_bytes) / 1e6,
+                    "formula": None if formula is None else formula.formula,
+                    "table": None if formula is None else formula.table,
+                    "formula_elements": None if formula is None else formula.elements,
+                    "formula_mb": None if formula is None else formula.elements * itemsize / 1e6,
+                    "over_formula": (
+                        None
+                        if formula is None or formula.elements == 0
+                        else (held - base_bytes) / (formula.elements * itemsize)
+                    ),
+                },
+                "diagnostics": _diagnostics(c.optimizer),
             }
         )
-    periods = [
-        int(c.variant.kfac_setting(k))
-        for c in contenders
-        if c.variant.is_kfac
-        for k in ("curvature_every", "inverse_every")
-    ]
-    sgd_gemm_ms = 1e3 * (
-        floor.total("forward_s") + floor.total("backward_s") + floor.total("weight_grad_s")
-    )
+    periods = [_period(c.optimizer) for c in contenders]
+    sgd_gemm_ms = sum(1e3 * floor.seconds[i.op] for i in sgd_items)
+    table = floor.table()
     result: dict[str, Any] = {
         "config": {
             "problem": prob.name,
@@ -737,17 +582,13 @@ def _measure(
         },
         "environment": environment("cpu"),
         "methods": methods,
-        "floor": {
-            "sgd_measured_ms": 1e3 * t_base,
-            "sgd_gemm_floor_ms": sgd_gemm_ms,
-            "per_layer": {
-                name: {k: v * 1e3 if k.endswith("_s") else v for k, v in vars(c).items()}
-                for name, c in floor.costs.items()
-            },
-        },
+        "floor": {"sgd_measured_ms": 1e3 * t_base, "sgd_gemm_floor_ms": sgd_gemm_ms},
         "layers": [vars(g) for g in floor.layers],
-        "gemms": floor.gemms,
-        "inversions_ms": floor.inversions_ms,
+        "ops": table,
+        "gemms": {op.label: table[op.label] for op in floor.seconds if isinstance(op, Gemm)},
+        "inversions_ms": {
+            op.label: 1e3 * s for op, s in floor.seconds.items() if isinstance(op, Decomposition)
+        },
     }
     jsonable: dict[str, Any] = to_jsonable(result)
     return jsonable
@@ -761,7 +602,7 @@ def _fmt(value: Any, spec: str, suffix: str = "") -> str:
 
 
 def format_overhead(result: Mapping[str, Any]) -> str:
-    """Markdown: the timing table (ratio next to floor and target), then the floor terms."""
+    """Markdown: the timing table (ratio, floor, target, memory), then the floor terms."""
     cfg = result["config"]
     lines = [
         f"{cfg['problem']}, batch {cfg['batch_size']}, {cfg['dtype']}, {cfg['threads']} "
@@ -769,41 +610,53 @@ def format_overhead(result: Mapping[str, Any]) -> str:
         f"(amortisation exact: {'yes' if cfg['amortisation_exact'] else 'no'})",
         "",
         "| variant | ms/step (mean) | ms/step (median) | × sgd-m | floor × | measured / floor "
-        "| target |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| target | memory beyond sgd-m (MB) | storage formula (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in result["methods"]:
         target = row["target"]
         verdict = "" if row["meets_target"] is None else (" ✓" if row["meets_target"] else " ✗")
         if row["skipped_steps"]:
             verdict += f" ({row['skipped_steps']} skipped steps: invalid)"
+        mem = row["memory"]
+        formula = (
+            "—"
+            if mem["formula"] is None
+            else f"{_fmt(mem['formula_mb'], '.2f')} ({mem['formula']}; {mem['table']})"
+        )
         lines.append(
             f"| {row['name']} | {_fmt(row['mean_ms'], '.2f')} | {_fmt(row['median_ms'], '.2f')} "
             f"| {_fmt(row['ratio'], '.2f')} | {_fmt(row['floor_ratio'], '.2f')} "
             f"| {_fmt(row['measured_over_floor'], '.2f')} "
-            f"| {'—' if target is None else f'≤ {target:g}{verdict}'} |"
+            f"| {'—' if target is None else f'≤ {target:g}{verdict}'} "
+            f"| {_fmt(mem['extra_mb'], '.2f')} | {formula} |"
         )
     lines += [
         "",
-        "Floor terms, ms per step beyond sgd-m (GEMM-shape throughput; inversions measured):",
+        "Floor terms, ms per step beyond sgd-m (every product at its own measured throughput; "
+        "decompositions measured); executed − floor: GFLOP/step the method executes in matrix "
+        "products beyond its floor (FlopCounterMode):",
         "",
-        "| variant | " + " | ".join(FLOOR_TERMS) + " | floor extra | measured extra |",
-        "|---|" + "---:|" * (len(FLOOR_TERMS) + 2),
+        "| variant | "
+        + " | ".join(FLOOR_TERMS)
+        + " | floor extra | measured extra | executed − floor (GFLOP) |",
+        "|---|" + "---:|" * (len(FLOOR_TERMS) + 3),
     ]
     for row in result["methods"]:
-        if row["floor_extra_ms"] is None:
-            continue
         terms = row["floor_terms_ms"]
+        if terms is None or row["name"] == BASELINE:
+            continue
         lines.append(
             f"| {row['name']} | "
             + " | ".join(_fmt(terms[k], ".2f") for k in FLOOR_TERMS)
             + f" | {_fmt(row['floor_extra_ms'], '.2f')} | "
-            f"{_fmt(row['measured_extra_ms'], '.2f')} |"
+            f"{_fmt(row['measured_extra_ms'], '.2f')} | "
+            f"{_fmt(row['executed_beyond_floor_gflop'], '.3f')} |"
         )
     fl = result["floor"]
     lines += [
         "",
-        f"sgd-m measured {_fmt(fl['sgd_measured_ms'], '.2f')} ms/step; its own GEMMs at the "
+        f"sgd-m measured {_fmt(fl['sgd_measured_ms'], '.2f')} ms/step; its own products at the "
         f"same throughput: {_fmt(fl['sgd_gemm_floor_ms'], '.2f')} ms.",
     ]
     skipped = [r["name"] for r in result["methods"] if r["skipped_steps"]]
@@ -813,23 +666,66 @@ def format_overhead(result: Mapping[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- CLI
+def _parse_lrs(values: Sequence[str] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for value in values or []:
+        name, sep, number = value.partition("=")
+        try:
+            lr = float(number)
+        except ValueError:
+            lr = math.nan
+        if not sep or not name or not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"lr: expected METHOD=VALUE with VALUE ≥ 0, got {value!r}")
+        out[name] = lr
+    return out
+
+
 def add_overhead_parser(sub: Any) -> None:
     """Register ``curvlab overhead`` on the CLI's subparsers object."""
     p: argparse.ArgumentParser = sub.add_parser(
-        "overhead", help="K-FAC's per-step time over sgd-m, next to its arithmetic floor"
+        "overhead",
+        help="per-step time of K-FAC, K-BFGS, K-BFGS(L), TNT, Shampoo over sgd-m, next to "
+        "their arithmetic floors and memory",
     )
     p.add_argument("--problem", default="fmnist-autoencoder", help="default fmnist-autoencoder")
     p.add_argument("--batch", type=int, help="batch size m (default: the problem's)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--steps", type=int, default=60, help="timed steps per turn (default 60)")
     p.add_argument("--repeats", type=int, default=3, help="turns per method (default 3)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps per method (default 5)")
-    p.add_argument("--inverse-every", type=int, default=20, help="K-FAC's T2 (default 20)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=5,
+        help="untimed steps per method (default 5; K-BFGS(L) warms up until its pairs are full)",
+    )
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated method groups from {', '.join(METHODS)} (sgd-m is always "
+        f"timed; default {','.join(DEFAULT_METHODS)}; kfac = its five variants)",
+    )
+    p.add_argument(
+        "--inverse-every", type=int, default=20, help="T2 of K-FAC, TNT, Shampoo (default 20)"
+    )
     p.add_argument(
         "--kfac-lr",
         type=float,
         default=KFAC_TIMING_LR,
         help=f"K-FAC's learning rate (default {KFAC_TIMING_LR:g}: finite on every variant)",
+    )
+    p.add_argument(
+        "--lr",
+        action="append",
+        metavar="METHOD=VALUE",
+        help="learning rate of one method group or variant (repeatable; defaults: "
+        + ", ".join(f"{k} {v:g}" for k, v in TIMING_LR.items())
+        + ")",
+    )
+    p.add_argument(
+        "--floor-repeats",
+        type=int,
+        default=7,
+        help="timing groups per floor operation, the best kept (default 7)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--json", metavar="OUT", help="write every measurement to this JSON file")
@@ -837,8 +733,16 @@ def add_overhead_parser(sub: Any) -> None:
 
 
 def run_overhead_command(args: argparse.Namespace) -> int:
-    """``curvlab overhead``: measure, print the Markdown table, optionally write the JSON."""
+    """``curvlab overhead``: measure, print the Markdown tables, optionally write the JSON."""
     problem = get_problem(args.problem)
+    methods = [m.strip() for m in str(getattr(args, "methods", "")).split(",") if m.strip()]
+    variants = default_variants(
+        args.inverse_every,
+        args.kfac_lr,
+        targets=problem.name == TARGET_PROBLEM,
+        methods=methods or DEFAULT_METHODS,
+        lrs=_parse_lrs(getattr(args, "lr", None)),
+    )
     result = measure_overhead(
         problem,
         batch_size=args.batch,
@@ -847,10 +751,9 @@ def run_overhead_command(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         warmup=args.warmup,
         seed=args.seed,
-        variants=default_variants(
-            args.inverse_every, args.kfac_lr, targets=problem.name == TARGET_PROBLEM
-        ),
+        variants=variants,
         progress=not args.no_progress,
+        floor_repeats=getattr(args, "floor_repeats", 7),
     )
     print(format_overhead(result))
     if args.json:
