@@ -1,5 +1,6 @@
 """curvlab: second-order (curvature-aware) optimizers for PyTorch, and a benchmark lab."""
 
+from curvlab import distributed
 from curvlab.objective import Objective
 from curvlab.optim import (
     ARC,
@@ -27,6 +28,8 @@ from curvlab.optim import (
 __version__ = "0.1.0"
 
 __all__ = [
+    # data-parallel helpers (torch.distributed)
+    "distributed",
     # closures
     "Objective",
     # optimizers

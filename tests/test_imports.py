@@ -19,6 +19,16 @@ FORBIDDEN = {
     "optim": {"bench", "data", "testing"},
     "data": {"optim", "curvature", "bench", "testing"},
     "solvers": {"optim", "bench", "data", "testing", "curvature", "autodiff", "objective"},
+    "distributed": {
+        "optim",
+        "bench",
+        "data",
+        "testing",
+        "curvature",
+        "objective",
+        "autodiff",
+        "solvers",
+    },
     "autodiff": {"optim", "bench", "data", "testing", "solvers", "curvature"},
     "objective.py": {"optim", "curvature", "bench", "data", "testing"},
 }

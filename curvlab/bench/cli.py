@@ -3,12 +3,19 @@
 
 Exit codes: 0 success; 1 a run or report failed (e.g. data files missing); 2 a usage error
 (unknown problem / optimizer / preset name, bad option or hyperparameter value).
+
+``bench --nproc N`` runs data-parallel on N processes of this machine: it starts itself again
+under torchrun (``--standalone``; gloo on CPU, NCCL with ``--device cuda``, one GPU per
+process). A ``bench`` started by torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set, e.g.
+on several nodes) joins that run instead. Only rank 0 draws progress and writes the record;
+the record's ``summary["comm"]`` has the bytes communicated per step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,8 +28,16 @@ from curvlab.bench.products import add_products_parser, run_products_command
 from curvlab.bench.records import environment, load_records, to_jsonable
 from curvlab.bench.registry import UnknownNameError
 from curvlab.bench.report import markdown_table, summarize, write_report
-from curvlab.bench.runner import Budget, run
+from curvlab.bench.runner import Budget, resolve_device, run
 from curvlab.bench.specs import COMPARE_DEFAULT, get_optimizer, presets_for
+from curvlab.distributed import (
+    DEFAULT_TIMEOUT_S,
+    MODES,
+    destroy_process_group,
+    from_environment,
+    in_torchrun,
+    torchrun_command,
+)
 
 __all__ = ["main", "parse_value"]
 
@@ -102,6 +117,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--preset", help="named hyperparameters for this optimizer and problem")
     p.add_argument("--label", help="name in reports and folder (default: the optimizer)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes on this machine, started with torchrun (default 1)",
+    )
+    p.add_argument(
+        "--dist-mode",
+        choices=MODES,
+        default="inverses",
+        help="data-parallel: owners broadcast inverses (default) or preconditioned gradients",
+    )
+    p.add_argument(
+        "--ddp", action="store_true", help="data-parallel: wrap the model in DDP (default: not)"
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"data-parallel: collective timeout in seconds (default {DEFAULT_TIMEOUT_S:g})",
+    )
     _add_run_options(p)
 
     p = sub.add_parser("report", help="report.md and PNG plots from a records directory")
@@ -141,19 +177,43 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     problem = get_problem(args.problem)
     get_optimizer(args.optimizer)
-    record = run(
-        problem,
-        args.optimizer,
-        _parse_sets(args.set),
-        seed=args.seed,
-        budget=_budget(args, Budget(epochs=1)),
-        device=args.device,
-        progress=not args.no_progress,
-        subset=args.subset,
-        threads=args.threads,
-        preset=args.preset,
-        label=args.label,
-    )
+    hparams = _parse_sets(args.set)
+    budget = _budget(args, Budget(epochs=1))
+    if args.nproc < 1:
+        raise UsageError(f"--nproc: must be at least 1, got {args.nproc}")
+    if args.dist_timeout <= 0:
+        raise UsageError(f"--dist-timeout: must be positive, got {args.dist_timeout}")
+    if args.nproc > 1 and not in_torchrun():
+        # Start this command again on N local processes; torchrun stops them all if one fails.
+        return subprocess.call(
+            torchrun_command(args.nproc, "curvlab.bench.cli", _without_nproc(args.argv))
+        )
+    communicator = None
+    device = resolve_device(args.device)
+    if in_torchrun():
+        communicator, device = from_environment(device, timeout_s=args.dist_timeout)
+    try:
+        record = run(
+            problem,
+            args.optimizer,
+            hparams,
+            seed=args.seed,
+            budget=budget,
+            device=device,
+            progress=not args.no_progress,
+            subset=args.subset,
+            threads=args.threads,
+            preset=args.preset,
+            label=args.label,
+            communicator=communicator,
+            dist_mode=args.dist_mode,
+            ddp=args.ddp,
+        )
+    finally:
+        if communicator is not None:
+            destroy_process_group()
+    if communicator is not None and communicator.rank != 0:
+        return 0  # rank 0 writes the record
     path = record.save(args.out)
     _write_environment(args.out, record.config["device"])
     s = record.summary
@@ -163,6 +223,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         f"{s['final_test_metric']:.5g}, {s['wall_s']:.1f} s, {s['status']}"
     )
     return 0
+
+
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` (torchrun's parser would take it for its own
+    ``--nproc-per-node``; the workers know their number from torchrun)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def _write_environment(out: str | Path, device: str) -> None:
@@ -233,10 +308,12 @@ _COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``curvlab`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return int(exc.code) if isinstance(exc.code, int) else 2
+    args.argv = argv  # bench --nproc starts itself again with them under torchrun
     try:
         return _COMMANDS[args.command](args)
     except (UnknownNameError, UsageError) as err:

@@ -18,6 +18,24 @@ Timing protocol (style anchors §L7; the thesis's autoencoder protocol, spec-the
 * Determinism: the seed fixes the model initialisation, the shuffling generator and the global
   RNG (used by e.g. sampled-label Fisher estimates). Time budgets stop after a machine-dependent
   number of steps; step budgets are reproducible.
+
+Data-parallel runs (``communicator`` with several ranks, e.g. ``curvlab bench --nproc N``):
+
+* every rank builds the same model and data and draws the same global batches; rank r steps
+  on its part of each batch (``tensor_split`` into N shards; a batch with fewer examples than
+  ranks is skipped by all). With mean losses and equal shards one step equals the
+  single-process step on the global batch (`curvlab.optim.base.DataParallelMixin`);
+* curvlab's layer-wise optimizers are `distribute`-d (``dist_mode``; plain per-rank models
+  whose gradients the optimizer averages, or a DDP model with ``ddp=True``); optimizers from
+  ``torch.optim`` get a DDP model; model-wide methods are refused (they do not support
+  data-parallel runs yet);
+* after each step the ranks average (step time, loss) in one tiny all-reduce, so that they
+  stop together (time budget, divergence); it is not part of the step's time or bytes.
+  ``wall_s`` is the mean over ranks; ``step_time`` is this rank's;
+* ``summary["comm"]``: payload bytes and calls per step by kind (gradients, statistics,
+  inverses, preconditioned, loss; DDP's gradient all-reduce included) and per step;
+* every rank evaluates the whole data sets (the same parameters on every rank); only rank 0
+  draws the progress bar, and the caller saves rank 0's record.
 """
 
 from __future__ import annotations
@@ -44,6 +62,7 @@ from curvlab.bench.progress import ProgressBar
 from curvlab.bench.records import EpochRecord, RunRecord, environment, to_jsonable
 from curvlab.bench.specs import get_optimizer, get_preset
 from curvlab.data import batches
+from curvlab.distributed import MODES, CommStats, Communicator, is_ddp, wrap_ddp
 from curvlab.objective import Objective
 
 __all__ = ["RUNNER_KEYS", "Budget", "resolve_device", "run"]
@@ -126,6 +145,9 @@ def run(
     threads: int | None = None,
     preset: str | None = None,
     label: str | None = None,
+    communicator: Communicator | None = None,
+    dist_mode: str = "inverses",
+    ddp: bool = False,
 ) -> RunRecord:
     """Train ``problem``'s model with ``optimizer_name`` within ``budget``; see the module doc.
 
@@ -143,6 +165,10 @@ def run(
         threads: ``torch.set_num_threads`` (process-wide) before running.
         preset: a preset name for (optimizer, problem), see `curvlab.bench.specs.PRESETS`.
         label: the record's name in reports and its folder (default: ``optimizer_name``).
+        communicator: the ranks of a data-parallel run (module docstring); default: one
+            process.
+        dist_mode: ``"inverses"`` or ``"preconditioned"`` (`curvlab.distributed`).
+        ddp: wrap the model in DistributedDataParallel also for curvlab's optimizers.
 
     Raises:
         UnknownNameError: unknown problem, optimizer or preset.
@@ -160,6 +186,10 @@ def run(
         raise ValueError(f"warm_start: optimizer {spec.name!r} has no warm_start")
     if batch_size < 1:
         raise ValueError(f"batch_size: must be positive, got {batch_size}")
+    if dist_mode not in MODES:
+        raise ValueError(f"dist_mode: expected one of {MODES}, got {dist_mode!r}")
+    comm = communicator if communicator is not None else Communicator.local()
+    distributed = comm.is_distributed
     if threads is not None:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
@@ -170,6 +200,9 @@ def run(
     model = prob.make_model(seed).to(dev)
     loss_fn = prob.make_loss()
     optimizer = spec.factory(model, dict(merged))
+    net = model
+    if distributed:
+        net = _data_parallel(model, optimizer, spec.name, comm, dist_mode, ddp)
     shuffle_gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(data.num_train / batch_size)
 
@@ -204,7 +237,7 @@ def run(
         synchronize(dev)
         t0 = time.perf_counter()
         optimizer.warm_start(  # type: ignore[attr-defined]
-            _epoch_batches(data, batch_size, shuffle=False, generator=None),
+            _shards(_epoch_batches(data, batch_size, shuffle=False, generator=None), comm),
             loss_fn,
             batch_average=prob.batch_average,
         )
@@ -217,10 +250,11 @@ def run(
     step_loss: list[float] = []
     step_time: list[float] = []
     step_info: list[dict[str, Any]] = []
+    step_comm: list[CommStats] = []
     skipped = 0
     status = "completed"
     step, epoch, wall = 0, 0, 0.0
-    bar = ProgressBar(f"{prob.name}/{label}", 1.0, enabled=progress)
+    bar = ProgressBar(f"{prob.name}/{label}", 1.0, enabled=progress and comm.rank == 0)
     reset_peak_memory(dev)
     model.train()
 
@@ -228,18 +262,25 @@ def run(
     while not stop:
         in_epoch = 0
         epoch_completed = False
-        for xb, yb in _epoch_batches(data, batch_size, shuffle=True, generator=shuffle_gen):
-            objective = Objective(model, loss_fn, xb, yb, batch_average=prob.batch_average)
+        epoch_batches = _epoch_batches(data, batch_size, shuffle=True, generator=shuffle_gen)
+        for xb, yb in _shards(epoch_batches, comm):
+            objective = Objective(net, loss_fn, xb, yb, batch_average=prob.batch_average)
+            before = comm.stats.copy()
             synchronize(dev)
             t0 = time.perf_counter()
             loss = optimizer.step(objective)  # type: ignore[arg-type]  # returns a Tensor
             synchronize(dev)
             dt = time.perf_counter() - t0
-            wall += dt
             step += 1
             in_epoch += 1
             returned = loss if loss is not None else objective.loss
             value = math.nan if returned is None else float(returned)
+            if distributed:
+                step_comm.append(comm.stats.since(before))
+                dt_mean, value = _agree(comm, dt, value)  # every rank stops together
+                wall += dt_mean
+            else:
+                wall += dt
             step_loss.append(value)
             step_time.append(dt)
             info = getattr(optimizer, "last_step_info", None)
@@ -291,6 +332,8 @@ def run(
         "memory_kind": memory_kind,
         "skipped_steps": skipped if step_info else None,
     }
+    if distributed:
+        summary["comm"] = _comm_summary(step_comm, comm, dist_mode, ddp)
     config: dict[str, Any] = {
         "budget": budget.to_dict(),
         "batch_size": batch_size,
@@ -304,6 +347,13 @@ def run(
         "batch_average": prob.batch_average,
         "data_source": prob.data_source,
     }
+    if distributed:
+        config["distributed"] = {
+            "world_size": comm.world_size,
+            "mode": dist_mode,
+            "ddp": is_ddp(net),
+            "shard_size": math.ceil(batch_size / comm.world_size),
+        }
     return RunRecord(
         problem=prob.name,
         optimizer=spec.name,
@@ -318,6 +368,72 @@ def run(
         step_info=step_info or None,
         summary=summary,
     )
+
+
+def _shards(
+    pairs: Iterable[tuple[Tensor, Tensor]], comm: Communicator
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """This rank's part of every global batch (all of it in one process)."""
+    n, r = comm.world_size, comm.rank
+    for xb, yb in pairs:
+        if n == 1:
+            yield xb, yb
+        elif xb.shape[0] >= n:  # the same decision on every rank
+            yield xb.tensor_split(n)[r], yb.tensor_split(n)[r]
+
+
+def _data_parallel(
+    model: torch.nn.Module,
+    optimizer: Any,
+    name: str,
+    comm: Communicator,
+    mode: str,
+    ddp: bool,
+) -> torch.nn.Module:
+    """Make ``optimizer`` data-parallel; returns the model the objectives use."""
+    distribute = getattr(optimizer, "distribute", None)
+    if distribute is not None:
+        net = wrap_ddp(model, comm) if ddp else model
+        distribute(comm, mode=mode, average_gradients=not ddp)
+        return net
+    if type(optimizer).__module__.startswith("torch.optim"):
+        return wrap_ddp(model, comm)  # DDP averages the gradients; the update is local
+    raise ValueError(
+        f"optimizer: {name!r} does not support data-parallel runs (--nproc); the layer-wise "
+        "methods and torch.optim's optimizers do"
+    )
+
+
+def _agree(comm: Communicator, dt: float, loss: float) -> tuple[float, float]:
+    """Mean (step time, loss) over ranks: the same stop decisions everywhere."""
+    values = torch.tensor([dt, loss], dtype=torch.float64, device=comm.device)
+    comm.all_reduce_mean([values], kind="control")
+    mean_dt, mean_loss = values.tolist()
+    return float(mean_dt), float(mean_loss)
+
+
+def _comm_summary(
+    steps: list[CommStats], comm: Communicator, mode: str, ddp: bool
+) -> dict[str, Any]:
+    """Payload bytes and collective calls per step, by kind and in total."""
+    n = max(len(steps), 1)
+    kinds = sorted({k for s in steps for k in s.calls})
+    return {
+        "world_size": comm.world_size,
+        "mode": mode,
+        "ddp": ddp,
+        "payload": "bytes handed to collectives per rank (a ring all-reduce moves ~2(N-1)/N x)",
+        "bytes_per_step": sum(s.total_bytes for s in steps) / n,
+        "calls_per_step": sum(s.total_calls for s in steps) / n,
+        "by_kind": {
+            k: {
+                "bytes_per_step": sum(s.bytes.get(k, 0) for s in steps) / n,
+                "calls_per_step": sum(s.calls.get(k, 0) for s in steps) / n,
+            }
+            for k in kinds
+        },
+        "step_bytes": [s.total_bytes for s in steps],
+    }
 
 
 def _epoch_hooks(optimizer: Any, record: EpochRecord) -> None:

@@ -113,3 +113,25 @@ class KroneckerBlock:
     def statistics(self, state: State) -> list[Tensor]:
         """Tensors that data-parallel training averages over ranks."""
         return [state["A"], state["G"]]
+
+    # ------------------------------------------- data-parallel (curvlab.distributed)
+    def refresh_cost(self) -> float:
+        """``d_a³ + d_out³``: the work of one `refresh` (for the owner assignment)."""
+        return float(self.layer.d_a**3 + self.layer.d_out**3)
+
+    def local_statistics(self, state: State) -> list[Tensor]:
+        """``[A, G]``: EMAs of per-batch means over examples, so in a data-parallel run each
+        rank keeps those of its own shard; their mean over ranks is taken before a refresh."""
+        return [state["A"], state["G"]]
+
+    def inverse_tensors(self, state: State) -> list[Tensor] | None:
+        """``[A_inv, G_inv]``, or None before the first successful `refresh`."""
+        return [state["A_inv"], state["G_inv"]] if "A_inv" in state else None
+
+    def inverse_templates(self, state: State) -> list[Tensor]:
+        """Tensors shaped like the inverses: the factors ``[A, G]``."""
+        return [state["A"], state["G"]]
+
+    def load_inverse_tensors(self, state: State, tensors: list[Tensor]) -> None:
+        """Store inverses refreshed on another rank."""
+        state["A_inv"], state["G_inv"] = tensors

@@ -293,3 +293,26 @@ class TensorBlock:
     def preconditioner_to_dense(self, state: State) -> Tensor:
         """``P_1 ⊗ ⋯ ⊗ P_k``: the matrix `precondition` applies to ``vec(V)``."""
         return kron_dense(state["preconditioners"])
+
+    # ------------------------------------------- data-parallel (curvlab.distributed)
+    def refresh_cost(self) -> float:
+        """``Σ_i d_i³``: the work of one `refresh` (for the owner assignment)."""
+        return float(sum(d**3 for d in self.shape))
+
+    def local_statistics(self, state: State) -> list[Tensor]:
+        """None: the statistics are contractions of a gradient averaged over ranks (not
+        linear in the data), so they are the same on every rank already."""
+        return []
+
+    def inverse_tensors(self, state: State) -> list[Tensor] | None:
+        """The preconditioners ``(F_i + εI)^{-1/r}``, or None before the first `refresh`."""
+        roots: list[Tensor] | None = state.get("preconditioners")
+        return None if roots is None else list(roots)
+
+    def inverse_templates(self, state: State) -> list[Tensor]:
+        """Tensors shaped like the preconditioners: the statistics ``Ĝ^{(i)}``."""
+        return list(state["statistics"])
+
+    def load_inverse_tensors(self, state: State, tensors: list[Tensor]) -> None:
+        """Store preconditioners refreshed on another rank."""
+        state["preconditioners"] = list(tensors)

@@ -14,25 +14,48 @@ the update. An algorithm file writes its ``step`` as the paper's pseudo-code on 
 Thesis conventions (spec §0): momentum acts on the raw gradient, before preconditioning —
 heavy-ball ``ĝ ← βĝ + g`` in ch.3/ch.4, an EMA ``ĝ ← βĝ + (1−β)g`` in ch.2 — and weight
 decay is decoupled and added after preconditioning: ``W ← W − α (P(ĝ) + γ W)``.
+
+Data-parallel training (`DataParallelMixin`, shared with
+`curvlab.optim.tensorwise.TensorwiseOptimizer`): ``opt.distribute(communicator)`` makes the
+same optimizer run on several ranks of torch.distributed. The algorithm files call four
+hooks, each a no-op in one process — `synchronize_gradients` after the gradient pass,
+`average_statistics` on statistics that must be global at once (K-BFGS's vectors; TNT's
+sampled gradient), `finite_everywhere` for skip decisions on per-rank statistics,
+`refresh_blocks` for the inverses or roots (the blocks' EMA'd statistics are averaged first,
+then each block is refreshed on its owner rank) and `precondition_blocks` (inside
+`LayerwiseOptimizer.precondition_and_apply`); the collectives themselves live in
+`curvlab.distributed`.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Any, Literal, TypeVar, overload
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from curvlab.curvature.layers import KroneckerLayer, find_layers
+from curvlab.distributed import (
+    MODES,
+    BlockParallel,
+    Communicator,
+    Mode,
+    SharedInverse,
+    is_ddp,
+    kronecker_cost,
+)
 from curvlab.linalg import all_finite
 from curvlab.objective import Objective
+from curvlab.optim.validation import check_choice
 
-__all__ = ["LayerwiseOptimizer", "MomentumStyle", "require_objective"]
+__all__ = ["DataParallelMixin", "LayerwiseOptimizer", "MomentumStyle", "require_objective"]
 
 MomentumStyle = Literal["heavy_ball", "ema"]
+K = TypeVar("K", bound=Hashable)
+D = TypeVar("D", bound="DataParallelMixin")
 
 
 def require_objective(closure: Any, method: str) -> Objective:
@@ -45,7 +68,138 @@ def require_objective(closure: Any, method: str) -> Objective:
     )
 
 
-class LayerwiseOptimizer(Optimizer):
+class DataParallelMixin:
+    """Data-parallel training of a block-diagonal optimizer on torch.distributed.
+
+    Contract (`distribute`):
+
+    * Every rank builds the same model and optimizer (same seed) and steps on its own shard
+      of each global mini-batch; all ranks call `step` the same number of times and use the
+      same layers in every step (as DDP without ``find_unused_parameters``).
+    * The loss is the mean over ranks of the per-rank losses: with mean-reduced losses and
+      equal shards that is the loss of the global batch, and one step equals the
+      single-process step on the concatenated batch (up to round-off and sampled labels).
+      ``step`` returns that mean loss.
+    * A `DistributedDataParallel` model has its gradients averaged by DDP; for a plain
+      per-rank model the optimizer averages them (``average_gradients``; default: when the
+      model it was given is not DDP). Curvature statistics are always averaged by the
+      optimizer: EMA'd factors (K-FAC, TSO-ALRA, K-BFGS-20's A) are kept per rank for the
+      rank's shard and averaged right before each refresh (their mean is the global EMA),
+      everything else when it is formed (`curvlab.distributed.BlockParallel`).
+    * Each block's inverse or root is refreshed by exactly one owner rank, then shared
+      according to ``mode``.
+    * Sampled labels (true Fisher) come from each rank's own copy of the sampler, seeded
+      alike: ranks draw from the same random stream for their different examples.
+    * ``state_dict`` differs between ranks (the per-rank EMAs between refreshes, the
+      ``refreshes`` counters of the work done here, in mode ``"preconditioned"`` the
+      inverses of the rank's own blocks): save and load one state dict per rank. In mode
+      ``"preconditioned"`` a resumed run recomputes the inverses at its first step (a rank
+      knows only its own blocks' inverses, so all refresh).
+
+    Example, under ``torchrun --nproc-per-node 4 train.py``::
+
+        comm, device = curvlab.distributed.from_environment("cuda")  # NCCL, cuda:LOCAL_RANK
+        torch.manual_seed(0)
+        model = make_model().to(device)                # the same model on every rank
+        opt = curvlab.KFAC(model, lr=0.3).distribute(comm)
+        for x, y in loader:                            # this rank's shard of each batch
+            opt.step(curvlab.Objective(model, loss_fn, x.to(device), y.to(device)))
+    """
+
+    model: nn.Module
+    param_groups: list[dict[str, Any]]
+    _parallel: BlockParallel
+
+    def block_costs(self) -> dict[Hashable, float]:
+        """The refresh cost of every block, in block order (for the owner assignment)."""
+        raise NotImplementedError
+
+    @property
+    def parallel(self) -> BlockParallel:
+        """The data-parallel plan (a single-process plan until `distribute`)."""
+        return self._parallel
+
+    def distribute(
+        self: D,
+        communicator: Communicator | None = None,
+        *,
+        mode: Mode = "inverses",
+        average_gradients: bool | None = None,
+    ) -> D:
+        """Train data-parallel over ``communicator``'s ranks; returns the optimizer.
+
+        Args:
+            communicator: a `curvlab.distributed.Communicator`; default: torch.distributed's
+                default group (one process when none is initialised: nothing changes).
+            mode: ``"inverses"`` (owners broadcast refreshed inverses; every rank keeps all
+                of them: more memory, least communication) or ``"preconditioned"`` (inverses
+                stay on their owners, which broadcast preconditioned gradients every step:
+                least memory).
+            average_gradients: whether the optimizer all-reduces the gradients; default: True
+                unless the model given to the optimizer is a `DistributedDataParallel`.
+        """
+        comm = Communicator() if communicator is None else communicator
+        check_choice("mode", mode, MODES)
+        if average_gradients is None:
+            average_gradients = not is_ddp(self.model)
+        self._parallel = BlockParallel(
+            comm, self.block_costs(), mode=mode, average_gradients=average_gradients
+        )
+        return self
+
+    def owns(self, key: Hashable) -> bool:
+        """Whether this rank refreshes block ``key`` (always in one process)."""
+        return self._parallel.owns(key)
+
+    def keeps_inverse(self, key: Hashable) -> bool:
+        """Whether this rank holds block ``key``'s inverse (always in one process)."""
+        return self._parallel.keeps_inverse(key)
+
+    def inverse_ready(self, key: Hashable, here: bool) -> bool:
+        """Whether block ``key`` has an inverse somewhere, the same answer on every rank;
+        ``here``: whether this rank's state has one (the answer in one process)."""
+        return self._parallel.inverse_ready(key, here)
+
+    @overload
+    def synchronize_gradients(self, loss: Tensor) -> Tensor: ...
+    @overload
+    def synchronize_gradients(self, loss: None) -> None: ...
+    def synchronize_gradients(self, loss: Tensor | None) -> Tensor | None:
+        """Right after the gradient pass: the mean loss over ranks, gradients averaged too
+        for plain per-rank models (one bucketed all-reduce). One process: ``loss``."""
+        grads = (p.grad for g in self.param_groups for p in g["params"] if p.grad is not None)
+        return self._parallel.synchronize_gradients(loss, grads)
+
+    def average_statistics(self, tensors: Sequence[Tensor]) -> None:
+        """Mean over ranks of curvature statistics, in place (one bucketed call)."""
+        self._parallel.average_statistics(tensors)
+
+    def finite_everywhere(self, tensors: Sequence[Tensor]) -> bool:
+        """`curvlab.linalg.all_finite` of this rank's ``tensors``, agreed by all ranks (a
+        skip decision on statistics that each rank holds for its own shard)."""
+        return self._parallel.finite_everywhere(tensors)
+
+    def refresh_blocks(
+        self,
+        blocks: Sequence[tuple[K, SharedInverse, dict[str, Any]]],
+        refresh: Callable[[K], bool],
+    ) -> tuple[int, int]:
+        """``refresh(key)`` on the owner of each block, shared as ``mode`` says; returns this
+        rank's (successful, failed) refreshes. ``blocks`` must be the same on every rank."""
+        return self._parallel.refresh(blocks, refresh)
+
+    def precondition_blocks(
+        self,
+        entries: Iterable[tuple[K, Tensor]],
+        precondition: Callable[[K, Tensor], Tensor],
+        apply: Callable[[K, Tensor], None],
+    ) -> None:
+        """``apply(key, precondition(key, V))`` per block (by its owner in mode
+        ``"preconditioned"``, which broadcasts the result)."""
+        self._parallel.precondition(entries, precondition, apply)
+
+
+class LayerwiseOptimizer(DataParallelMixin, Optimizer):
     """Block-diagonal preconditioning over the model's Linear/Conv2d layers.
 
     Args:
@@ -55,6 +209,8 @@ class LayerwiseOptimizer(Optimizer):
             parameters; by default one group with every trainable parameter. A layer's weight
             and bias must share a group; parameters in no group are not trained.
         momentum_style: ``"heavy_ball"`` (thesis ch.3/ch.4) or ``"ema"`` (thesis ch.2).
+
+    Data-parallel: `distribute` (see `DataParallelMixin`); block keys are layer names.
     """
 
     def __init__(
@@ -118,6 +274,11 @@ class LayerwiseOptimizer(Optimizer):
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         self.last_step_info: dict[str, Any] = {}
+        self._parallel = BlockParallel.local()
+
+    def block_costs(self) -> dict[Hashable, float]:
+        """``d_a³ + d_out³`` per layer: one refresh of its two Kronecker factors."""
+        return {n: kronecker_cost((la.d_a, la.d_out)) for n, la in self.layers.items()}
 
     # ------------------------------------------------------------------- state
     @property
@@ -187,26 +348,42 @@ class LayerwiseOptimizer(Optimizer):
             direction = direction.add(p, alpha=group["weight_decay"])
         p.add_(direction, alpha=-group["lr"])
 
-    def precondition_and_apply(self, precondition: Callable[[str, Tensor], Tensor]) -> None:
+    def precondition_and_apply(
+        self,
+        precondition: Callable[[str, Tensor], Tensor],
+        fallback_group: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
         """Momentum on raw gradients, ``precondition(name, V)`` per layer, then the update.
 
         ``V`` is the layer's (momentum) gradient matrix (d_out, d_a) with the bias as last
         column. Layers without a gradient in this step are left alone; a missing bias gradient
-        counts as zero. Fallback parameters take the momentum gradient as their direction.
+        counts as zero. Fallback parameters take the momentum gradient as their direction,
+        with the hyperparameters ``fallback_group(group)`` (default: the group's).
+        In one process (and mode ``"inverses"``) layer by layer; in mode ``"preconditioned"``
+        each layer's owner preconditions it (`precondition_blocks`).
         """
-        for name, layer in self.layers.items():
-            if layer.weight.grad is None:
-                continue
-            group = self.group(name)
-            bufs = [
-                self._momentum(p, p.grad if p.grad is not None else torch.zeros_like(p), group)
-                for p in layer.params
-            ]
-            V = layer.grad_matrix(bufs[0], bufs[1] if len(bufs) > 1 else None)
-            for p, d in zip(layer.params, layer.split(precondition(name, V)), strict=True):
+
+        def momentum_matrices() -> Iterable[tuple[str, Tensor]]:
+            for name, layer in self.layers.items():
+                if layer.weight.grad is None:
+                    continue
+                group = self.group(name)
+                bufs = [
+                    self._momentum(p, p.grad if p.grad is not None else torch.zeros_like(p), group)
+                    for p in layer.params
+                ]
+                yield name, layer.grad_matrix(bufs[0], bufs[1] if len(bufs) > 1 else None)
+
+        def apply(name: str, direction: Tensor) -> None:
+            layer, group = self.layers[name], self.group(name)
+            for p, d in zip(layer.params, layer.split(direction), strict=True):
                 self._apply(p, d, group)
+
+        self.precondition_blocks(momentum_matrices(), precondition, apply)
         for p in self.fallback_params:
             if p.grad is None:
                 continue
             group = self.param_groups[self._group_of[id(p)]]
+            if fallback_group is not None:
+                group = fallback_group(group)
             self._apply(p, self._momentum(p, p.grad, group), group)

@@ -70,6 +70,11 @@ Implementation notes:
   statistics (eq. 3.9); λ_A = λ_G = √λ unless ``damping_split="locations"``.
 * Deviation (A18): dropout draws new masks in the second pass (the thesis asks for identical
   ones); BatchNorm uses the batch's statistics in both passes.
+* Data-parallel (``opt.distribute(...)``, `curvlab.optim.base.DataParallelMixin`): ā, D̄h,
+  ā⁺, D̄h⁺ and y_A = A s_A + λ_A s_A are averaged over ranks (vectors; ch.2's A stays a
+  per-rank EMA, linear in the data), so every rank makes the same BFGS updates with the same
+  (s, y) pairs; H_A and H_G are kept on every rank (their updates cost O(d²), like a
+  broadcast). In mode ``"preconditioned"`` each layer's owner computes H_G D̂W H_A.
 * Not implemented: ch.2's "double-grad" variant (§2.8.3, preliminary, "does not help much") and
   the authors' code's homogeneous coordinate ``mean(mean_h)`` (spec §12, a quirk; the thesis's 1
   is used).
@@ -298,10 +303,11 @@ class KBFGS(LayerwiseOptimizer):
         """The closure (zero_grad, forward, backward), recording inputs and ∂L/∂h if asked."""
         if not record:
             with torch.enable_grad():
-                return objective(), None
+                loss = objective()
+            return self.synchronize_gradients(loss), None  # data-parallel: mean over ranks
         with capture(self.layers) as cap:
             loss = objective()
-        return loss, cap
+        return self.synchronize_gradients(loss), cap
 
     def _records(
         self, cap: Capture
@@ -315,17 +321,26 @@ class KBFGS(LayerwiseOptimizer):
 
     def _first_pass(self, cap: Capture, m: int) -> dict[str, _FirstPass]:
         """h̄, D̄h (Alg 9 line 6) and the H_A pair (line 16; Alg 4 lines 20–22) per layer."""
-        out: dict[str, _FirstPass] = {}
-        for name, layer, inputs, grads in self._records(cap):
-            state = self.layer_state(name)
+        records = list(self._records(cap))
+        means: list[tuple[Tensor, Tensor, Tensor | None]] = []
+        for name, layer, inputs, grads in records:
             a_bar, locations = _mean_input(layer, inputs, m)
-            state["locations"] = locations
-            h = _weight_matrix(layer) @ a_bar  # h̄ = W ā at the pre-step weights
+            self.layer_state(name)["locations"] = locations
             g = _sum_outputs(layer, grads) / locations
+            A_batch = input_factor(layer, inputs, m) if self.a_update == "ema" else None
+            means.append((a_bar, g, A_batch))
+        # Data-parallel: ā and D̄h are means over examples: mean over ranks. (ch.2's A is an
+        # EMA kept per rank for its shard; only A s_A below needs the mean.)
+        self.average_statistics([t for a_bar, g, _ in means for t in (a_bar, g)])
+        out: dict[str, _FirstPass] = {}
+        actions: list[Tensor] = []
+        for (name, layer, inputs, _), (a_bar, g, A_batch) in zip(records, means, strict=True):
+            state = self.layer_state(name)
+            h = _weight_matrix(layer) @ a_bar  # h̄ = W ā at the pre-step weights
             lam_a, _ = self._dampings(name)
             A_new: Tensor | None = None
             matvec: Callable[[Tensor], Tensor]
-            if self.a_update == "minibatch":
+            if A_batch is None:
                 # Alg 9 line 16 / eq. 3.15: Ã s = (1/m) Σ_{n,t} (ā_tᵀ s) ā_t, A never formed.
                 parts = [layer.input_rows(x) for x in inputs]
                 rows = parts[0] if len(parts) == 1 else torch.cat(parts)  # no copy for Linear
@@ -335,10 +350,14 @@ class KBFGS(LayerwiseOptimizer):
             else:
                 # Alg 4 line 20: A = β A + (1−β) mean_i ā āᵀ (mean of outer products).
                 beta = self.group(name)["ema_decay"]
-                A_new = torch.lerp(state["A"], input_factor(layer, inputs, m), 1.0 - beta)
+                A_new = torch.lerp(state["A"], A_batch, 1.0 - beta)
                 matvec = A_new.mv  # Alg 4 lines 21–22: y_A = A s_A + λ_A s_A
             s_a, y_a = hessian_action_pair(state["H_a"], a_bar, matvec, lam_a)
             out[name] = _FirstPass(h=h, g=g, s_a=s_a, y_a=y_a, A=A_new)
+            actions.append(y_a)
+        # Data-parallel: this shard's (Ã or A) s_A + λ_A s_A; their mean over ranks is the
+        # whole batch's (A: the mean of the ranks' EMAs is the EMA of the whole batches).
+        self.average_statistics(actions)
         return out
 
     def _second_pass(self, objective: Objective) -> dict[str, tuple[Tensor, Tensor]]:
@@ -351,37 +370,28 @@ class KBFGS(LayerwiseOptimizer):
         with preserved_buffers(self.model), capture(self.layers) as cap:
             _, loss = objective.forward()
             cap.backward_to_outputs(loss, retain_graph=False)
-        out: dict[str, tuple[Tensor, Tensor]] = {}
+        means: dict[str, tuple[Tensor, Tensor]] = {}
         for name, layer, inputs, grads in self._records(cap):
             a_bar, locations = _mean_input(layer, inputs, m)
-            out[name] = (_weight_matrix(layer) @ a_bar, _sum_outputs(layer, grads) / locations)
-        return out
+            means[name] = (a_bar, _sum_outputs(layer, grads) / locations)
+        # Data-parallel: ā⁺ and D̄h⁺ are means over examples: mean over ranks.
+        self.average_statistics([t for pair in means.values() for t in pair])
+        return {n: (_weight_matrix(self.layers[n]) @ a, g) for n, (a, g) in means.items()}
 
     # ------------------------------------------------------------ updates
     def _apply_step(self) -> None:
         """Momentum on the raw gradient, p = H_G D̂W H_A, W ← W − α(p + γW) (Alg 9 lines 8–10).
 
-        As `LayerwiseOptimizer.precondition_and_apply`, except that fallback parameters
-        (BatchNorm) may take the learning rate α/λ (thesis §3.4.3).
+        `LayerwiseOptimizer.precondition_and_apply`, with fallback parameters (BatchNorm) at
+        the learning rate α/λ when ``fallback_lr="lr_over_damping"`` (thesis §3.4.3).
         """
-        for name, layer in self.layers.items():
-            if layer.weight.grad is None:
-                continue
-            group = self.group(name)
-            bufs = [
-                self._momentum(p, p.grad if p.grad is not None else torch.zeros_like(p), group)
-                for p in layer.params
-            ]
-            V = layer.grad_matrix(bufs[0], bufs[1] if len(bufs) > 1 else None)
-            for p, d in zip(layer.params, layer.split(self._precondition(name, V)), strict=True):
-                self._apply(p, d, group)
-        for p in self.fallback_params:
-            if p.grad is None:
-                continue
-            group = self.param_groups[self._group_of[id(p)]]
+
+        def fallback(group: dict[str, Any]) -> dict[str, Any]:
             if self.fallback_lr == "lr_over_damping":
-                group = {**group, "lr": group["lr"] / group["damping"]}
-            self._apply(p, self._momentum(p, p.grad, group), group)
+                return {**group, "lr": group["lr"] / group["damping"]}
+            return group
+
+        self.precondition_and_apply(self._precondition, fallback_group=fallback)
 
     def _precondition(self, name: str, V: Tensor) -> Tensor:
         """H_G (V H_A); compact L-BFGS for H_G in the (L) variants (Alg 9 line 9)."""
@@ -505,12 +515,16 @@ class KBFGS(LayerwiseOptimizer):
     # --------------------------------------------------------- initialisation
     def _initialise_missing(self, cap: Capture, m: int) -> None:
         """Alg 9 / Alg 4 line 3 from the first mini-batch for layers without a warm start."""
+        missing: list[tuple[str, Tensor | None, float]] = []
         for name, layer, inputs, _ in self._records(cap):
             if "H_a" in self.layer_state(name):
                 continue
             need_A = self.a_init == "inverse" or self.a_update == "ema"
             A = input_factor(layer, inputs, m) if need_A else None
-            self._reset_layer(name, A, _mean_input(layer, inputs, m)[1])
+            missing.append((name, A, _mean_input(layer, inputs, m)[1]))
+        self.average_statistics([A for _, A, _ in missing if A is not None])  # over ranks
+        for name, A, locations in missing:
+            self._reset_layer(name, A, locations)
         self.global_state["initialised"] = True
 
     def _reset_layer(self, name: str, A: Tensor | None, locations: float) -> None:
@@ -581,13 +595,21 @@ class KBFGS(LayerwiseOptimizer):
                 examples[name] = examples.get(name, 0) + m
         if not sums:
             raise ValueError("batches: no batch reached a Linear/Conv2d layer for the warm start")
+        # Data-parallel: ratios of sums over every rank's batches (means of sums: same ratio).
+        counts = {
+            n: torch.tensor([rows[n], examples[n]], dtype=torch.float64, device=A.device)
+            for n, A in sums.items()
+        }
+        self.average_statistics([*sums.values(), *counts.values()])
+        rows = {n: float(c[0]) for n, c in counts.items()}
+        seen = {n: float(c[1]) for n, c in counts.items()}
         for name, total in sums.items():
-            A = total / examples[name]
+            A = total / seen[name]
             if not torch.isfinite(A).all():
                 raise ValueError(
                     f"batches: the warm-start statistics of layer '{name}' are not finite"
                 )
-            self._reset_layer(name, A, rows[name] / examples[name])
+            self._reset_layer(name, A, rows[name] / seen[name])
         self.global_state["initialised"] = True
         return count
 

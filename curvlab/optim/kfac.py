@@ -33,6 +33,9 @@ Options where the thesis, its code and practice differ (spec §10):
 * Deviation: Dh are per-example gradients of the per-example loss; we scale them so that the
   factors describe the curvature of the loss as reduced (see `curvlab.curvature.factors`).
   For a batch-mean loss this is exactly the thesis's convention (A1).
+* Data-parallel (``opt.distribute(...)``, `curvlab.optim.base.DataParallelMixin`): Ω, Γ are
+  EMAs of per-rank means, averaged over ranks before each line-17 refresh; each layer's
+  inverses are computed on one owner rank.
 """
 
 from __future__ import annotations
@@ -139,7 +142,7 @@ class KFAC(LayerwiseOptimizer):
             return loss
         if factors is None and not self._initialised():
             factors = self._statistics_pass(objective)  # Deviation (A8): first mini-batch
-        if factors is not None and not _factors_finite(factors):
+        if factors is not None and not self.finite_everywhere(_flat(factors)):  # all ranks
             self.skip_step(loss, "non-finite curvature statistics")
             return loss
         refreshed = False
@@ -185,8 +188,8 @@ class KFAC(LayerwiseOptimizer):
     def _has_inverses(self) -> bool:
         """Whether every layer that has statistics also has inverses."""
         return all(
-            KroneckerBlock.has_inverses(state)
-            for state in map(self.layer_state, self.layers)
+            self.inverse_ready(n, KroneckerBlock.has_inverses(state))  # the same on all ranks
+            for n, state in ((n, self.layer_state(n)) for n in self.layers)
             if KroneckerBlock.has_statistics(state)
         )
 
@@ -202,10 +205,12 @@ class KFAC(LayerwiseOptimizer):
         group = self.param_groups[0]
         if not (force or self._due(k, "inverse_every") or k <= group["inverse_warmup"]):
             return False
-        for name, block in self.blocks.items():
-            state = self.layer_state(name)
-            if KroneckerBlock.has_statistics(state):
-                block.refresh(state, self.group(name)["damping"], self.pi_damping)
+        # Data-parallel: each block on its owner rank, then shared (`refresh_blocks`).
+        states = {n: self.layer_state(n) for n in self.blocks}
+        self.refresh_blocks(
+            [(n, b, states[n]) for n, b in self.blocks.items() if b.has_statistics(states[n])],
+            lambda n: self.blocks[n].refresh(states[n], self.group(n)["damping"], self.pi_damping),
+        )
         return True
 
     # ------------------------------------------------------------ statistics
@@ -215,7 +220,8 @@ class KFAC(LayerwiseOptimizer):
         """The closure; when asked, also the statistics from the same forward pass."""
         if not with_statistics:
             with torch.enable_grad():
-                return objective(), None
+                loss = objective()
+            return self.synchronize_gradients(loss), None  # data-parallel: mean over ranks
         with capture(self.layers) as cap:
             if self.fisher == "true":
 
@@ -227,6 +233,7 @@ class KFAC(LayerwiseOptimizer):
                 loss = objective.forward_backward(before_backward=sampled_pass)
             else:
                 loss = objective()
+        loss = self.synchronize_gradients(loss)  # data-parallel: mean over ranks
         if not torch.isfinite(loss):
             return loss, None
         assert objective.outputs is not None
@@ -348,5 +355,9 @@ def _validated(
     }
 
 
+def _flat(factors: Factors) -> list[Tensor]:
+    return [t for pair in factors.values() for t in pair]
+
+
 def _factors_finite(factors: Factors) -> bool:
-    return all_finite([t for pair in factors.values() for t in pair])
+    return all_finite(_flat(factors))

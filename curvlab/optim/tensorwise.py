@@ -42,7 +42,7 @@ Statistics and inverses are refreshed *before* the step, from the current mini-b
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import torch
@@ -50,8 +50,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from curvlab.curvature.tensor_blocks import RootMethod, TensorBlock, tensor_shape
+from curvlab.distributed import BlockParallel
 from curvlab.linalg import all_finite
 from curvlab.objective import Objective, preserved_buffers
+from curvlab.optim.base import DataParallelMixin
 from curvlab.optim.validation import check_int, check_range
 
 __all__ = ["TensorwiseOptimizer"]
@@ -97,7 +99,7 @@ def check_bool(name: str, value: Any) -> bool:
     return value
 
 
-class TensorwiseOptimizer(Optimizer):
+class TensorwiseOptimizer(DataParallelMixin, Optimizer):
     """Base of TNT and Shampoo: one `TensorBlock` per parameter tensor.
 
     Args:
@@ -112,6 +114,12 @@ class TensorwiseOptimizer(Optimizer):
 
     Subclasses say which gradient the statistics come from (`_statistics_loss`, and
     `_statistics_scale` for its scale) and whether the step needs a `curvlab.Objective`.
+
+    Data-parallel: `distribute` (`curvlab.optim.base.DataParallelMixin`). The statistics are
+    contractions of a mini-batch gradient, so the *gradient* is averaged over ranks before
+    they are formed — the averaged true-label gradient (Shampoo, TNT-EF) or the averaged
+    sampled-label gradient (TNT) — which makes them those of the global batch; every rank
+    keeps them, each block's roots are refreshed by its owner.
     """
 
     #: Whether the statistics come from an extra (sampled-label) backward pass.
@@ -153,6 +161,11 @@ class TensorwiseOptimizer(Optimizer):
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         self.last_step_info: dict[str, Any] = {}
+        self._parallel = BlockParallel.local()
+
+    def block_costs(self) -> dict[Hashable, float]:
+        """``Σ_i d_i³`` per parameter tensor, keyed like `blocks` (for the owner assignment)."""
+        return {id(p): self.blocks[id(p)].refresh_cost() for p in self.params}
 
     # ------------------------------------------------------------------- state
     @property
@@ -210,6 +223,7 @@ class TensorwiseOptimizer(Optimizer):
         stats_due = first or k % self.param_groups[0]["curvature_every"] == 0
         # Alg 15 lines 5–7 / Alg 16 line 5.
         loss, stat_grads, outputs = self._gradient_pass(closure, stats_due)
+        loss = self.synchronize_gradients(loss)  # data-parallel: mean over ranks
         if loss is not None and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
             self.skip_step(loss, "non-finite loss")
             return loss
@@ -217,6 +231,8 @@ class TensorwiseOptimizer(Optimizer):
             self.skip_step(loss, "non-finite gradient")
             return loss
         statistics: dict[int, list[Tensor]] = {}
+        if stat_grads is not None and self.extra_backward:
+            self.average_statistics(list(stat_grads.values()))  # the sampled gradient
         if stat_grads is not None:
             scale = self._statistics_scale(closure, outputs)
             for p, g in stat_grads.items():
@@ -229,25 +245,41 @@ class TensorwiseOptimizer(Optimizer):
                 return loss
         T2 = self.param_groups[0]["inverse_every"]
         refresh_all = k % T2 == 0 or (self.inverse_warmup and k < T2 and bool(statistics))
-        refreshed = failed = 0
+        due: list[tuple[int, TensorBlock, dict[str, Any]]] = []
+        by_key = {id(p): p for p in self.params}
         for p in self.params:
             state, block, group = self.state[p], self.blocks[id(p)], self.group_of(p)
             if id(p) in statistics:  # Alg 15 lines 11–12 / Alg 16 lines 8–9
                 block.update(state, statistics[id(p)], group["ema_decay"])
             # Alg 15 lines 14–16 / Alg 16 lines 11–12 (and the first preconditioners, A9).
             if TensorBlock.has_statistics(state) and (
-                refresh_all or not TensorBlock.has_preconditioners(state)
+                refresh_all or not self.inverse_ready(id(p), TensorBlock.has_preconditioners(state))
             ):
-                if block.refresh(state, group["damping"]):
-                    refreshed += 1
-                else:
-                    failed += 1
-            if p.grad is None:
-                continue
-            direction = self._momentum(p, p.grad, group)  # Alg 15 line 10 / Alg 16 line 7
+                due.append((id(p), block, state))
+        # Data-parallel: each block on its owner rank, then shared (`refresh_blocks`).
+        refreshed, failed = self.refresh_blocks(
+            due,
+            lambda key: self.blocks[key].refresh(
+                self.state[by_key[key]], self.group_of(by_key[key])["damping"]
+            ),
+        )
+
+        def momentum() -> Iterable[tuple[int, Tensor]]:
+            for p in self.params:
+                if p.grad is not None:  # Alg 15 line 10 / Alg 16 line 7
+                    yield id(p), self._momentum(p, p.grad, self.group_of(p))
+
+        def precondition(key: int, direction: Tensor) -> Tensor:
+            state = self.state[by_key[key]]
             if TensorBlock.has_preconditioners(state):  # Alg 15 line 18 / Alg 16 line 14
-                direction = block.precondition(state, direction)
-            self._apply(p, direction, group)  # Alg 15 lines 19–20 / Alg 16 lines 15–16
+                return self.blocks[key].precondition(state, direction)
+            return direction
+
+        def apply(key: int, direction: Tensor) -> None:
+            p = by_key[key]  # Alg 15 lines 19–20 / Alg 16 lines 15–16
+            self._apply(p, direction, self.group_of(p))
+
+        self.precondition_blocks(momentum(), precondition, apply)
         self.global_state["global_step"] = k
         self.last_step_info = {
             "skipped": False,
@@ -348,10 +380,12 @@ class TensorwiseOptimizer(Optimizer):
             objective = Objective(self.model, loss_fn, inputs, targets, batch_average=batch_average)
             with preserved_buffers(self.model), torch.enable_grad():
                 outputs, loss = objective.forward()
-                if not bool(torch.isfinite(loss)):
+                mean = self.parallel.synchronize_gradients(loss.detach(), ())  # over ranks
+                if not bool(torch.isfinite(torch.as_tensor(mean))):
                     continue
                 extra = self._statistics_loss(objective, outputs, loss)
                 grads = torch.autograd.grad(extra, params, allow_unused=True)
+            self.average_statistics([g for g in grads if g is not None])  # over ranks
             scale = self._statistics_scale(objective, outputs.detach())
             stats = {
                 id(p): self.blocks[id(p)].statistics(g)

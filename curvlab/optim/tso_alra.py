@@ -42,6 +42,8 @@ Conventions and choices where [P1] is silent (spec §3.1, §3.5):
   (default) starts from A = I, B = I, so until t = T_int line 8 uses (1+ε)^{-1} g, an SGD step;
   ``init="first_batch"`` starts from the first mini-batch's statistics and computes their roots
   at once (as K-FAC's A8 bootstrap), so the preconditioner acts from the first step.
+* Data-parallel (``opt.distribute(...)``): as K-FAC (per-rank EMAs of A, B averaged before
+  each root refresh, each block's roots on one owner rank); the SGD stage averages gradients.
 * [P1] has no momentum and no weight decay; ``momentum`` (heavy ball on the raw gradient) and
   ``weight_decay`` (decoupled, after preconditioning) are extensions, 0 by default. Parameters
   outside Linear/Conv2d layers get the base's fallback update (plain gradient, same lr).
@@ -56,6 +58,7 @@ grid {5, 10, …, 75}, chosen 70 (Fashion-MNIST/AlexNet), 25 (Fashion-MNIST/VGG)
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -64,7 +67,7 @@ from torch import Tensor, nn
 from curvlab.curvature.blocks import KroneckerBlock
 from curvlab.curvature.factors import input_factor, output_factor
 from curvlab.curvature.hooks import Capture, capture
-from curvlab.linalg import all_finite
+from curvlab.distributed import Communicator, Mode
 from curvlab.objective import Objective
 from curvlab.optim.base import LayerwiseOptimizer, require_objective
 from curvlab.optim.switching import TwoStage
@@ -146,22 +149,22 @@ class TSOALRAFirstStage(LayerwiseOptimizer):
         if not self.grads_finite():
             self.skip_step(loss, "non-finite gradient")
             return loss
-        if not all_finite([f for pair in factors.values() for f in pair]):
+        if not self.finite_everywhere([f for pair in factors.values() for f in pair]):
             self.skip_step(loss, "non-finite curvature statistics")
             return loss
         bootstrap = False
+        fresh = [n for n in factors if not KroneckerBlock.has_statistics(self.layer_state(n))]
+        if fresh and self.init == "identity":
+            # Deviation (spec [R]): A⁰ = I, B⁰ = I and their roots are line 8's s = 0.
+            for name in fresh:
+                state, (A, B) = self.layer_state(name), factors[name]
+                state["A"] = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+                state["G"] = torch.eye(B.shape[0], dtype=B.dtype, device=B.device)
+            self._refresh(fresh, count=False)
+        elif fresh:  # Deviation (option, K-FAC's A8): the first batch's factors, roots now
+            bootstrap = True
         for name, (A, B) in factors.items():  # line 3: eqs. 17–18 (B is the block's "G")
-            state = self.layer_state(name)
-            block = self.blocks[name]
-            if not KroneckerBlock.has_statistics(state):
-                if self.init == "identity":
-                    # Deviation (spec [R]): A⁰ = I, B⁰ = I and their roots are line 8's s = 0.
-                    state["A"] = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-                    state["G"] = torch.eye(B.shape[0], dtype=B.dtype, device=B.device)
-                    block.refresh(state, self.group(name)["eps"], False)
-                else:  # Deviation (option, K-FAC's A8): the first batch's factors, roots now
-                    bootstrap = True
-            block.update(state, A, B, self.group(name)["ema_decay"])
+            self.blocks[name].update(self.layer_state(name), A, B, self.group(name)["ema_decay"])
         refreshed = False
         if t % self.param_groups[0]["inverse_every"] == 0 or bootstrap:  # lines 4–7
             refreshed = self._refresh()
@@ -179,14 +182,21 @@ class TSOALRAFirstStage(LayerwiseOptimizer):
         }
         return loss
 
-    def _refresh(self) -> bool:
+    def _refresh(self, names: Iterable[str] | None = None, count: bool = True) -> bool:
         """Lines 5–6: eigendecompositions of every factor; s ← s + 1. A failed decomposition
-        keeps the layer's previous roots (`KroneckerBlock.refresh`)."""
-        for name, block in self.blocks.items():
-            state = self.layer_state(name)
-            if KroneckerBlock.has_statistics(state):
-                block.refresh(state, self.group(name)["eps"], False)
-        self.global_state["root_refreshes"] = self.global_state.get("root_refreshes", 0) + 1
+        keeps the layer's previous roots (`KroneckerBlock.refresh`). Data-parallel: each
+        block on its owner rank, then shared (`refresh_blocks`)."""
+        names = self.blocks if names is None else names
+        self.refresh_blocks(
+            [
+                (n, self.blocks[n], self.layer_state(n))
+                for n in names
+                if KroneckerBlock.has_statistics(self.layer_state(n))
+            ],
+            lambda n: self.blocks[n].refresh(self.layer_state(n), self.group(n)["eps"], False),
+        )
+        if count:
+            self.global_state["root_refreshes"] = self.global_state.get("root_refreshes", 0) + 1
         return True
 
     def _precondition(self, name: str, V: Tensor) -> Tensor:
@@ -211,6 +221,7 @@ class TSOALRAFirstStage(LayerwiseOptimizer):
                 loss = objective.forward_backward(before_backward=sampled_pass)
             else:
                 loss = objective()
+        loss = self.synchronize_gradients(loss)  # data-parallel: mean over ranks
         if not torch.isfinite(loss):
             return loss, {}
         assert objective.outputs is not None
@@ -237,6 +248,28 @@ class TSOALRAFirstStage(LayerwiseOptimizer):
 def _plain_sgd(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     """[P1] eq. 1, θ ← θ − η ∇L(θ), over the first stage's groups (η and decay carried)."""
     return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.0)
+
+
+class _DataParallelSGD(torch.optim.SGD):
+    """Eq. 1 in a data-parallel run: the closure, gradients averaged over ranks by the first
+    stage's `synchronize_gradients` (a no-op with a DDP model, but for the loss), then SGD."""
+
+    def __init__(
+        self,
+        groups: list[dict[str, Any]],
+        synchronize: Callable[[Tensor | None], Tensor | None],
+    ) -> None:
+        super().__init__(groups, lr=groups[0]["lr"], momentum=0.0)
+        self._synchronize = synchronize
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        loss = self._synchronize(None if loss is None else torch.as_tensor(loss))
+        super().step()
+        return loss
 
 
 class TSOALRA(TwoStage):
@@ -293,6 +326,7 @@ class TSOALRA(TwoStage):
             weight_decay=weight_decay,
             params=params,
         )
+        self.first: TSOALRAFirstStage
         super().__init__(
             first,
             _plain_sgd,
@@ -304,6 +338,23 @@ class TSOALRA(TwoStage):
             carry=("lr", "initial_lr", "weight_decay"),
         )
         self.model = model
+
+    def distribute(
+        self,
+        communicator: Communicator | None = None,
+        *,
+        mode: Mode = "inverses",
+        average_gradients: bool | None = None,
+    ) -> TSOALRA:
+        """Data-parallel training (`curvlab.optim.base.DataParallelMixin.distribute`): the
+        first stage as every layer-wise method; the SGD stage averages the gradients over
+        ranks as the first stage does (nothing to do with a DDP model). Call it before the
+        switch."""
+        if self.second is not None:
+            raise ValueError("distribute: call it before the switch to the SGD stage")
+        self.first.distribute(communicator, mode=mode, average_gradients=average_gradients)
+        self._factory = partial(_DataParallelSGD, synchronize=self.first.synchronize_gradients)
+        return self
 
 
 _HYPERPARAMETERS = ("lr", "ema_decay", "inverse_every", "eps", "momentum", "weight_decay")
