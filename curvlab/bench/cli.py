@@ -1,5 +1,5 @@
-"""The ``curvlab`` command: ``list``, ``bench``, ``report``, ``compare``, ``overhead`` and
-``products``.
+"""The ``curvlab`` command: ``list``, ``bench``, ``report``, ``compare``, ``overhead``,
+``products`` and ``reproduce``.
 
 Exit codes: 0 success; 1 a run or report failed (e.g. data files missing); 2 a usage error
 (unknown problem / optimizer / preset name, bad option or hyperparameter value).
@@ -28,6 +28,7 @@ from curvlab.bench.products import add_products_parser, run_products_command
 from curvlab.bench.records import environment, load_records, to_jsonable
 from curvlab.bench.registry import UnknownNameError
 from curvlab.bench.report import markdown_table, summarize, write_report
+from curvlab.bench.reproduce import add_reproduce_parser, register, run_reproduce_command
 from curvlab.bench.runner import Budget, resolve_device, run
 from curvlab.bench.specs import COMPARE_DEFAULT, get_optimizer, presets_for
 from curvlab.distributed import (
@@ -166,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_overhead_parser(sub)
     add_products_parser(sub)
+    add_reproduce_parser(sub)
     return parser
 
 
@@ -303,11 +305,13 @@ _COMMANDS = {
     "compare": _cmd_compare,
     "overhead": run_overhead_command,
     "products": run_products_command,
+    "reproduce": run_reproduce_command,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``curvlab`` console script; returns the exit code."""
+    register()  # the reproductions' problems (e.g. fmnist-mlp-tanh) are benchmarkable too
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = _parser().parse_args(argv)

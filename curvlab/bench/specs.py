@@ -335,7 +335,8 @@ _SPECS: list[OptimizerSpec] = [
     OptimizerSpec(
         name="hybrid-tr-sgd",
         factory=lambda model, hp: HybridTRSGD(model, **hp),
-        defaults={"patience": 1, "sgd_lr": 0.1},
+        # mode="min": the runner reports a test error or loss, not an accuracy
+        defaults={"patience": 1, "sgd_lr": 0.1, "mode": "min"},
         paper="Liu, Lee & Hsieh 2018 (seed 003) §4, Hybrid",
         algorithm="trust region until the held-out metric stops improving, then SGD",
         file="curvlab/optim/efficient_tr.py",

@@ -168,6 +168,10 @@ def test_every_problem_builds_deterministically(name: str) -> None:
     a, b = problem.make_model(7), problem.make_model(7)
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
-    shape = (2, 20) if name == "synthetic-mlp" else (2, 784) if problem.flatten else (2, 1, 28, 28)
+    first = next(m for m in a.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    if isinstance(first, nn.Linear):
+        shape: tuple[int, ...] = (2, first.in_features)
+    else:
+        shape = (2, first.in_channels, 32, 32) if first.in_channels == 3 else (2, 1, 28, 28)
     assert a(torch.rand(shape)).shape[0] == 2
     assert problem.description and problem.data_source

@@ -1,0 +1,21 @@
+"""`curvlab reproduce edf` and `tso-alra` at smoke scale (generated data, seconds)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from curvlab.testing.reproduce import check_smoke_reproduction, restored_registries
+
+
+@pytest.fixture(autouse=True)
+def _registries() -> Iterator[None]:
+    with restored_registries():
+        yield
+
+
+@pytest.mark.parametrize("name", ["edf", "tso-alra"])
+def test_smoke_reproduction_writes_a_report_with_verdicts(name: str, tmp_path: Path) -> None:
+    check_smoke_reproduction(name, tmp_path)
