@@ -25,7 +25,7 @@ from curvlab.bench.listing import catalog, format_catalog
 from curvlab.bench.overhead import add_overhead_parser, run_overhead_command
 from curvlab.bench.problems import get_problem
 from curvlab.bench.products import add_products_parser, run_products_command
-from curvlab.bench.records import environment, load_records, to_jsonable
+from curvlab.bench.records import environment, load_records, record_path, to_jsonable
 from curvlab.bench.registry import UnknownNameError
 from curvlab.bench.report import markdown_table, summarize, write_report
 from curvlab.bench.reproduce import add_reproduce_parser, register, run_reproduce_command
@@ -119,6 +119,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="named hyperparameters for this optimizer and problem")
     p.add_argument("--label", help="name in reports and folder (default: the optimizer)")
     p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from its last epoch-end checkpoint (single process)",
+    )
+    p.add_argument(
         "--nproc",
         type=int,
         default=1,
@@ -194,6 +199,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if in_torchrun():
         communicator, device = from_environment(device, timeout_s=args.dist_timeout)
+    checkpoint = None
+    if communicator is None:  # single process: a checkpoint at every epoch end
+        label = args.label or args.optimizer
+        checkpoint = record_path(args.out, problem.name, label, args.seed).with_suffix(".ckpt.pt")
+        if args.resume and not checkpoint.is_file():
+            raise UsageError(f"--resume: no checkpoint at {checkpoint}")
+    elif args.resume:
+        raise UsageError("--resume: data-parallel runs (--nproc) cannot resume yet")
     try:
         record = run(
             problem,
@@ -210,6 +223,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             communicator=communicator,
             dist_mode=args.dist_mode,
             ddp=args.ddp,
+            checkpoint=checkpoint,
+            resume=args.resume,
         )
     finally:
         if communicator is not None:
@@ -217,6 +232,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if communicator is not None and communicator.rank != 0:
         return 0  # rank 0 writes the record
     path = record.save(args.out)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)  # the run finished: its record is what remains
     _write_environment(args.out, record.config["device"])
     s = record.summary
     print(

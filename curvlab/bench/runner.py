@@ -44,6 +44,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -148,6 +149,8 @@ def run(
     communicator: Communicator | None = None,
     dist_mode: str = "inverses",
     ddp: bool = False,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
 ) -> RunRecord:
     """Train ``problem``'s model with ``optimizer_name`` within ``budget``; see the module doc.
 
@@ -169,10 +172,15 @@ def run(
             process.
         dist_mode: ``"inverses"`` or ``"preconditioned"`` (`curvlab.distributed`).
         ddp: wrap the model in DistributedDataParallel also for curvlab's optimizers.
+        checkpoint: a file to write at every epoch end (model, optimizer state, random
+            states, counters, the record so far); single-process runs only.
+        resume: continue from ``checkpoint`` (it must exist): the run goes on exactly as the
+            uninterrupted one would from that epoch end (same batches, same random numbers).
 
     Raises:
         UnknownNameError: unknown problem, optimizer or preset.
-        ValueError: ``warm_start`` for an optimizer without one, or a bad batch size.
+        ValueError: ``warm_start`` for an optimizer without one, a bad batch size, or
+            ``resume`` without a checkpoint file (or in a data-parallel run).
     """
     prob = get_problem(problem) if isinstance(problem, str) else problem
     spec = get_optimizer(optimizer_name)
@@ -190,6 +198,11 @@ def run(
         raise ValueError(f"dist_mode: expected one of {MODES}, got {dist_mode!r}")
     comm = communicator if communicator is not None else Communicator.local()
     distributed = comm.is_distributed
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and distributed:
+        raise ValueError("checkpoint: checkpoints are for single-process runs")
+    if resume and (ckpt is None or not ckpt.is_file()):
+        raise ValueError(f"resume: no checkpoint to resume from at {ckpt}")
     if threads is not None:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
@@ -233,7 +246,7 @@ def run(
 
     start_total = time.perf_counter()
     warm_s = 0.0
-    if warm:
+    if warm and not resume:
         synchronize(dev)
         t0 = time.perf_counter()
         optimizer.warm_start(  # type: ignore[attr-defined]
@@ -244,9 +257,6 @@ def run(
         synchronize(dev)
         warm_s = time.perf_counter() - t0
 
-    t_eval = time.perf_counter()
-    epochs = [evaluate(0.0, 0, 0.0)]
-    eval_s = time.perf_counter() - t_eval
     step_loss: list[float] = []
     step_time: list[float] = []
     step_info: list[dict[str, Any]] = []
@@ -254,6 +264,21 @@ def run(
     skipped = 0
     status = "completed"
     step, epoch, wall = 0, 0, 0.0
+    if resume:
+        assert ckpt is not None
+        saved = torch.load(ckpt, map_location=dev, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        shuffle_gen.set_state(saved["shuffle_rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        epochs = [EpochRecord(**e) for e in saved["epochs"]]
+        step_loss, step_time, step_info = saved["step_loss"], saved["step_time"], saved["step_info"]
+        step, epoch, wall = saved["step"], saved["epoch"], saved["wall"]
+        skipped, warm_s, eval_s = saved["skipped"], saved["warm_s"], saved["eval_s"]
+    else:
+        t_eval = time.perf_counter()
+        epochs = [evaluate(0.0, 0, 0.0)]
+        eval_s = time.perf_counter() - t_eval
     bar = ProgressBar(f"{prob.name}/{label}", 1.0, enabled=progress and comm.rank == 0)
     reset_peak_memory(dev)
     model.train()
@@ -307,6 +332,24 @@ def run(
         eval_s += time.perf_counter() - t_eval
         if epoch_completed and not stop:
             _epoch_hooks(optimizer, epochs[-1])
+            if ckpt is not None:
+                _save_checkpoint(
+                    ckpt,
+                    model=model.state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    shuffle_rng=shuffle_gen.get_state(),
+                    torch_rng=torch.get_rng_state(),
+                    epochs=[asdict(e) for e in epochs],
+                    step_loss=step_loss,
+                    step_time=step_time,
+                    step_info=step_info,
+                    step=step,
+                    epoch=epoch,
+                    wall=wall,
+                    skipped=skipped,
+                    warm_s=warm_s,
+                    eval_s=eval_s,
+                )
 
     synchronize(dev)
     memory, memory_kind = peak_memory_mb(dev)
@@ -368,6 +411,14 @@ def run(
         step_info=step_info or None,
         summary=summary,
     )
+
+
+def _save_checkpoint(path: Path, **content: Any) -> None:
+    """Write atomically (a crash while saving leaves the previous checkpoint intact)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(content, tmp)
+    tmp.replace(path)
 
 
 def _shards(

@@ -175,3 +175,33 @@ def test_every_problem_builds_deterministically(name: str) -> None:
         shape = (2, first.in_channels, 32, 32) if first.in_channels == 3 else (2, 1, 28, 28)
     assert a(torch.rand(shape)).shape[0] == 2
     assert problem.description and problem.data_source
+
+
+@pytest.mark.parametrize("optimizer", ["kfac", "tso-alra", "sgd-m"])
+def test_resumed_run_continues_exactly_like_the_uninterrupted_one(
+    optimizer: str, tmp_path: Path
+) -> None:
+    """Issue 8 item 1: a run stopped mid-epoch resumes from its last epoch-end checkpoint and
+    then takes exactly the uninterrupted run's steps (batches, sampled labels, switch)."""
+    hp = {"lr": 0.05, "patience": 1} if optimizer == "tso-alra" else {"lr": 0.05}
+    whole = run("synthetic-mlp", optimizer, hp, budget=Budget(epochs=3))
+    ckpt = tmp_path / "run.ckpt.pt"
+    cut = run("synthetic-mlp", optimizer, hp, budget=Budget(steps=12), checkpoint=ckpt)
+    assert cut.summary["steps"] == 12 and ckpt.is_file()  # stopped in epoch 2 (8 steps each)
+    resumed = run(
+        "synthetic-mlp", optimizer, hp, budget=Budget(epochs=3), checkpoint=ckpt, resume=True
+    )
+    assert resumed.step_loss == whole.step_loss
+    assert [e.train_loss for e in resumed.epochs] == [e.train_loss for e in whole.epochs]
+    assert resumed.summary["steps"] == whole.summary["steps"] == 24
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="^resume: no checkpoint"):
+        run(
+            "synthetic-mlp",
+            "sgd-m",
+            budget=Budget(steps=1),
+            checkpoint=tmp_path / "missing.pt",
+            resume=True,
+        )

@@ -126,3 +126,9 @@ def test_products_command_prints_ratios_and_writes_json(
     assert result["config"]["problem"] == "synthetic-mlp"
     assert {"hessian", "ggn"} <= set(result["ratios"])
     assert all(r > 0 for r in result["ratios"].values())
+
+
+def test_bench_resume_needs_a_checkpoint_and_finished_runs_leave_none(tmp_path: Path) -> None:
+    assert _bench(tmp_path, "sgd-m", "--resume") == 2  # nothing to resume
+    assert _bench(tmp_path, "sgd-m") == 0
+    assert not list(tmp_path.rglob("*.ckpt.pt"))
