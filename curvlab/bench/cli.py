@@ -1,5 +1,5 @@
 """The ``curvlab`` command: ``list``, ``bench``, ``report``, ``compare``, ``overhead``,
-``products`` and ``reproduce``.
+``products``, ``reproduce`` and ``smw-cost``.
 
 Exit codes: 0 success; 1 a run or report failed (e.g. data files missing); 2 a usage error
 (unknown problem / optimizer / preset name, bad option or hyperparameter value).
@@ -30,6 +30,7 @@ from curvlab.bench.registry import UnknownNameError
 from curvlab.bench.report import markdown_table, summarize, write_report
 from curvlab.bench.reproduce import add_reproduce_parser, register, run_reproduce_command
 from curvlab.bench.runner import Budget, resolve_device, run
+from curvlab.bench.smw_cost import add_smw_cost_parser, run_smw_cost_command
 from curvlab.bench.specs import COMPARE_DEFAULT, get_optimizer, presets_for
 from curvlab.distributed import (
     DEFAULT_TIMEOUT_S,
@@ -173,6 +174,7 @@ def _parser() -> argparse.ArgumentParser:
     add_overhead_parser(sub)
     add_products_parser(sub)
     add_reproduce_parser(sub)
+    add_smw_cost_parser(sub)
     return parser
 
 
@@ -323,6 +325,7 @@ _COMMANDS = {
     "overhead": run_overhead_command,
     "products": run_products_command,
     "reproduce": run_reproduce_command,
+    "smw-cost": run_smw_cost_command,
 }
 
 

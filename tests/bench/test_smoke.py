@@ -132,3 +132,22 @@ def test_bench_resume_needs_a_checkpoint_and_finished_runs_leave_none(tmp_path: 
     assert _bench(tmp_path, "sgd-m", "--resume") == 2  # nothing to resume
     assert _bench(tmp_path, "sgd-m") == 0
     assert not list(tmp_path.rglob("*.ckpt.pt"))
+
+
+def test_smw_cost_command_prints_both_tables_and_writes_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from curvlab.bench.problems import get_problem
+
+    try:
+        get_problem("fmnist-mlp-logistic").load_dataset()
+    except FileNotFoundError:
+        pytest.skip("Fashion-MNIST is not installed")
+    out = tmp_path / "smw.json"
+    argv = ["smw-cost", "--widths", "20", "--steps", "1", "--repeats", "1", "--threads", "1"]
+    assert main([*argv, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| width | parameters |" in printed and "per million parameters" in printed
+    row = json.loads(out.read_text())["widths"][0]
+    assert row["methods"]["sgd-m"]["ratio_to_sgd"] == 1.0
+    assert row["methods"]["hessian-free"]["mean_cg_iterations"] >= 1
