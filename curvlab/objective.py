@@ -18,20 +18,39 @@ Sampling conventions (per example n, output entries j):
 * BCE on probabilities p: ``y ~ Bernoulli(p)``; BCE-with-logits: ``y ~ Bernoulli(sigmoid(z))``;
 * MSE: ``l = Σ_j (f_j − y_j)²`` is the NLL of ``N(f, ½ I)`` up to a constant, so
   ``y = f + ε/√2``, ``ε ~ N(0, I)``; then ``E[∇l ∇lᵀ] = ∇²l = 2I`` (the GGN).
+
+Mixed precision: an `Objective` records the autocast state (device types cpu and cuda: on or
+off, and the dtype) at construction and re-enters it around every forward pass it runs
+(`Objective.autocast`): the closure, `forward`, the sampled-label loss, the functional view.
+Optimizers run their own maths with autocast off (`curvlab.optim.base`), so a step taken inside
+``torch.autocast`` still forwards in low precision while curvature statistics, inverses and
+updates stay in the parameters' dtype. Labels are sampled in at least float32. Each such
+forward clears autocast's weight-cast cache on entry and exit: the cache is keyed by the
+parameter tensors and never notices in-place updates, so within one ``torch.autocast`` block
+it would otherwise replay the casts of the weights before the last step.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["Likelihood", "Objective", "preserved_buffers"]
+__all__ = [
+    "AUTOCAST_DEVICES",
+    "AutocastState",
+    "Likelihood",
+    "Objective",
+    "autocast_off",
+    "autocast_state",
+    "preserved_buffers",
+    "run_with_autocast",
+]
 
 Likelihood = Literal["categorical", "bernoulli_logits", "bernoulli", "gaussian"]
 
@@ -41,6 +60,56 @@ _LIKELIHOODS: dict[type[nn.Module], Likelihood] = {
     nn.BCELoss: "bernoulli",
     nn.MSELoss: "gaussian",
 }
+
+
+#: Device types whose autocast state is recorded and re-entered.
+AUTOCAST_DEVICES: tuple[str, ...] = ("cpu", "cuda")
+
+#: ``((device_type, enabled, dtype), ...)`` for every device type in `AUTOCAST_DEVICES`.
+AutocastState = tuple[tuple[str, bool, torch.dtype], ...]
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def autocast_state() -> AutocastState:
+    """The current (thread-local) autocast state of the device types in `AUTOCAST_DEVICES`."""
+    return tuple(
+        (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        for device in AUTOCAST_DEVICES
+    )
+
+
+def autocast_off() -> AutocastState:
+    """Autocast disabled for every device type in `AUTOCAST_DEVICES` (full precision)."""
+    return tuple((device, False, torch.get_autocast_dtype(device)) for device in AUTOCAST_DEVICES)
+
+
+@contextmanager
+def run_with_autocast(state: AutocastState, *, clear_cache: bool = True) -> Iterator[None]:
+    """Run the body under the autocast ``state`` (e.g. from `autocast_state`).
+
+    Only the device types whose current state differs are touched, so without autocast
+    anywhere this is a no-op. When ``state`` enables autocast for some device type and
+    ``clear_cache`` is set, autocast's weight-cast cache is cleared on entry and on exit (the
+    cache never notices in-place parameter updates; see the module docstring).
+    """
+    changes = [
+        (device, enabled, dtype)
+        for device, enabled, dtype in state
+        if torch.is_autocast_enabled(device) != enabled
+        or (enabled and torch.get_autocast_dtype(device) != dtype)
+    ]
+    clear = clear_cache and any(enabled for _, enabled, _ in state)
+    if not changes and not clear:
+        yield
+        return
+    with ExitStack() as stack:
+        for device, enabled, dtype in changes:
+            stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+        if clear:
+            torch.clear_autocast_cache()
+            stack.callback(torch.clear_autocast_cache)
+        yield
 
 
 @contextmanager
@@ -72,6 +141,9 @@ class Objective:
         targets: the labels for ``loss_fn``.
         batch_average: divide a ``reduction="sum"`` loss by m. This gives "sum over output
             entries, mean over examples", the thesis's autoencoder loss (its eq. 2.2 family).
+        autocast: the autocast state (`autocast_state`) for its forward passes; default: the
+            state at construction. It is re-entered by every forward pass the objective runs
+            (`Objective.autocast`), also when it is called outside that ``torch.autocast`` block.
 
     Raises:
         ValueError: empty batch, mismatched batch sizes, ``reduction="none"``, or
@@ -86,6 +158,7 @@ class Objective:
         targets: Tensor,
         *,
         batch_average: bool = False,
+        autocast: AutocastState | None = None,
     ) -> None:
         if inputs.dim() == 0 or inputs.shape[0] == 0:
             raise ValueError("inputs: need a non-empty batch with the batch as dimension 0")
@@ -105,6 +178,12 @@ class Objective:
         self.batch_average = batch_average
         self.outputs: Tensor | None = None
         self.loss: Tensor | None = None
+        self.autocast_state: AutocastState = autocast_state() if autocast is None else autocast
+
+    def autocast(self) -> AbstractContextManager[None]:
+        """The autocast state recorded at construction, re-entered for the body (a no-op when
+        it is the current state and autocast is off; see `run_with_autocast`)."""
+        return run_with_autocast(self.autocast_state)
 
     # ------------------------------------------------------------------ closure
     @property
@@ -114,14 +193,22 @@ class Objective:
 
     def forward(self) -> tuple[Tensor, Tensor]:
         """Forward pass with autograd enabled: ``(outputs, loss)``, graph kept, no backward."""
-        with torch.enable_grad():
+        with torch.enable_grad(), self.autocast():
             outputs = self.model(self.inputs)
             loss = self.loss_from_outputs(outputs, self.targets)
         return outputs, loss
 
+    def model_outputs(self) -> Tensor:
+        """``model(inputs)`` under the recorded autocast state, in the current grad mode."""
+        with self.autocast():
+            outputs: Tensor = self.model(self.inputs)
+        return outputs
+
     def loss_from_outputs(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """The objective's loss for given model outputs (with ``batch_average`` applied)."""
-        loss = self.loss_fn(outputs, targets)
+        """The objective's loss for given model outputs (with ``batch_average`` applied),
+        under the recorded autocast state."""
+        with run_with_autocast(self.autocast_state, clear_cache=False):
+            loss = self.loss_fn(outputs, targets)
         if self.batch_average:
             loss = loss / self.batch_size
         return loss
@@ -186,9 +273,12 @@ class Objective:
 
     @torch.no_grad()
     def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Labels drawn from the model's predictive distribution at ``outputs``."""
+        """Labels drawn from the model's predictive distribution at ``outputs`` (bfloat16 /
+        float16 outputs are sampled, and labels returned, in float32)."""
         kind = self._check_samplable()
         out = outputs.detach()
+        if out.dtype in _LOW_PRECISION:
+            out = out.float()
         if kind == "categorical":
             if out.dim() != 2:
                 raise ValueError("CrossEntropyLoss sampling expects outputs of shape (m, classes)")
@@ -221,7 +311,8 @@ class Objective:
         """
         buffers = {n: b.clone() for n, b in self.model.named_buffers()}
         merged: dict[str, Tensor] = {**buffers, **dict(params)}
-        out: Tensor = functional_call(self.model, merged, (self.inputs,), strict=False)
+        with self.autocast():
+            out: Tensor = functional_call(self.model, merged, (self.inputs,), strict=False)
         return out
 
     def functional_loss(self, params: Mapping[str, Tensor]) -> Tensor:

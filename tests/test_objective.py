@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -114,3 +115,89 @@ def test_preserved_buffers_restores_running_statistics() -> None:
         model(torch.randn(4, 2, 5, 5, dtype=torch.float64))
         assert not torch.equal(model[1].running_var, before)
     assert torch.equal(model[1].running_var, before)
+
+
+def _linear_output_dtypes(model: nn.Module) -> tuple[list[torch.dtype], list[Any]]:
+    seen: list[torch.dtype] = []
+    handles = [
+        m.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+        for m in model.modules()
+        if isinstance(m, nn.Linear)
+    ]
+    return seen, handles
+
+
+def test_objective_reenters_its_autocast_state_outside_the_block() -> None:
+    model = tiny_mlp((4, 5, 3), dtype=torch.float32)
+    x, y = torch.randn(6, 4), torch.randn(6, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        obj = Objective(model, nn.MSELoss(), x, y)
+    assert ("cpu", True, torch.bfloat16) in obj.autocast_state
+    seen, handles = _linear_output_dtypes(model)
+    loss = obj()  # called outside the user's block
+    assert obj.outputs is not None and obj.outputs.dtype == torch.bfloat16
+    assert loss.dtype == torch.float32  # mse_loss autocasts to float32
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    outputs, _ = obj.forward()
+    params, _ = obj.params_and_buffers()
+    functional = obj.functional_outputs(params)
+    at = obj.loss_at({n: p + 0.1 for n, p in params.items()})
+    for h in handles:
+        h.remove()
+    assert outputs.dtype == functional.dtype == torch.bfloat16 and at.dtype == torch.float32
+    assert seen and set(seen) == {torch.bfloat16}
+    assert not torch.is_autocast_enabled("cpu")  # nothing leaks out of the objective
+    with torch.no_grad():
+        reference = nn.MSELoss()(model(x), y)
+    assert not torch.equal(loss, reference)  # really the bf16 forward, not float32
+    torch.testing.assert_close(loss, reference, rtol=0.05, atol=0.0)
+
+
+def test_objective_built_outside_autocast_stays_in_full_precision_inside_a_block() -> None:
+    model = tiny_mlp((4, 5, 3), dtype=torch.float32)
+    x, y = torch.randn(6, 4), torch.randn(6, 3)
+    obj = Objective(model, nn.MSELoss(), x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        obj()
+        assert torch.is_autocast_enabled("cpu")  # the user's state is back after the call
+    assert obj.outputs is not None and obj.outputs.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        state = Objective(model, nn.MSELoss(), x, y).autocast_state
+    bf16 = Objective(model, nn.MSELoss(), x, y, autocast=state)  # an explicit state
+    bf16()
+    assert bf16.outputs is not None and bf16.outputs.dtype == torch.bfloat16
+
+
+def test_objective_forward_sees_in_place_weight_updates_within_one_autocast_block() -> None:
+    """Autocast caches weight casts for its whole block and never notices in-place updates;
+    every forward pass of an objective starts from a cleared cache."""
+    model = tiny_mlp((4, 5, 3), dtype=torch.float32)
+    x, y = torch.randn(6, 4), torch.randn(6, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stale = model(x)  # the cast weights are now cached
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.5)
+        obj = Objective(model, nn.MSELoss(), x, y)
+        obj()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fresh = model(x)
+    assert obj.outputs is not None
+    assert torch.equal(obj.outputs, fresh.detach()) and not torch.equal(fresh, stale)
+
+
+def test_labels_are_sampled_in_float32_from_low_precision_outputs() -> None:
+    gen = torch.Generator().manual_seed(0)
+    f = torch.full((4000, 1), 3.0, dtype=torch.bfloat16)
+    obj = Objective(nn.Identity(), nn.MSELoss(), f, torch.zeros(4000, 1))
+    y = obj.sample_targets(f, gen)
+    assert y.dtype == torch.float32
+    assert y.var().item() == pytest.approx(0.5, abs=0.05)
+    z = torch.zeros(4000, 1, dtype=torch.bfloat16)
+    obj = Objective(nn.Identity(), nn.BCEWithLogitsLoss(), z, torch.zeros(4000, 1))
+    labels = obj.sample_targets(z, gen)
+    assert labels.dtype == torch.float32 and labels.mean().item() == pytest.approx(0.5, abs=0.05)
+    # Full-precision outputs keep their dtype (and their random stream).
+    f64 = torch.zeros(3, 2, dtype=torch.float64)
+    obj = Objective(nn.Identity(), nn.MSELoss(), f64, torch.zeros(3, 2, dtype=torch.float64))
+    assert obj.sample_targets(f64, gen).dtype == torch.float64

@@ -9,7 +9,11 @@ and evaluates the model at any θ with `torch.func.functional_call`:
   (train-mode semantics, as [C-EDF] runs its products) while its running statistics in the
   model are never moved by the extra passes (spec-papers §1.4 "subtleties");
 * random ops (dropout) can be replayed with one saved RNG state (`replayed_rng`), so that
-  several passes at different θ see the same masks (spec-papers §1.4).
+  several passes at different θ see the same masks (spec-papers §1.4);
+* mixed precision: the forward pass runs under the objective's recorded autocast state
+  (`curvlab.Objective.autocast`), or with ``autocast=False`` in the parameters' dtype; the
+  operators built on it return vectors in the parameters' dtype (output-space quantities are
+  upcast to it).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from curvlab.objective import Objective
+from curvlab.objective import Objective, autocast_off, run_with_autocast
 
 __all__ = ["ParameterView", "RngState", "capture_rng", "flatten", "replayed_rng"]
 
@@ -67,13 +71,17 @@ class ParameterView:
         objective: the mini-batch (model, loss, inputs, targets).
         params: the parameters to differentiate, in order; each must be a parameter of
             ``objective.model`` (by identity). The model's other parameters are held fixed.
+        autocast: run the forward passes under the objective's recorded autocast state
+            (default); False: with autocast off, in the parameters' dtype.
 
     Raises:
         ValueError: ``params`` is empty, repeats a tensor, holds a tensor that is not a
             parameter of the model, or mixes dtypes or devices.
     """
 
-    def __init__(self, objective: Objective, params: Sequence[Tensor]) -> None:
+    def __init__(
+        self, objective: Objective, params: Sequence[Tensor], *, autocast: bool = True
+    ) -> None:
         params = list(params)
         if not params:
             raise ValueError("params: need at least one parameter")
@@ -98,6 +106,7 @@ class ParameterView:
         if not params[0].is_floating_point():
             raise ValueError(f"params: need floating-point parameters, got {params[0].dtype}")
         self.objective = objective
+        self.autocast = autocast
         self.params = params
         self.names = names
         self.shapes = [p.shape for p in params]
@@ -144,7 +153,12 @@ class ParameterView:
         merged: dict[str, Tensor] = {n: b.clone() for n, b in model.named_buffers()}
         merged.update(self._fixed)
         merged.update(zip(self.names, values, strict=True))
-        out: Tensor = functional_call(model, merged, (self.objective.inputs,), strict=False)
+        # Mixed precision: the forward runs under the objective's recorded autocast state.
+        precision = (
+            self.objective.autocast() if self.autocast else run_with_autocast(autocast_off())
+        )
+        with precision:
+            out: Tensor = functional_call(model, merged, (self.objective.inputs,), strict=False)
         return out
 
     def loss(self, values: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

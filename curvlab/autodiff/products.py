@@ -56,6 +56,10 @@ Semantics shared by all kinds:
 * The operator holds its linearisation (the autograd graphs of the forward and of the
   gradient) until it is dropped: keep it for one step only. The vectors it returns carry no
   graph, and no reference cycle keeps the graphs alive once the operator is gone.
+* Mixed precision: forward passes run under the objective's recorded autocast state
+  (`curvlab.Objective.autocast`), except those of ``"hessian-fd"``, which run in the
+  parameters' dtype (a difference quotient at ε = 1e-5 is all round-off in bfloat16); products
+  and gradients are returned in the parameters' dtype.
 """
 
 from __future__ import annotations
@@ -224,7 +228,10 @@ class _GaussNewtonOperator(CurvatureOperator):
         # Deviation: [P0]/[C-EDF] take the R-op of F = ∂L/∂z (so J_F v = H_L J v) instead of
         # applying H_L, because the closed forms (CE, BCE, MSE) are exact, cheaper than a second
         # differentiation, and give the Fisher by swapping H_L (line 5).
-        self._curvature: OutputCurvature = output_curvature(objective, outputs.detach(), kind)
+        # Mixed precision: H_L from outputs in the parameters' dtype (a no-op without autocast).
+        self._curvature: OutputCurvature = output_curvature(
+            objective, outputs.detach().to(view.dtype), kind
+        )
         super().__init__(view, damping, loss.detach(), _zeros_if_none(grads, self._values))
 
     def _apply(self, v: Tensor) -> Tensor:
@@ -241,8 +248,8 @@ class _GaussNewtonOperator(CurvatureOperator):
         )
         if r is None:
             return torch.zeros_like(v)
-        # line 5: q = H_L r (or F_L r).
-        q = self._curvature(r.detach())
+        # line 5: q = H_L r (or F_L r), in the parameters' dtype.
+        q = self._curvature(r.detach().to(self.dtype))
         # line 6: Gv = Jᵀ q (L-op on the forward graph).
         gv = torch.autograd.grad(
             self._outputs, self._values, grad_outputs=q, retain_graph=True, allow_unused=True
@@ -325,7 +332,10 @@ def curvature_operator(
             raise ValueError(f"fd_epsilon: only used with kind='hessian-fd', not {kind!r}")
         if _check_nonnegative("fd_epsilon", fd_epsilon) == 0.0:
             raise ValueError(f"fd_epsilon: expected a finite number > 0, got {fd_epsilon!r}")
-    view = ParameterView(objective, params)
+    # Mixed precision: the finite-difference passes run in the parameters' dtype, because a
+    # shift εv (ε = 1e-5) vanishes below bfloat16 / float16 resolution (measured: relative
+    # error 1.0 under bf16 autocast); every other kind forwards in the objective's precision.
+    view = ParameterView(objective, params, autocast=kind != "hessian-fd")
     if kind == "hessian":
         return _HessianOperator(view, damping)
     if kind == "hessian-fd":

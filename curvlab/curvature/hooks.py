@@ -16,6 +16,11 @@ The cost is one element-wise add per layer call.
 Gradients are stored per *phase* (e.g. ``"loss"`` and ``"sampled"``), so one forward pass can
 serve two backward passes. Layers called several times in one forward pass (shared layers)
 get one record per call. All hooks are removed on exit, also when the body raises.
+
+Records are kept in the dtype of the layer's weight: under mixed precision (``torch.autocast``)
+a layer sees and emits bfloat16 / float16 tensors, and its inputs and output gradients are
+upcast when recorded, so that statistics formed from them are computed in the parameters'
+precision. Without autocast nothing is converted.
 """
 
 from __future__ import annotations
@@ -65,13 +70,13 @@ class Capture:
             torch.autograd.grad(loss, probes, retain_graph=retain_graph, allow_unused=True)
 
     # -------------------------------------------------------------------- hooks
-    def _pre_hook(self, name: str) -> Any:
+    def _pre_hook(self, name: str, dtype: torch.dtype) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            self.records[name].inputs.append(args[0].detach())
+            self.records[name].inputs.append(_as_dtype(args[0].detach(), dtype))
 
         return hook
 
-    def _forward_hook(self, name: str) -> Any:
+    def _forward_hook(self, name: str, dtype: torch.dtype) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
             call = len(self.records[name].inputs) - 1
             probe = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
@@ -79,12 +84,20 @@ class Capture:
             out = output + probe
 
             def grad_hook(grad: Tensor) -> None:
-                self.records[name].grads.setdefault(self.phase, {})[call] = grad.detach()
+                grads = self.records[name].grads.setdefault(self.phase, {})
+                grads[call] = _as_dtype(grad.detach(), dtype)
 
             out.register_hook(grad_hook)
             return out
 
         return hook
+
+
+def _as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` in ``dtype`` if it is a floating-point tensor of another dtype (mixed precision)."""
+    if x.dtype == dtype or not x.is_floating_point():
+        return x
+    return x.to(dtype)
 
 
 @contextmanager
@@ -94,8 +107,9 @@ def capture(layers: Mapping[str, KroneckerLayer]) -> Iterator[Capture]:
     handles: list[RemovableHandle] = []
     try:
         for name, layer in layers.items():
-            handles.append(layer.module.register_forward_pre_hook(cap._pre_hook(name)))
-            handles.append(layer.module.register_forward_hook(cap._forward_hook(name)))
+            dtype = layer.weight.dtype
+            handles.append(layer.module.register_forward_pre_hook(cap._pre_hook(name, dtype)))
+            handles.append(layer.module.register_forward_hook(cap._forward_hook(name, dtype)))
         with torch.enable_grad():
             yield cap
     finally:

@@ -25,10 +25,23 @@ sampled gradient), `finite_everywhere` for skip decisions on per-rank statistics
 then each block is refreshed on its owner rank) and `precondition_blocks` (inside
 `LayerwiseOptimizer.precondition_and_apply`); the collectives themselves live in
 `curvlab.distributed`.
+
+Mixed precision (`GuardedStep`, a base of every curvlab optimizer base): ``step`` runs
+the optimizer's own maths — statistics, inverses, roots, solves, updates — with autocast off
+(cpu and cuda), also when it is called inside ``torch.autocast``. The forward passes keep
+the user's precision: a `curvlab.Objective` re-enters the autocast state it was built under
+(`curvlab.Objective.autocast`), and a plain closure is run under the state at the call of
+``step``. Captured layer inputs and output gradients are upcast to the parameter dtype
+(`curvlab.curvature.hooks`), so curvature state stays in the parameters' dtype (float32).
+
+Skipped steps (`GuardedStep` too): the label sampler's random state is copied when ``step``
+starts and put back by ``skip_step``, so a step skipped after its sampled-label pass (K-FAC
+``statistics="before_step"``, TNT) leaves the sampler exactly as it was.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, Literal, TypeVar, overload
@@ -48,10 +61,24 @@ from curvlab.distributed import (
     kronecker_cost,
 )
 from curvlab.linalg import all_finite
-from curvlab.objective import Objective
+from curvlab.objective import (
+    AutocastState,
+    Objective,
+    autocast_off,
+    autocast_state,
+    run_with_autocast,
+)
 from curvlab.optim.validation import check_choice
 
-__all__ = ["DataParallelMixin", "LayerwiseOptimizer", "MomentumStyle", "require_objective"]
+__all__ = [
+    "DataParallelMixin",
+    "GuardedStep",
+    "LayerwiseOptimizer",
+    "MomentumStyle",
+    "full_precision",
+    "require_objective",
+    "sampler_snapshot",
+]
 
 MomentumStyle = Literal["heavy_ball", "ema"]
 K = TypeVar("K", bound=Hashable)
@@ -66,6 +93,115 @@ def require_objective(closure: Any, method: str) -> Objective:
         f"{method}.step needs a curvlab.Objective(model, loss_fn, inputs, targets) as its "
         f"closure (it uses the model outputs and the loss's likelihood); got {type(closure)!r}"
     )
+
+
+def _closure_with_autocast(closure: Callable[[], Any], state: AutocastState) -> Callable[[], Any]:
+    """A plain closure that runs under the autocast ``state`` of the caller of ``step``."""
+
+    @functools.wraps(closure)
+    def run() -> Any:
+        with run_with_autocast(state):
+            return closure()
+
+    return run
+
+
+def full_precision(method: Callable[..., Any], *, closure: bool = False) -> Callable[..., Any]:
+    """Wrap an optimizer method (``step``, ``warm_start``) so that its maths runs with
+    autocast off.
+
+    Outside ``torch.autocast`` this calls ``method`` unchanged. Inside, ``method`` runs with
+    autocast disabled for cpu and cuda, and `GuardedStep.caller_autocast_state` gives the
+    caller's state for the forward passes the method builds itself; a `curvlab.Objective`
+    re-enters the state it recorded; with ``closure=True`` a plain closure (the first
+    argument) is run under the caller's state. On exit the weight-cast cache is cleared (the
+    method changed the parameters in place).
+    """
+    if getattr(method, "_full_precision", False):
+        return method
+
+    @functools.wraps(method)
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        state = autocast_state()
+        if not any(enabled for _, enabled, _ in state):
+            return method(self, *args, **kwargs)
+        if closure:
+            if args and args[0] is not None and not isinstance(args[0], Objective):
+                args = (_closure_with_autocast(args[0], state), *args[1:])
+            given = kwargs.get("closure")
+            if given is not None and not isinstance(given, Objective):
+                kwargs["closure"] = _closure_with_autocast(given, state)
+        previous = self.__dict__.get("_caller_autocast")
+        self._caller_autocast = state
+        try:
+            with run_with_autocast(autocast_off(), clear_cache=False):
+                return method(self, *args, **kwargs)
+        finally:
+            self._caller_autocast = previous
+            torch.clear_autocast_cache()
+
+    wrapped._full_precision = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+def sampler_snapshot(step: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``step`` so that the state of the optimizer's label sampler (``self._generator``,
+    if it has one) is copied at the start of the outermost call, for `GuardedStep.
+    restore_sampler` on a skipped step. The copy is an attribute, never in ``state_dict``."""
+    if getattr(step, "_sampler_snapshot", False):
+        return step
+
+    @functools.wraps(step)
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        generator = self.__dict__.get("_generator")
+        if generator is None or self.__dict__.get("_sampler_at_step") is not None:
+            return step(self, *args, **kwargs)  # no sampler, or a nested call (super().step)
+        self._sampler_at_step = generator.get_state()  # a small CPU uint8 tensor
+        try:
+            return step(self, *args, **kwargs)
+        finally:
+            self._sampler_at_step = None
+
+    wrapped._sampler_snapshot = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+class GuardedStep:
+    """Mixin of every curvlab optimizer base; in one place, so that no algorithm file has to
+    think about either:
+
+    * ``step`` and ``warm_start`` of every subclass are wrapped by `full_precision`
+      (mixed precision: the optimizer's maths with autocast off);
+    * ``step`` snapshots the label sampler's random state (`sampler_snapshot`), and
+      `restore_sampler` (called when a step is skipped) puts it back, so that a skipped step
+      leaves the sampler exactly as it was even if labels were already sampled.
+    """
+
+    _caller_autocast: AutocastState | None = None
+    _sampler_at_step: Tensor | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in ("step", "warm_start"):
+            method = cls.__dict__.get(name)
+            if callable(method):
+                if name == "step":
+                    method = sampler_snapshot(full_precision(method, closure=True))
+                else:
+                    method = full_precision(method)
+                setattr(cls, name, method)
+
+    def caller_autocast_state(self) -> AutocastState:
+        """The autocast state of the caller of the running ``step`` / ``warm_start`` (for
+        forward passes an optimizer builds itself), else the current state."""
+        return autocast_state() if self._caller_autocast is None else self._caller_autocast
+
+    def restore_sampler(self) -> None:
+        """Put the label sampler back to its state at the start of this step (a skipped step
+        must not advance it); a no-op outside a step or without a sampler."""
+        generator = self.__dict__.get("_generator")
+        if generator is not None and self._sampler_at_step is not None:
+            generator.set_state(self._sampler_at_step)
 
 
 class DataParallelMixin:
@@ -199,7 +335,7 @@ class DataParallelMixin:
         self._parallel.precondition(entries, precondition, apply)
 
 
-class LayerwiseOptimizer(DataParallelMixin, Optimizer):
+class LayerwiseOptimizer(GuardedStep, DataParallelMixin, Optimizer):
     """Block-diagonal preconditioning over the model's Linear/Conv2d layers.
 
     Args:
@@ -319,7 +455,9 @@ class LayerwiseOptimizer(DataParallelMixin, Optimizer):
         )
 
     def skip_step(self, loss: Tensor | None, reason: str) -> None:
-        """Record a skipped step; parameters and curvature state stay untouched."""
+        """Record a skipped step; parameters and curvature state stay untouched, and the
+        label sampler is put back to its state at the start of the step."""
+        self.restore_sampler()
         self.global_state["skipped_steps"] += 1
         self.last_step_info = {
             "skipped": True,

@@ -197,9 +197,11 @@ class _OutputSpaceOperator:
         live = [(i, t) for i, t in enumerate(jt_dummy) if t is not None and t.requires_grad]
         self._live = [i for i, _ in live]
         self._jt_dummy: list[Tensor] = [t for _, t in live]
-        self._curvature = output_curvature(objective, outputs.detach(), "ggn")
+        # Mixed precision: output-space vectors and H_L in the parameters' dtype (a no-op
+        # without autocast), so MINRES never runs in bfloat16 / float16.
+        self._curvature = output_curvature(objective, outputs.detach().to(view.dtype), "ggn")
         #: ∂L/∂φ, flattened: the right-hand side of the output-space system.
-        self.rhs = rhs.detach().reshape(-1)
+        self.rhs = rhs.detach().to(view.dtype).reshape(-1)
         self.loss = loss.detach()
         self.products = 0
 
@@ -234,7 +236,9 @@ class _OutputSpaceOperator:
                 retain_graph=True,
                 allow_unused=True,
             )
-        return torch.zeros_like(self.rhs) if r is None else r.detach().reshape(-1)
+        if r is None:
+            return torch.zeros_like(self.rhs)
+        return r.detach().to(self.rhs.dtype).reshape(-1)  # mixed precision: upcast
 
     def matvec(self, x: Tensor) -> Tensor:
         """H_L J Jᵀ x ([C-EDF]: U = J_F(Jᵀ V1), J_F = H_L J)."""

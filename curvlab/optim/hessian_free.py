@@ -303,6 +303,7 @@ class HessianFree(ModelwiseOptimizer):
                 objective.inputs[index],
                 targets,
                 batch_average=objective.batch_average,
+                autocast=objective.autocast_state,  # S1's precision (mixed precision)
             )
             scale = _subset_scale(objective, sub, index)
         if self._operator is None:  # N2 < N1, or the closure gave g_t

@@ -245,7 +245,7 @@ class KFAC(LayerwiseOptimizer):
         with preserved_buffers(self.model), capture(self.layers) as cap:
             if self.fisher == "true":
                 cap.phase = "sampled"
-                outputs = objective.model(objective.inputs)
+                outputs = objective.model_outputs()
                 loss = objective.sampled_loss(outputs, self._generator)
             else:
                 outputs, loss = objective.forward()
@@ -270,12 +270,15 @@ class KFAC(LayerwiseOptimizer):
         return factors
 
     def _factor_buffers(self, name: str, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Reused (d_a, d_a), (d_out, d_out) outputs, in the parameters' dtype (the captured
+        rows are upcast to it under mixed precision, `curvlab.curvature.hooks`)."""
         layer = self.layers[name]
+        dtype = layer.weight.dtype
         buffers = self._buffers.get(name)
-        if buffers is None or buffers[0].dtype != like.dtype or buffers[0].device != like.device:
+        if buffers is None or buffers[0].dtype != dtype or buffers[0].device != like.device:
             buffers = (
-                like.new_empty(layer.d_a, layer.d_a),
-                like.new_empty(layer.d_out, layer.d_out),
+                like.new_empty(layer.d_a, layer.d_a, dtype=dtype),
+                like.new_empty(layer.d_out, layer.d_out, dtype=dtype),
             )
             self._buffers[name] = buffers
         return buffers
@@ -298,7 +301,14 @@ class KFAC(LayerwiseOptimizer):
         sums: dict[str, list[Tensor]] = {}
         count = 0
         for inputs, targets in batches:
-            objective = Objective(self.model, loss_fn, inputs, targets, batch_average=batch_average)
+            objective = Objective(
+                self.model,
+                loss_fn,
+                inputs,
+                targets,
+                batch_average=batch_average,
+                autocast=self.caller_autocast_state(),  # the caller's precision
+            )
             factors = self._statistics_pass(objective)
             if not _factors_finite(factors):
                 continue

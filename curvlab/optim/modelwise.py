@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from curvlab.objective import Objective
-from curvlab.optim.base import require_objective
+from curvlab.optim.base import GuardedStep, require_objective
 
 __all__ = ["ModelwiseOptimizer", "Proposal", "SkipStep", "has_stateful_forward"]
 
@@ -85,7 +85,7 @@ class Proposal:
     trial_step: Tensor | None = None
 
 
-class ModelwiseOptimizer(Optimizer, ABC):
+class ModelwiseOptimizer(GuardedStep, Optimizer, ABC):
     """Base of the model-wide methods (one parameter group: the step is one flat vector).
 
     ``params`` is a model (its trainable parameters) or an iterable of parameters / one group.
@@ -211,6 +211,7 @@ class ModelwiseOptimizer(Optimizer, ABC):
         return loss
 
     def _skip(self, loss: Tensor, reason: str) -> Tensor:
+        self.restore_sampler()  # a method's own sampler (SMW, HF subsets), if it has one
         self.global_state["skipped_steps"] += 1
         self.last_step_info = {"skipped": True, "reason": reason, "loss": float(loss)}
         return loss

@@ -258,12 +258,14 @@ class _SubsampledLM(ModelwiseOptimizer):
             rows = {name: r.select(index, scale=float(n1)) for name, r in captured.items()}
         else:
             inputs = objective.inputs if index is None else objective.inputs[index]
-            with preserved_buffers(self.model):
+            # The forward pass in the objective's precision (mixed precision: its autocast
+            # state); rows are recorded, and H formed, in the parameters' dtype.
+            with preserved_buffers(self.model), objective.autocast():
                 rows, outputs = output_jacobian_rows(self.layers, self.model, inputs)
             targets = objective.targets
             if index is not None and targets.dim() > 0:
                 targets = targets[index]
-            H, form = self._loss_hessian(objective, outputs, targets, kappa)
+            H, form = self._loss_hessian(objective, outputs.to(grad.dtype), targets, kappa)
 
         # Layer gradient matrices G_l = [∇W, ∇b] of g_t (line 4, from the base's pass).
         flat = dict(zip(map(id, self.params), self.unflatten(grad), strict=True))

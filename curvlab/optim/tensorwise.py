@@ -53,7 +53,7 @@ from curvlab.curvature.tensor_blocks import RootMethod, TensorBlock, tensor_shap
 from curvlab.distributed import BlockParallel
 from curvlab.linalg import all_finite
 from curvlab.objective import Objective, preserved_buffers
-from curvlab.optim.base import DataParallelMixin
+from curvlab.optim.base import DataParallelMixin, GuardedStep
 from curvlab.optim.validation import check_int, check_range
 
 __all__ = ["TensorwiseOptimizer"]
@@ -99,7 +99,7 @@ def check_bool(name: str, value: Any) -> bool:
     return value
 
 
-class TensorwiseOptimizer(DataParallelMixin, Optimizer):
+class TensorwiseOptimizer(GuardedStep, DataParallelMixin, Optimizer):
     """Base of TNT and Shampoo: one `TensorBlock` per parameter tensor.
 
     Args:
@@ -330,7 +330,9 @@ class TensorwiseOptimizer(DataParallelMixin, Optimizer):
 
     # ------------------------------------------------------------------ guards
     def skip_step(self, loss: Tensor | None, reason: str) -> None:
-        """Record a skipped step; parameters and curvature state stay untouched."""
+        """Record a skipped step; parameters and curvature state stay untouched, and the
+        label sampler is put back to its state at the start of the step."""
+        self.restore_sampler()
         self.global_state["skipped_steps"] += 1
         self.last_step_info = {
             "skipped": True,
@@ -377,7 +379,14 @@ class TensorwiseOptimizer(DataParallelMixin, Optimizer):
         count = 0
         params = [p for p in self.params if p.requires_grad]
         for inputs, targets in batches:
-            objective = Objective(self.model, loss_fn, inputs, targets, batch_average=batch_average)
+            objective = Objective(
+                self.model,
+                loss_fn,
+                inputs,
+                targets,
+                batch_average=batch_average,
+                autocast=self.caller_autocast_state(),  # the caller's precision
+            )
             with preserved_buffers(self.model), torch.enable_grad():
                 outputs, loss = objective.forward()
                 mean = self.parallel.synchronize_gradients(loss.detach(), ())  # over ranks
