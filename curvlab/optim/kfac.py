@@ -52,7 +52,7 @@ from curvlab.curvature.hooks import Capture, capture
 from curvlab.linalg import all_finite
 from curvlab.objective import Objective, preserved_buffers
 from curvlab.optim.base import LayerwiseOptimizer, MomentumStyle, require_objective
-from curvlab.optim.validation import check_choice, check_int, check_range
+from curvlab.optim.validation import check_choice, check_hyperparameters
 
 __all__ = ["KFAC"]
 
@@ -342,27 +342,8 @@ _HYPERPARAMETERS = (
 )
 
 
-def _validated(
-    *,
-    lr: float,
-    damping: float,
-    momentum: float,
-    weight_decay: float,
-    ema_decay: float,
-    curvature_every: int,
-    inverse_every: int,
-    inverse_warmup: int,
-) -> dict[str, Any]:
-    return {
-        "lr": check_range("lr", lr, 0.0),
-        "damping": check_range("damping", damping, 0.0, low_open=True),
-        "momentum": check_range("momentum", momentum, 0.0, 1.0, high_open=True),
-        "weight_decay": check_range("weight_decay", weight_decay, 0.0),
-        "ema_decay": check_range("ema_decay", ema_decay, 0.0, 1.0, high_open=True),
-        "curvature_every": check_int("curvature_every", curvature_every, 1),
-        "inverse_every": check_int("inverse_every", inverse_every, 1),
-        "inverse_warmup": check_int("inverse_warmup", inverse_warmup, 0),
-    }
+def _validated(**values: Any) -> dict[str, Any]:
+    return check_hyperparameters(values)
 
 
 def _flat(factors: Factors) -> list[Tensor]:

@@ -54,7 +54,7 @@ from curvlab.distributed import BlockParallel
 from curvlab.linalg import all_finite
 from curvlab.objective import Objective, preserved_buffers
 from curvlab.optim.base import DataParallelMixin, GuardedStep
-from curvlab.optim.validation import check_int, check_range
+from curvlab.optim.validation import check_hyperparameters
 
 __all__ = ["TensorwiseOptimizer"]
 
@@ -70,26 +70,9 @@ HYPERPARAMETERS = (
 )
 
 
-def validated(
-    *,
-    lr: float,
-    damping: float,
-    momentum: float,
-    weight_decay: float,
-    ema_decay: float,
-    curvature_every: int,
-    inverse_every: int,
-) -> dict[str, Any]:
+def validated(**values: Any) -> dict[str, Any]:
     """The hyperparameters of Alg 15/16, checked (`ValueError` names the first bad one)."""
-    return {
-        "lr": check_range("lr", lr, 0.0),
-        "damping": check_range("damping", damping, 0.0, low_open=True),
-        "momentum": check_range("momentum", momentum, 0.0, 1.0, high_open=True),
-        "weight_decay": check_range("weight_decay", weight_decay, 0.0),
-        "ema_decay": check_range("ema_decay", ema_decay, 0.0, 1.0, high_open=True),
-        "curvature_every": check_int("curvature_every", curvature_every, 1),
-        "inverse_every": check_int("inverse_every", inverse_every, 1),
-    }
+    return check_hyperparameters(values)
 
 
 def check_bool(name: str, value: Any) -> bool:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-__all__ = ["check_choice", "check_int", "check_range"]
+__all__ = ["LAYERWISE_RULES", "check_choice", "check_hyperparameters", "check_int", "check_range"]
 
 
 def _is_real(value: Any) -> bool:
@@ -46,3 +46,26 @@ def check_choice(name: str, value: Any, choices: Collection[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {sorted(choices)}, got {value!r}")
     return str(value)
+
+
+Rule = Callable[[str, Any], Any]
+
+#: The hyperparameters the layer-wise methods share, with the thesis's ranges (one place).
+LAYERWISE_RULES: dict[str, Rule] = {
+    "lr": lambda n, v: check_range(n, v, 0.0),
+    "damping": lambda n, v: check_range(n, v, 0.0, low_open=True),
+    "momentum": lambda n, v: check_range(n, v, 0.0, 1.0, high_open=True),
+    "weight_decay": lambda n, v: check_range(n, v, 0.0),
+    "ema_decay": lambda n, v: check_range(n, v, 0.0, 1.0, high_open=True),
+    "curvature_every": lambda n, v: check_int(n, v, 1),
+    "inverse_every": lambda n, v: check_int(n, v, 1),
+    "inverse_warmup": lambda n, v: check_int(n, v, 0),
+}
+
+
+def check_hyperparameters(
+    values: Mapping[str, Any], rules: Mapping[str, Rule] = LAYERWISE_RULES
+) -> dict[str, Any]:
+    """Every value checked by its rule (in ``values``'s order); `ValueError` names the first
+    bad one. Returns the checked values (floats as float)."""
+    return {name: rules[name](name, value) for name, value in values.items()}
