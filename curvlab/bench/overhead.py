@@ -408,9 +408,9 @@ def _diagnostics(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     }
     if optimizer.memory is not None:
         out["lbfgs_pairs"] = {
-            name: int(optimizer.layer_state(name)["S"].shape[0])
+            name: int(optimizer.layer_state(name)["pair_count"])
             for name in optimizer.layers
-            if "S" in optimizer.layer_state(name)
+            if "pair_count" in optimizer.layer_state(name)
         }
     return out
 

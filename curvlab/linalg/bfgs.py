@@ -16,13 +16,17 @@ optimizer can damp and update all its layers and check the results with one sync
   :func:`dp_dlm_damping` (D_P D_LM, Alg 8, ch.3) and :func:`dpi_dlm_damping` (D_P(I) D_LM,
   Alg 11, the convergence-theory variant).
 * L-BFGS in the compact ("non-loop") form of Byrd, Nocedal & Schnabel (1994) [thesis ref 20]:
-  :func:`lbfgs_multiply` applies H to a whole matrix with two matrix–matrix products, and
+  :func:`lbfgs_multiply` applies H to a whole matrix with matrix–matrix products over the
+  pairs, given the k × k Gram matrices SᵀY and YᵀY that :func:`lbfgs_push_` keeps up to date
+  as pairs enter a ring buffer (three matrix–vector products per pair instead of 2k²d per
+  product), and
   :func:`lbfgs_two_loop` is the classical two-loop recursion, kept as a test reference.
 * "Hessian-action" BFGS for the activation factor (thesis §2.4, Theorem 1; §3.3.2):
   :func:`hessian_action_pair` gives ``s = H a``, ``y = A s + λ s``; :func:`gram_matvec` is the
   matrix-free ``A s = (1/m) Pᵀ(P s)`` of eq. (3.15) with an optional homogeneous column.
 
-Pairs for L-BFGS are stored as rows: ``S, Y`` of shape (k, d), oldest first.
+Pairs for L-BFGS are stored as rows: ``S, Y`` of shape (k, d), oldest first, or a ring buffer
+whose oldest row is ``start`` (a full buffer overwrites its oldest pair; nothing is shifted).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ __all__ = [
     "gram_matvec",
     "hessian_action_pair",
     "lbfgs_multiply",
+    "lbfgs_push_",
     "lbfgs_two_loop",
     "powell_damping_h",
     "powell_damping_identity",
@@ -48,11 +53,19 @@ __all__ = [
 
 def _dot(u: Tensor, v: Tensor) -> Tensor:
     """uᵀv of two vectors as a 0-dim tensor."""
+    if u.dim() == 1 and v.dim() == 1:
+        return torch.dot(u, v)
     return torch.dot(u.reshape(-1), v.reshape(-1))
 
 
 def bfgs_update(
-    H: Tensor, s: Tensor, y: Tensor, *, Hy: Tensor | None = None, inplace: bool = False
+    H: Tensor,
+    s: Tensor,
+    y: Tensor,
+    *,
+    Hy: Tensor | None = None,
+    u: Tensor | None = None,
+    inplace: bool = False,
 ) -> Tensor:
     r"""BFGS update of an inverse approximation (thesis eq. 2.6 / 3.11).
 
@@ -66,14 +79,14 @@ def bfgs_update(
         s, y: the pair, vectors of length d; the caller ensures :math:`s^\top y > 0` (the
             result is then positive definite when H is).
         Hy: ``H @ y`` if already known (saves one matrix–vector product).
+        u: `bfgs_correction` ``(s, y, Hy)`` if already known (e.g. checked for finiteness).
         inplace: update ``H`` in place and return it.
 
     Returns:
         :math:`H^+`, satisfying :math:`H^+ y = s`.
     """
-    if Hy is None:
-        Hy = H @ y
-    u = bfgs_correction(s, y, Hy)
+    if u is None:
+        u = bfgs_correction(s, y, H @ y if Hy is None else Hy)
     left = torch.stack([s, u], dim=1)
     right = torch.stack([u, s], dim=0)
     if inplace:
@@ -170,49 +183,162 @@ def dpi_dlm_damping(s: Tensor, y: Tensor, mu1: float, mu2: float) -> tuple[Tenso
 
 
 # --------------------------------------------------------------------------- L-BFGS
-def lbfgs_multiply(S: Tensor, Y: Tensor, V: Tensor, gamma: float) -> Tensor:
+def lbfgs_multiply(
+    S: Tensor,
+    Y: Tensor,
+    V: Tensor,
+    gamma: float,
+    *,
+    SY: Tensor | None = None,
+    StY: Tensor | None = None,
+    YtY: Tensor | None = None,
+    start: int = 0,
+    SV: Tensor | None = None,
+    YV: Tensor | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
     r"""H V for the L-BFGS matrix of the pairs (S, Y) with base :math:`H_0 = \gamma I`.
 
     Compact representation (Byrd, Nocedal & Schnabel 1994, eq. 3.1; thesis §2.3 "non-loop"
     implementation, spec §1.2) with :math:`R_{ij} = s_i^\top y_j` (i ≤ j),
-    :math:`D = \mathrm{diag}(s_i^\top y_i)`:
+    :math:`D = \mathrm{diag}(s_i^\top y_i)`, pairs in chronological order:
 
     .. math::
         H = \gamma I + [S\ \gamma Y]
             \begin{bmatrix} R^{-\top}(D + \gamma Y^\top Y)R^{-1} & -R^{-\top} \\ -R^{-1} & 0
             \end{bmatrix} [S\ \gamma Y]^\top .
 
-    Evaluated as :math:`q = [S\,Y]^\top V`, :math:`r = R^{-1} q_S`,
+    Evaluated as :math:`q_S = S^\top V`, :math:`q_Y = Y^\top V`, :math:`r = R^{-1} q_S`,
     :math:`HV = \gamma V + S\,R^{-\top}((D + \gamma Y^\top Y) r - \gamma q_Y) - \gamma Y r`:
-    two (2k × d)·(d × n) matrix products plus O(k²(d + n)) — the thesis's reason for preferring
-    it over 4k matrix–vector products of the two-loop recursion when V is a matrix.
+    a (2k × d)·(d × n) and a (d × 2k)·(2k × n) product (each two when S and Y are not one
+    matrix ``SY``) and O(k²(k + n)) — the thesis's
+    reason for preferring it over 4k matrix–vector products of the two-loop recursion when V is
+    a matrix. With ``StY`` and ``YtY`` given (kept up to date by `lbfgs_push_`) nothing of
+    size k²d is recomputed.
 
     Args:
-        S, Y: pairs as rows, shape (k, d), oldest first, every :math:`s_i^\top y_i > 0`.
+        S, Y: pairs as rows, shape (k, d), every :math:`s_i^\top y_i > 0`; a ring buffer whose
+            oldest pair is row ``start`` (the i-th oldest is row ``(start + i) % k``).
         V: (d,) or (d, n).
         gamma: γ of the base matrix (thesis ch.2: 1; ch.3: 1/λ_G).
+        SY: S and Y stacked as one (2k, d) matrix (a view of one buffer), if there is one:
+            then the products with :math:`[S\ Y]^\top` and :math:`[S\ Y]` are one each.
+        StY, YtY: the (k, k) Gram matrices :math:`(s_i^\top y_j)_{ij}` and
+            :math:`(y_i^\top y_j)_{ij}` with i, j in chronological order (oldest first), if
+            known.
+        start: the row of the oldest pair.
+        SV, YV: :math:`(s_i^\top V)_i` and :math:`(y_i^\top V)_i` in row order, shaped (k,)
+            or (k, n) like V, if known.
+        out: where to write the result (shaped like V; may be V itself).
 
     Returns:
         H V, shaped like V.
     """
     vector = V.dim() == 1
     Vm = V.unsqueeze(1) if vector else V
+    outm = None if out is None else (out.unsqueeze(1) if vector else out)
     k = S.shape[0]
     if k == 0:
-        out = gamma * Vm
-        return out.squeeze(1) if vector else out
-    SY = torch.cat([S, Y])  # (2k, d)
-    q = SY @ Vm  # (2k, n): [SᵀV; YᵀV]
-    q_s, q_y = q[:k], q[k:]
-    StY = S @ Y.T  # (k, k): (SᵀY)_ij = s_iᵀ y_j
+        result = gamma * Vm if outm is None else torch.mul(Vm, gamma, out=outm)
+        return result.squeeze(1) if vector else result
+    start %= k
+    if SY is not None and SV is None and YV is None:
+        q = SY @ Vm  # (2k, n): [SᵀV; YᵀV], row order
+        if start:  # ring buffer → chronological order for the triangular solves
+            q = q.view(2, k, -1).roll(-start, 1).view(2 * k, -1)
+        q_s, q_y = q[:k], q[k:]
+    else:
+        q_s = S @ Vm if SV is None else SV.reshape(k, -1)  # (k, n): (s_iᵀ V)_i, row order
+        q_y = Y @ Vm if YV is None else YV.reshape(k, -1)
+        if start:
+            q_s, q_y = q_s.roll(-start, 0), q_y.roll(-start, 0)
+    if StY is None or YtY is None:
+        S_c, Y_c = (S, Y) if start == 0 else (S.roll(-start, 0), Y.roll(-start, 0))
+        StY = S_c @ Y_c.T if StY is None else StY  # (SᵀY)_ij = s_iᵀ y_j
+        YtY = Y_c @ Y_c.T if YtY is None else YtY
     R = torch.triu(StY)
     r = torch.linalg.solve_triangular(R, q_s, upper=True)  # R⁻¹ Sᵀ V
-    YtY = Y @ Y.T  # (k, k)
-    inner = torch.diagonal(StY).unsqueeze(1) * r + gamma * (YtY @ r) - gamma * q_y
+    inner = torch.addmm(q_y, YtY, r, beta=-gamma, alpha=gamma)  # γ (YᵀY r − q_Y)
+    inner.addcmul_(torch.diagonal(StY).unsqueeze(1), r)  # + D r
     top = torch.linalg.solve_triangular(R.mT, inner, upper=False)  # R⁻ᵀ(...)
-    coeffs = torch.cat([top, -gamma * r])  # (2k, n)
-    out = torch.addmm(Vm, SY.T, coeffs, beta=gamma)
-    return out.squeeze(1) if vector else out
+    if SY is not None:  # γ V + [S Y] [top; −γ r]: one product
+        C = torch.cat([top, r.mul_(-gamma)])
+        if start:  # back to row order
+            C = C.view(2, k, -1).roll(start, 1).view(2 * k, -1)
+        result = torch.addmm(Vm, SY.T, C, beta=gamma, out=outm)
+    else:
+        if start:
+            top, r = top.roll(start, 0), r.roll(start, 0)
+        result = torch.addmm(Vm, S.T, top, beta=gamma, out=outm)
+        result.addmm_(Y.T, r, alpha=-gamma)
+    return result.squeeze(1) if vector else result
+
+
+def lbfgs_push_(
+    S: Tensor,
+    Y: Tensor,
+    StY: Tensor,
+    YtY: Tensor,
+    count: int,
+    start: int,
+    s: Tensor,
+    y: Tensor,
+    *,
+    Sy: Tensor | None = None,
+    Ys: Tensor | None = None,
+    Yy: Tensor | None = None,
+) -> tuple[int, int]:
+    r"""Store the pair (s, y) in the ring buffer of `lbfgs_multiply` and update its Gram
+    matrices, in place; a full buffer overwrites (drops) its oldest pair.
+
+    The Gram matrices gain a last row and column, three (k × d) matrix–vector products
+    instead of the 2k²d of recomputing them; dropping the oldest pair shifts them by one
+    (O(p²)). Nothing of size p × d is moved.
+
+    The buffer fills rows 0, 1, … in order (``start`` stays 0 until it is full); a full
+    buffer's oldest pair is in row ``start``.
+
+    Args:
+        S, Y: the (p, d) buffers; rows ``0 … count − 1`` in use.
+        StY, YtY: (p, p) buffers whose leading (count × count) blocks are
+            :math:`(s_i^\top y_j)` and :math:`(y_i^\top y_j)` in chronological order.
+        count, start: the ring's state before the push.
+        s, y: the new pair.
+        Sy, Ys, Yy: :math:`(s_i^\top y)_i`, :math:`(y_i^\top s)_i`, :math:`(y_i^\top y)_i` over
+            the ``count`` rows in use (row order), if known.
+
+    Returns:
+        ``(count, start)`` after the push.
+    """
+    p = S.shape[0]
+    k = count
+    if k < p and start != 0:
+        raise ValueError("start: a buffer that is not full has its oldest pair in row 0")
+    if Sy is None:
+        Sy = S[:k] @ y
+    if Ys is None:
+        Ys = Y[:k] @ s
+    if Yy is None:
+        Yy = Y[:k] @ y
+    products = torch.stack([Sy, Ys, Yy])  # (3, k), row order
+    if start:
+        products = products.roll(-start, 1)  # chronological
+    if k == p:  # full: drop the oldest pair, whose row receives the new one
+        products = products[:, 1:]
+        StY[: p - 1, : p - 1] = StY[1:, 1:].clone()
+        YtY[: p - 1, : p - 1] = YtY[1:, 1:].clone()
+        slot, j, after = start, p - 1, (p, (start + 1) % p)
+    else:
+        slot, j, after = k, k, (k + 1, 0)
+    S[slot] = s
+    Y[slot] = y
+    StY[:j, j] = products[0]  # s_iᵀ y_new
+    StY[j, :j] = products[1]  # s_newᵀ y_i
+    YtY[:j, j] = products[2]
+    YtY[j, :j] = products[2]
+    StY[j, j] = _dot(s, y)
+    YtY[j, j] = _dot(y, y)
+    return after
 
 
 def lbfgs_two_loop(S: Tensor, Y: Tensor, v: Tensor, gamma: float) -> Tensor:

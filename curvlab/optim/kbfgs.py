@@ -42,10 +42,13 @@ is ``pair_damping="dd"`` and "#2 off" is ``a_update="ema"``): ``pair_damping``, 
 
 Implementation notes:
 
-* The first pass records the layer inputs and ∂L/∂h with `curvlab.curvature.hooks.capture`
-  (only on curvature steps); the second pass is a forward pass plus a backward pass to the
-  layer outputs only (`Capture.backward_to_outputs`: no weight gradients), with BatchNorm
-  buffers restored (thesis A18).
+* The first pass records the layer inputs and Σ_{n,t} ∂L/∂h_t(n) (only on curvature steps);
+  the second pass is a forward pass plus a backward pass to the layer outputs only (no weight
+  gradients), with BatchNorm buffers restored (thesis A18). When every layer has a bias of
+  its own, Σ_{n,t} ∂L/∂h_t(n) *is* the bias gradient: the inputs are recorded by forward
+  pre-hooks alone, the first pass reads ``b.grad`` and the second asks autograd for the bias
+  gradients; otherwise `curvlab.curvature.hooks.capture` records ∂L/∂h (its output probes
+  cost an element-wise add and a reduction per layer output and pass).
 * h̄ is not recorded: by linearity ``mean_{n,t} h_t = W · mean_{n,t} ā_t``, computed with the
   weights of that pass (one matrix–vector product); for conv layers the mean patch is the
   unfold of the batch-summed input.
@@ -58,7 +61,18 @@ Implementation notes:
   update, so it is computed before the step and the first pass's tensors are freed before the
   second pass (lower peak memory, same result). ch.2's EMA of A is committed after the step.
 * Damping and the BFGS updates run without host synchronisation; all layers' pairs are checked
-  with one synchronisation per curvature step.
+  with one synchronisation per curvature step (by sums: a NaN or Inf reaches the sum).
+* Per step, beyond the floor of `curvlab.bench.floors`, nothing of size d_out × d_a is
+  allocated or copied: ``V H_A`` is formed from the weight and bias momenta as
+  ``M_W H_A[:n] + m_b H_A[n]ᵀ`` in one buffer shared by the layers, K-BFGS accumulates
+  ``−α H_G (V H_A)`` straight into W and b (K-BFGS(L) forms H_G (V H_A) in that buffer), and
+  h̄ = W ā + b without ``[W b]``.
+* K-BFGS(L): the p pairs live in a ring buffer ``SY`` (2, p, d_out) (``SY[0]`` the s̃,
+  ``SY[1]`` the ỹ; ``pair_count`` rows in use, the oldest in row ``pair_start``), with SᵀY and
+  YᵀY (p × p, chronological) updated per pushed pair (`curvlab.linalg.bfgs.lbfgs_push_`:
+  three (p × d_out) matrix–vector products) instead of being recomputed by every product.
+  The products of the push also give ``Sᵀỹ, Yᵀỹ`` of H_G ỹ, which the pair's overflow check
+  and Fig 2.1's ratio need, so that costs two (d_out × p) matrix–vector products.
 * Deviation (spec A27, the authors' code has stronger skips): a pair whose ``s̃ᵀỹ ≤ 0`` or that
   is not finite after damping is skipped and counted (``last_step_info``, layer state
   ``skipped_g_pairs`` / ``skipped_a_pairs``) instead of corrupting H, because the thesis's
@@ -83,13 +97,15 @@ Implementation notes:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from curvlab.curvature.factors import input_factor
 from curvlab.curvature.hooks import Capture, capture
@@ -104,6 +120,7 @@ from curvlab.linalg.bfgs import (
     gram_matvec,
     hessian_action_pair,
     lbfgs_multiply,
+    lbfgs_push_,
 )
 from curvlab.objective import Objective, preserved_buffers
 from curvlab.optim.base import LayerwiseOptimizer, MomentumStyle, require_objective
@@ -152,6 +169,38 @@ _HYPERPARAMETERS = (
 )
 
 
+#: A recorded pass: per layer used in it, its inputs (one per call, in the parameters' dtype)
+#: and Σ_{n,t} ∂L/∂h_t(n) over all calls.
+_Recorded = dict[str, tuple[list[Tensor], Tensor]]
+
+
+@contextmanager
+def _recorded_inputs(layers: Mapping[str, KroneckerLayer]) -> Iterator[dict[str, list[Tensor]]]:
+    """Each layer's inputs in the forward passes inside the ``with`` body, in its weight's
+    dtype (mixed precision), by forward pre-hooks: `curvlab.curvature.hooks.capture` without
+    the output probes (an element-wise add and a reduction per layer output), for passes whose
+    output-gradient sums come from the bias gradients."""
+    inputs: dict[str, list[Tensor]] = {name: [] for name in layers}
+
+    def pre_hook(name: str, dtype: torch.dtype) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach()
+            inputs[name].append(x.to(dtype) if x.is_floating_point() else x)
+
+        return hook
+
+    handles: list[RemovableHandle] = []
+    try:
+        for name, layer in layers.items():
+            hook = pre_hook(name, layer.weight.dtype)
+            handles.append(layer.module.register_forward_pre_hook(hook))
+        with torch.enable_grad():
+            yield inputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @dataclass
 class _FirstPass:
     """One layer's statistics from the gradient pass (pre-step weights) of a curvature step."""
@@ -161,6 +210,71 @@ class _FirstPass:
     s_a: Tensor  # s_A = H_A ā
     y_a: Tensor  # y_A = A s_A + λ_A s_A
     A: Tensor | None  # ch.2: the new EMA of A (committed after the step)
+
+
+@dataclass
+class _Pairs:
+    """K-BFGS(L)'s stored pairs (views of the layer state), see `KBFGS._lbfgs_pairs`."""
+
+    S: Tensor
+    Y: Tensor
+    SY: Tensor | None  # [S; Y] as one (2p, d_out) matrix when the buffer is full
+    StY: Tensor
+    YtY: Tensor
+    start: int
+
+    def multiply(
+        self,
+        V: Tensor,
+        gamma: float,
+        *,
+        SV: Tensor | None = None,
+        YV: Tensor | None = None,
+        out: Tensor | None = None,
+    ) -> Tensor:
+        """H_G V (`curvlab.linalg.bfgs.lbfgs_multiply`)."""
+        return lbfgs_multiply(
+            self.S,
+            self.Y,
+            V,
+            gamma,
+            SY=self.SY,
+            StY=self.StY,
+            YtY=self.YtY,
+            start=self.start,
+            SV=SV,
+            YV=YV,
+            out=out,
+        )
+
+
+@dataclass
+class _Pending:
+    """One layer's pairs of a curvature step, until the check of all layers (one sync)."""
+
+    name: str
+    s: Tensor  # the (s_G, y_G) moving averages (Alg 9 line 19)
+    y: Tensor
+    s_t: Tensor  # the damped pair (s̃, ỹ) (line 20)
+    y_t: Tensor
+    Hy_t: Tensor  # H_G ỹ
+    u_g: Tensor  # the BFGS correction of (s̃, ỹ) (`curvlab.linalg.bfgs.bfgs_correction`)
+    s_a: Tensor  # the Hessian-action pair (s_A, y_A) (line 16)
+    y_a: Tensor
+    u_a: Tensor  # the BFGS correction of (s_A, y_A)
+    products: tuple[Tensor, Tensor, Tensor] | None  # L-BFGS: of `KBFGS._lbfgs_candidate`
+
+    def averages(self) -> list[Tensor]:
+        """What must be finite for (s_G, y_G) to be stored."""
+        return [self.s, self.y]
+
+    def g_terms(self) -> list[Tensor]:
+        """What must be finite for the H_G update (with the averages and s̃ᵀỹ > 0)."""
+        return [self.s_t, self.y_t, self.Hy_t, self.u_g, *(self.products or ())]
+
+    def a_terms(self) -> list[Tensor]:
+        """What must be finite for the H_A update (with s_Aᵀy_A > 0)."""
+        return [self.s_a, self.y_a, self.u_a]
 
 
 class KBFGS(LayerwiseOptimizer):
@@ -248,6 +362,12 @@ class KBFGS(LayerwiseOptimizer):
                 f"layers, and {type(model).__name__} has no trainable one"
             )
         super().__init__(model, defaults, params=params, momentum_style=cast(MomentumStyle, style))
+        self._scratch_buffers: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        # Σ_{n,t} ∂L/∂h_t(n) is a layer's bias gradient when every layer has a bias of its own.
+        biases = [layer.bias for layer in self.layers.values()]
+        self._sums_from_bias = all(b is not None for b in biases) and len(
+            {id(b) for b in biases}
+        ) == len(biases)
 
     @property
     def display_name(self) -> str:
@@ -266,7 +386,7 @@ class KBFGS(LayerwiseOptimizer):
         curvature = k % self.param_groups[0]["curvature_every"] == 0  # Alg 9 line 12
         bootstrap = not self.global_state.get("initialised", False)
         # Alg 9 lines 5–6 (Alg 4 line 6); inputs and ∂L/∂h recorded only when needed.
-        loss, cap = self._gradient_pass(objective, record=curvature or bootstrap)
+        loss, recorded = self._gradient_pass(objective, record=curvature or bootstrap)
         if not torch.isfinite(loss):
             self.skip_step(loss, "non-finite loss")
             return loss
@@ -274,11 +394,11 @@ class KBFGS(LayerwiseOptimizer):
             self.skip_step(loss, "non-finite gradient")
             return loss
         first: dict[str, _FirstPass] = {}
-        if cap is not None:
-            self._initialise_missing(cap, objective.batch_size)
+        if recorded is not None:
+            self._initialise_missing(recorded, objective.batch_size)
             if curvature:
-                first = self._first_pass(cap, objective.batch_size)
-            del cap  # the first pass's activations are not needed any more
+                first = self._first_pass(recorded, objective.batch_size)
+            del recorded  # the first pass's activations are not needed any more
         self._apply_step()  # Alg 9 lines 7–11 (Alg 4 lines 7–12)
         skipped = {"g": 0, "a": 0}
         ratios: dict[str, float | None] = {}
@@ -299,34 +419,51 @@ class KBFGS(LayerwiseOptimizer):
         return loss
 
     # ------------------------------------------------------------ passes
-    def _gradient_pass(self, objective: Objective, record: bool) -> tuple[Tensor, Capture | None]:
-        """The closure (zero_grad, forward, backward), recording inputs and ∂L/∂h if asked."""
+    def _gradient_pass(self, objective: Objective, record: bool) -> tuple[Tensor, _Recorded | None]:
+        """The closure (zero_grad, forward, backward), recording inputs and Σ ∂L/∂h if asked.
+
+        When every layer has its own bias, Σ_{n,t} ∂L/∂h_t(n) is the bias gradient and only
+        the inputs are recorded (`_recorded_inputs`); otherwise `capture` records ∂L/∂h.
+        """
         if not record:
             with torch.enable_grad():
                 loss = objective()
             return self.synchronize_gradients(loss), None  # data-parallel: mean over ranks
-        with capture(self.layers) as cap:
+        if not self._sums_from_bias:
+            with capture(self.layers) as cap:
+                loss = objective()
+            return self.synchronize_gradients(loss), self._from_capture(cap)
+        with _recorded_inputs(self.layers) as inputs:
             loss = objective()
-        return self.synchronize_gradients(loss), cap
+        loss = self.synchronize_gradients(loss)
+        recorded: _Recorded = {}
+        for name, xs in inputs.items():
+            bias = self.layers[name].bias
+            if xs and bias is not None and bias.grad is not None:
+                recorded[name] = (xs, bias.grad)
+        return loss, recorded
 
-    def _records(
-        self, cap: Capture
-    ) -> Iterable[tuple[str, KroneckerLayer, list[Tensor], list[Tensor]]]:
-        """(name, layer, inputs, output gradients) of the layers used in the recorded pass."""
+    def _from_capture(self, cap: Capture) -> _Recorded:
+        """(inputs, Σ_{n,t} ∂L/∂h_t(n)) of the layers used in a captured pass, in the
+        parameters' dtype (mixed precision; a no-op when recorded in it, `capture`)."""
+        out: _Recorded = {}
         for name, layer in self.layers.items():
             record = cap[name]
             grads = record.output_grads("loss")
             if record.inputs and len(grads) == len(record.inputs):
-                yield name, layer, record.inputs, grads
+                dtype = layer.weight.dtype
+                inputs = [x.to(dtype) for x in record.inputs]
+                out[name] = (inputs, _sum_outputs(layer, [g.to(dtype) for g in grads]))
+        return out
 
-    def _first_pass(self, cap: Capture, m: int) -> dict[str, _FirstPass]:
+    def _first_pass(self, recorded: _Recorded, m: int) -> dict[str, _FirstPass]:
         """h̄, D̄h (Alg 9 line 6) and the H_A pair (line 16; Alg 4 lines 20–22) per layer."""
-        records = list(self._records(cap))
+        records = [(n, self.layers[n], xs, total) for n, (xs, total) in recorded.items()]
         means: list[tuple[Tensor, Tensor, Tensor | None]] = []
-        for name, layer, inputs, grads in records:
+        for name, layer, inputs, total in records:
             a_bar, locations = _mean_input(layer, inputs, m)
             self.layer_state(name)["locations"] = locations
-            g = _sum_outputs(layer, grads) / locations
+            g = total / locations
             A_batch = input_factor(layer, inputs, m) if self.a_update == "ema" else None
             means.append((a_bar, g, A_batch))
         # Data-parallel: ā and D̄h are means over examples: mean over ranks. (ch.2's A is an
@@ -336,7 +473,7 @@ class KBFGS(LayerwiseOptimizer):
         actions: list[Tensor] = []
         for (name, layer, inputs, _), (a_bar, g, A_batch) in zip(records, means, strict=True):
             state = self.layer_state(name)
-            h = _weight_matrix(layer) @ a_bar  # h̄ = W ā at the pre-step weights
+            h = _pre_activation(layer, a_bar)  # h̄ = W ā at the pre-step weights
             lam_a, _ = self._dampings(name)
             A_new: Tensor | None = None
             matvec: Callable[[Tensor], Tensor]
@@ -367,23 +504,41 @@ class KBFGS(LayerwiseOptimizer):
         BatchNorm running statistics are restored afterwards (thesis A18).
         """
         m = objective.batch_size
-        with preserved_buffers(self.model), capture(self.layers) as cap:
-            _, loss = objective.forward()
-            cap.backward_to_outputs(loss, retain_graph=False)
+        recorded: _Recorded = {}
+        if not self._sums_from_bias:
+            with preserved_buffers(self.model), capture(self.layers) as cap:
+                _, loss = objective.forward()
+                cap.backward_to_outputs(loss, retain_graph=False)
+            recorded = self._from_capture(cap)
+        else:
+            # Σ ∂L/∂h⁺ are the bias gradients: autograd computes the layer-output gradients
+            # (to reach the lower biases) and no weight gradient.
+            with preserved_buffers(self.model), _recorded_inputs(self.layers) as inputs:
+                _, loss = objective.forward()
+                used = [n for n, xs in inputs.items() if xs]
+                biases = [cast(Tensor, self.layers[n].bias) for n in used]
+                grads = torch.autograd.grad(loss, biases, allow_unused=True) if used else ()
+            recorded = {
+                n: (inputs[n], g) for n, g in zip(used, grads, strict=True) if g is not None
+            }
         means: dict[str, tuple[Tensor, Tensor]] = {}
-        for name, layer, inputs, grads in self._records(cap):
-            a_bar, locations = _mean_input(layer, inputs, m)
-            means[name] = (a_bar, _sum_outputs(layer, grads) / locations)
+        for name, (xs, total) in recorded.items():
+            a_bar, locations = _mean_input(self.layers[name], xs, m)
+            means[name] = (a_bar, total / locations)
         # Data-parallel: ā⁺ and D̄h⁺ are means over examples: mean over ranks.
         self.average_statistics([t for pair in means.values() for t in pair])
-        return {n: (_weight_matrix(self.layers[n]) @ a, g) for n, (a, g) in means.items()}
+        return {n: (_pre_activation(self.layers[n], a), g) for n, (a, g) in means.items()}
 
     # ------------------------------------------------------------ updates
     def _apply_step(self) -> None:
         """Momentum on the raw gradient, p = H_G D̂W H_A, W ← W − α(p + γW) (Alg 9 lines 8–10).
 
-        `LayerwiseOptimizer.precondition_and_apply`, with fallback parameters (BatchNorm) at
-        the learning rate α/λ when ``fallback_lr="lr_over_damping"`` (thesis §3.4.3).
+        Parameters outside Linear/Conv2d (BatchNorm) take the momentum gradient at the learning
+        rate α/λ when ``fallback_lr="lr_over_damping"`` (thesis §3.4.3). In one process (and
+        data-parallel mode ``"inverses"``) each layer is preconditioned from its weight and bias
+        momenta without forming ``[D̂W D̂b]`` and into reused buffers (`_precondition_parts`);
+        mode ``"preconditioned"`` broadcasts whole direction matrices
+        (`LayerwiseOptimizer.precondition_and_apply`).
         """
 
         def fallback(group: dict[str, Any]) -> dict[str, Any]:
@@ -391,24 +546,103 @@ class KBFGS(LayerwiseOptimizer):
                 return {**group, "lr": group["lr"] / group["damping"]}
             return group
 
-        self.precondition_and_apply(self._precondition, fallback_group=fallback)
+        if self._parallel.shares_directions:
+            self.precondition_and_apply(self._precondition, fallback_group=fallback)
+            return
+        for name, layer in self.layers.items():
+            if layer.weight.grad is None:
+                continue
+            group = self.group(name)
+            momenta = [
+                self._momentum(p, p.grad if p.grad is not None else torch.zeros_like(p), group)
+                for p in layer.params
+            ]
+            self._precondition_parts(name, momenta, group)
+        # As `LayerwiseOptimizer.precondition_and_apply`: the fallback update.
+        for p in self.fallback_params:
+            if p.grad is not None:
+                group = fallback(self.param_groups[self._group_of[id(p)]])
+                self._apply(p, self._momentum(p, p.grad, group), group)
+
+    def _precondition_parts(self, name: str, momenta: list[Tensor], group: dict[str, Any]) -> None:
+        """Alg 9 lines 9–10 for one layer from its weight (and bias) momentum.
+
+        ``V H_A = M_W H_A[:n] + m_b H_A[n]ᵀ`` (V = [M_W m_b], n = fan-in) into a buffer shared
+        by all layers: the products of ``V H_A`` without copying V. K-BFGS then accumulates
+        ``W ← (1 − αγ) W − α H_G (V H_A)`` straight into the parameters (one product each for
+        W and b, no direction matrix); K-BFGS(L) forms the direction in place in the buffer.
+        """
+        layer = self.layers[name]
+        state = self.layer_state(name)
+        if "H_a" not in state:  # never seen in a recorded pass: plain gradient
+            for p, direction in zip(layer.params, momenta, strict=True):
+                self._apply(p, direction, group)
+            return
+        H_a = state["H_a"]
+        n = layer.d_a - (layer.bias is not None)
+        VH = self._scratch(layer, H_a)
+        M_w = momenta[0].reshape(layer.d_out, n)
+        if layer.bias is None:
+            torch.mm(M_w, H_a, out=VH)
+        else:  # the bias column's rank-1 term as a product (FLOPs counted as in the floor)
+            torch.mm(M_w, H_a[:n], out=VH)
+            torch.addmm(VH, momenta[1].unsqueeze(1), H_a[n:], out=VH)
+        lr, wd = group["lr"], group["weight_decay"]
+        W = layer.weight
+        if self.memory is None and W.is_contiguous():
+            # W − α (H_G (V H_A) + γ W) as one accumulating product per parameter.
+            H_g = state["H_g"]
+            targets: list[tuple[Tensor, Tensor]] = [(W.view(layer.d_out, n), VH[:, :n])]
+            if layer.bias is not None:
+                targets.append((layer.bias.view(-1, 1), VH[:, n:]))
+            for target, part in targets:
+                torch.addmm(target, H_g, part, beta=1.0 - lr * wd, alpha=-lr, out=target)
+            return
+        if self.memory is None:
+            P = state["H_g"] @ VH
+        else:
+            P = self._lbfgs_pairs(name).multiply(VH, self._gamma(name), out=VH)
+        directions = [P[:, :n].view_as(W)]
+        if layer.bias is not None:
+            directions.append(P[:, n])
+        for p, direction in zip(layer.params, directions, strict=True):
+            # W ← W − α (p + γ W); the direction is scratch, so γW is added in place.
+            if wd != 0:
+                direction.add_(p, alpha=wd)
+            p.add_(direction, alpha=-lr)
+
+    def _scratch(self, layer: KroneckerLayer, like: Tensor) -> Tensor:
+        """A reused (d_out, d_a) buffer, shared by all layers.
+
+        Fresh multi-megabyte tensors every step cost page faults on CPU; one buffer sized for
+        the largest layer is kept per dtype and device (not state: nothing in it outlives a
+        layer's update).
+        """
+        key = (like.dtype, like.device)
+        size = layer.d_out * layer.d_a
+        buf = self._scratch_buffers.get(key)
+        if buf is None or buf.numel() < size:
+            largest = max(la.d_out * la.d_a for la in self.layers.values())
+            buf = like.new_empty(max(size, largest))
+            self._scratch_buffers[key] = buf
+        return buf[:size].view(layer.d_out, layer.d_a)
 
     def _precondition(self, name: str, V: Tensor) -> Tensor:
-        """H_G (V H_A); compact L-BFGS for H_G in the (L) variants (Alg 9 line 9)."""
+        """H_G (V H_A) of a whole direction matrix (data-parallel mode ``"preconditioned"``)."""
         state = self.layer_state(name)
         if "H_a" not in state:  # never seen in a recorded pass: plain gradient
             return V
         VH = V @ state["H_a"]
         if self.memory is None:
             return state["H_g"] @ VH
-        return lbfgs_multiply(state["S"], state["Y"], VH, self._gamma(name))
+        return self._lbfgs_pairs(name).multiply(VH, self._gamma(name), out=VH)
 
     def _H_g_times(self, name: str, v: Tensor) -> Tensor:
         """The current H_G (BFGS matrix or L-BFGS operator) applied to a vector (spec A26)."""
         state = self.layer_state(name)
         if self.memory is None:
             return state["H_g"] @ v
-        return lbfgs_multiply(state["S"], state["Y"], v, self._gamma(name))
+        return self._lbfgs_pairs(name).multiply(v, self._gamma(name))
 
     def _damp_pair(self, name: str, s: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Alg 9 line 20 (D_P D_LM) or Alg 4 line 17 (DD), μ2 = λ_G."""
@@ -425,7 +659,7 @@ class KBFGS(LayerwiseOptimizer):
     ) -> tuple[dict[str, int], dict[str, float | None]]:
         """Alg 9 lines 13–21 (Alg 4 lines 13–23); one host synchronisation for all layers."""
         second = self._second_pass(objective)
-        pending: list[tuple[str, Tensor, Tensor, Tensor, Tensor, Tensor]] = []
+        pending: list[_Pending] = []
         checks: list[Tensor] = []
         for name, f in first.items():
             if name not in second:
@@ -437,57 +671,53 @@ class KBFGS(LayerwiseOptimizer):
             s = torch.lerp(h_plus - f.h, state["s_g"], beta)
             y = torch.lerp(g_plus - f.g, state["y_g"], beta)
             s_t, y_t = self._damp_pair(name, s, y)
-            Hy_t = self._H_g_times(name, y_t)
+            products: tuple[Tensor, Tensor, Tensor] | None = None
+            if self.memory is None:
+                Hy_t = state["H_g"] @ y_t
+            else:
+                Hy_t, products = self._lbfgs_candidate(name, s_t, y_t)
             sy = torch.dot(s_t, y_t)
-            average_ok = torch.isfinite(s).all() & torch.isfinite(y).all()
             # Deviation: a pair whose BFGS correction overflows (sᵀy > 0 but tiny) is skipped
             # like one with sᵀy ≤ 0, so that H never holds an Inf or NaN.
             u_g = bfgs_correction(s_t, y_t, Hy_t)
-            pair_ok = average_ok & (sy > 0) & torch.isfinite(torch.cat([s_t, y_t, Hy_t, u_g])).all()
             sy_a = torch.dot(f.s_a, f.y_a)
             u_a = bfgs_correction(f.s_a, f.y_a, state["H_a"] @ f.y_a)
-            a_ok = (sy_a > 0) & torch.isfinite(torch.cat([f.s_a, f.y_a, u_a])).all()
-            a_stat_ok = torch.isfinite(f.A).all() if f.A is not None else torch.ones_like(a_ok)
-            checks.append(
-                torch.stack(
-                    [
-                        average_ok.to(sy.dtype),
-                        pair_ok.to(sy.dtype),
-                        (a_ok & a_stat_ok).to(sy.dtype),
-                        a_stat_ok.to(sy.dtype),
-                        torch.dot(y_t, Hy_t) / sy,  # thesis Fig 2.1's ratio
-                    ]
-                )
-            )
-            pending.append((name, s, y, s_t, y_t, Hy_t))
+            pair = _Pending(name, s, y, s_t, y_t, Hy_t, u_g, f.s_a, f.y_a, u_a, products)
+            # Finiteness by sums (a NaN or an Inf reaches the sum; `_all_finite` after the
+            # sync tells an overflowing sum of finite entries apart).
+            sums = [torch.cat(pair.averages()).sum(), torch.cat(pair.g_terms()).sum(), sy]
+            sums += [torch.cat(pair.a_terms()).sum(), sy_a, torch.dot(y_t, Hy_t) / sy]
+            sums.append(f.A.sum() if f.A is not None else sy_a)  # ch.2's EMA of A
+            checks.append(torch.stack(sums))
+            pending.append(pair)
         skipped = {"g": 0, "a": 0}
         ratios: dict[str, float | None] = {}
         if not pending:
             return skipped, ratios
         flags = torch.stack(checks).tolist()  # the one synchronisation
-        for (name, s, y, s_t, y_t, Hy_t), (avg_ok, g_ok, a_ok, a_stat_ok, ratio) in zip(
-            pending, flags, strict=True
-        ):
+        for pair, (avg, g_sum, sy_, a_sum, sy_a_, ratio, A_sum) in zip(pending, flags, strict=True):
+            name = pair.name
             state = self.layer_state(name)
             f = first[name]
+            avg_ok = _all_finite(avg, pair.averages())
+            g_ok = avg_ok and sy_ > 0 and _all_finite(g_sum, pair.g_terms())
+            a_stat_ok = f.A is None or _all_finite(A_sum, [f.A])
+            a_ok = a_stat_ok and sy_a_ > 0 and _all_finite(a_sum, pair.a_terms())
             if f.A is not None and a_stat_ok:
                 state["A"] = f.A  # Alg 4 line 20
             if a_ok:  # Alg 9 line 17 (Alg 4 line 23)
-                bfgs_update(state["H_a"], f.s_a, f.y_a, inplace=True)
+                bfgs_update(state["H_a"], f.s_a, f.y_a, u=pair.u_a, inplace=True)
             else:
                 state["skipped_a_pairs"] = state.get("skipped_a_pairs", 0) + 1
                 skipped["a"] += 1
             if avg_ok:
-                state["s_g"], state["y_g"] = s, y
+                state["s_g"], state["y_g"] = pair.s, pair.y
             if g_ok:  # Alg 9 line 21 (Alg 4 line 18)
                 ratios[name] = ratio
-                if self.memory is None:
-                    bfgs_update(state["H_g"], s_t, y_t, Hy=Hy_t, inplace=True)
+                if pair.products is None:
+                    bfgs_update(state["H_g"], pair.s_t, pair.y_t, u=pair.u_g, inplace=True)
                 else:
-                    keep = self.memory - 1
-                    S, Y = state["S"], state["Y"]
-                    state["S"] = torch.cat([S[-keep:] if keep else S[:0], s_t[None]])
-                    state["Y"] = torch.cat([Y[-keep:] if keep else Y[:0], y_t[None]])
+                    self._lbfgs_push(name, pair.s_t, pair.y_t, pair.products)
             else:
                 ratios[name] = None
                 state["skipped_g_pairs"] = state.get("skipped_g_pairs", 0) + 1
@@ -498,6 +728,64 @@ class KBFGS(LayerwiseOptimizer):
         glob["skipped_g_pairs_total"] = glob.get("skipped_g_pairs_total", 0) + skipped["g"]
         glob["skipped_a_pairs_total"] = glob.get("skipped_a_pairs_total", 0) + skipped["a"]
         return skipped, ratios
+
+    # ---------------------------------------------------------------- L-BFGS
+    def _lbfgs_pairs(self, name: str) -> _Pairs:
+        """The stored pairs: the rows in use of the ring buffer ``SY`` (``SY[0]`` holds the
+        s, ``SY[1]`` the y; oldest at row ``pair_start``) and their Gram matrices in
+        chronological order, kept by `lbfgs_push_`."""
+        state = self.layer_state(name)
+        k, SY = state["pair_count"], state["SY"]
+        full = k == SY.shape[1]
+        return _Pairs(
+            S=SY[0, :k],
+            Y=SY[1, :k],
+            SY=SY.view(2 * k, -1) if full else None,
+            StY=state["StY"][:k, :k],
+            YtY=state["YtY"][:k, :k],
+            start=state["pair_start"],
+        )
+
+    def _lbfgs_candidate(
+        self, name: str, s: Tensor, y: Tensor
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """H_G ỹ of the stored pairs, and the products the push of (s̃, ỹ) needs.
+
+        The products ``(s_iᵀ ỹ)``, ``(y_iᵀ s̃)``, ``(y_iᵀ ỹ)`` over the stored pairs (three
+        (k × d_out) matrix–vector products) are the new row and column of SᵀY and YᵀY and also
+        the ``Sᵀỹ``, ``Yᵀỹ`` of the compact product, so H_G ỹ (for the overflow check of the
+        pair and thesis Fig 2.1's ratio) costs only the (d_out × k) products on top.
+        """
+        pairs = self._lbfgs_pairs(name)
+        k = pairs.S.shape[0]
+        if pairs.SY is not None:  # full buffer: [S; Y] ỹ in one product
+            SYy = pairs.SY.mv(y)
+            Sy, Yy = SYy[:k], SYy[k:]
+        else:
+            Sy, Yy = pairs.S.mv(y), pairs.Y.mv(y)
+        Ys = pairs.Y.mv(s)
+        Hy = pairs.multiply(y, self._gamma(name), SV=Sy, YV=Yy)
+        return Hy, (Sy, Ys, Yy)
+
+    def _lbfgs_push(
+        self, name: str, s: Tensor, y: Tensor, products: tuple[Tensor, Tensor, Tensor]
+    ) -> None:
+        """Alg 9 line 21 (L): push (s̃, ỹ), dropping the oldest pair beyond p (ring buffer)."""
+        state = self.layer_state(name)
+        Sy, Ys, Yy = products
+        state["pair_count"], state["pair_start"] = lbfgs_push_(
+            state["SY"][0],
+            state["SY"][1],
+            state["StY"],
+            state["YtY"],
+            state["pair_count"],
+            state["pair_start"],
+            s,
+            y,
+            Sy=Sy,
+            Ys=Ys,
+            Yy=Yy,
+        )
 
     # ----------------------------------------------------------- damping split
     def _dampings(self, name: str) -> tuple[float, float]:
@@ -513,10 +801,11 @@ class KBFGS(LayerwiseOptimizer):
         return 1.0 / self._dampings(name)[1] if self.g_init == "inverse_damping" else 1.0
 
     # --------------------------------------------------------- initialisation
-    def _initialise_missing(self, cap: Capture, m: int) -> None:
+    def _initialise_missing(self, recorded: _Recorded, m: int) -> None:
         """Alg 9 / Alg 4 line 3 from the first mini-batch for layers without a warm start."""
         missing: list[tuple[str, Tensor | None, float]] = []
-        for name, layer, inputs, _ in self._records(cap):
+        for name, (inputs, _) in recorded.items():
+            layer = self.layers[name]
             if "H_a" in self.layer_state(name):
                 continue
             need_A = self.a_init == "inverse" or self.a_update == "ema"
@@ -552,8 +841,14 @@ class KBFGS(LayerwiseOptimizer):
                     self._gamma(name)
                 )
             else:
-                state["S"] = w.new_zeros(0, layer.d_out)
-                state["Y"] = w.new_zeros(0, layer.d_out)
+                # The pair ring buffer (SY[0]: s, SY[1]: y; oldest row at pair_start) and
+                # the Gram matrices SᵀY, YᵀY, allocated once; rows beyond pair_count unused.
+                p = self.memory
+                state["SY"] = w.new_zeros(2, p, layer.d_out)
+                state["StY"] = w.new_zeros(p, p)
+                state["YtY"] = w.new_zeros(p, p)
+                state["pair_count"] = 0
+                state["pair_start"] = 0
             state["s_g"] = w.new_zeros(layer.d_out)
             state["y_g"] = w.new_zeros(layer.d_out)
 
@@ -636,9 +931,22 @@ def _validated(
     }
 
 
-def _weight_matrix(layer: KroneckerLayer) -> Tensor:
-    """[W b] of shape (d_out, d_a): h_t = [W b] ā_t."""
-    return layer.grad_matrix(layer.weight, layer.bias)
+def _all_finite(total: float, tensors: list[Tensor]) -> bool:
+    """Whether ``tensors`` are finite, given the sum of all their entries: a finite sum
+    decides it; a non-finite one may also come from finite entries that overflow, so then
+    the entries are tested (one more synchronisation, only on that rare path)."""
+    if math.isfinite(total):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _pre_activation(layer: KroneckerLayer, a: Tensor) -> Tensor:
+    """``[W b] a`` (h̄ = W ā, with the homogeneous 1 last in ``a`` when there is a bias),
+    without copying W into ``[W b]``."""
+    W = layer.weight.reshape(layer.d_out, -1)
+    if layer.bias is None:
+        return W @ a
+    return torch.addmv(layer.bias, W, a[:-1])
 
 
 def _mean_input(layer: KroneckerLayer, inputs: list[Tensor], m: int) -> tuple[Tensor, float]:

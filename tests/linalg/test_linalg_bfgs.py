@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from curvlab.linalg.bfgs import (
+    bfgs_correction,
     bfgs_update,
     double_damping,
     dp_dlm_damping,
@@ -17,6 +19,7 @@ from curvlab.linalg.bfgs import (
     gram_matvec,
     hessian_action_pair,
     lbfgs_multiply,
+    lbfgs_push_,
     lbfgs_two_loop,
     powell_damping_h,
     powell_damping_identity,
@@ -73,6 +76,9 @@ def test_bfgs_update_satisfies_secant_equation_and_matches_printed_form(d: int, 
     out = bfgs_update(H2, s, y, Hy=H @ y, inplace=True)
     assert out is H2
     torch.testing.assert_close(H2, Hp, rtol=1e-12, atol=1e-12)
+    # Given the correction u (e.g. already checked for finiteness): the same matrix.
+    u = bfgs_correction(s, y, H @ y)
+    torch.testing.assert_close(bfgs_update(H, s, y, u=u), Hp, rtol=1e-12, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- Powell
@@ -204,6 +210,99 @@ def test_nonloop_lbfgs_equals_two_loop_recursion_and_dense_bfgs(
         dense = printed_bfgs(dense, S[i], Y[i])
     torch.testing.assert_close(HV, dense @ V, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(lbfgs_multiply(S, Y, V[:, 0], gamma), HV[:, 0])  # vector form
+
+
+def _ring(p: int, d: int, pushes: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """A ring buffer of capacity p after ``pushes`` pairs, by `lbfgs_push_` (the products
+    computed inside or passed in, alternately), and the pairs kept, oldest first."""
+    S, Y = _pairs(pushes, d, seed)
+    buf_S, buf_Y = torch.zeros(p, d, dtype=F64), torch.zeros(p, d, dtype=F64)
+    StY, YtY = torch.zeros(p, p, dtype=F64), torch.zeros(p, p, dtype=F64)
+    count, start = 0, 0
+    for i in range(pushes):
+        s, y = S[i], Y[i]
+        known = {}
+        if i % 2:
+            known = dict(Sy=buf_S[:count] @ y, Ys=buf_Y[:count] @ s, Yy=buf_Y[:count] @ y)
+        count, start = lbfgs_push_(buf_S, buf_Y, StY, YtY, count, start, s, y, **known)
+    kept = min(pushes, p)
+    return buf_S, buf_Y, StY, YtY, torch.tensor([count, start]), S[-kept:], Y[-kept:]
+
+
+@SETTINGS
+@given(
+    p=st.integers(1, 6),
+    d=st.integers(1, 7),
+    pushes=st.integers(0, 20),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_lbfgs_push_keeps_the_gram_matrices_of_recomputation_through_wrap_around(
+    p: int, d: int, pushes: int, seed: int
+) -> None:
+    """After many pushes (the ring wrapping around several times) the incremental SᵀY, YᵀY
+    equal S Yᵀ, Y Yᵀ of the last p pairs in chronological order, and the ring holds them."""
+    buf_S, buf_Y, StY, YtY, (count, start), S, Y = _ring(p, d, pushes, seed)
+    k = min(pushes, p)
+    assert int(count) == k
+    assert int(start) == (0 if pushes <= p else pushes % p)
+    order = [(int(start) + i) % max(k, 1) for i in range(k)]
+    torch.testing.assert_close(buf_S[order], S)
+    torch.testing.assert_close(buf_Y[order], Y)
+    torch.testing.assert_close(StY[:k, :k], S @ Y.T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(YtY[:k, :k], Y @ Y.T, rtol=1e-12, atol=1e-12)
+
+
+@SETTINGS
+@given(
+    p=st.integers(1, 6),
+    d=st.integers(1, 7),
+    n=st.integers(1, 4),
+    pushes=st.integers(1, 20),
+    gamma=st.sampled_from([1.0, 0.3, 7.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_lbfgs_multiply_on_a_ring_with_kept_grams_equals_the_chronological_product(
+    p: int, d: int, n: int, pushes: int, gamma: float, seed: int
+) -> None:
+    """H V from the ring buffer (rows rotated, Gram matrices, products and the stacked
+    [S; Y] given, in place) equals H V of the pairs oldest first with nothing given."""
+    buf_S, buf_Y, StY, YtY, (count, start), S, Y = _ring(p, d, pushes, seed)
+    k, start_ = int(count), int(start)
+    Sr, Yr = buf_S[:k], buf_Y[:k]
+    V = torch.randn(d, n, generator=_gen(seed + 5), dtype=F64)
+    expected = lbfgs_multiply(S, Y, V, gamma)
+    grams = dict(StY=StY[:k, :k], YtY=YtY[:k, :k], start=start_)
+    torch.testing.assert_close(lbfgs_multiply(Sr, Yr, V, gamma, **grams), expected)
+    torch.testing.assert_close(lbfgs_multiply(Sr, Yr, V, gamma, start=start_), expected)
+    SY = torch.cat([Sr, Yr])
+    torch.testing.assert_close(lbfgs_multiply(Sr, Yr, V, gamma, SY=SY, **grams), expected)
+    v = V[:, 0]
+    known = dict(SV=Sr @ v, YV=Yr @ v)
+    torch.testing.assert_close(lbfgs_multiply(Sr, Yr, v, gamma, **grams, **known), expected[:, 0])
+    W = V.clone()
+    result = lbfgs_multiply(Sr, Yr, W, gamma, **grams, out=W)
+    assert result.data_ptr() == W.data_ptr()
+    torch.testing.assert_close(W, expected)
+    out = torch.empty(d, n, dtype=F64)
+    lbfgs_multiply(Sr, Yr, V, gamma, **grams, out=out)
+    torch.testing.assert_close(out, expected)
+
+
+def test_lbfgs_push_rejects_a_rotated_buffer_that_is_not_full() -> None:
+    S, Y = torch.zeros(3, 2, dtype=F64), torch.zeros(3, 2, dtype=F64)
+    StY, YtY = torch.zeros(3, 3, dtype=F64), torch.zeros(3, 3, dtype=F64)
+    s = torch.ones(2, dtype=F64)
+    with pytest.raises(ValueError, match="^start"):
+        lbfgs_push_(S, Y, StY, YtY, 1, 1, s, s)
+
+
+def test_lbfgs_multiply_without_pairs_is_the_base_matrix() -> None:
+    V = torch.randn(4, 3, generator=_gen(0), dtype=F64)
+    empty = torch.zeros(0, 4, dtype=F64)
+    torch.testing.assert_close(lbfgs_multiply(empty, empty, V, 0.5), 0.5 * V)
+    W = V.clone()
+    lbfgs_multiply(empty, empty, W, 0.5, out=W)
+    torch.testing.assert_close(W, 0.5 * V)
 
 
 def test_lbfgs_secant_equation_for_the_newest_pair() -> None:

@@ -112,13 +112,20 @@ class _Probe:
         return total / self.locations(module)
 
 
+def _stored_pairs(state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """K-BFGS(L)'s stored pairs as rows, oldest first (read out of the ring buffer)."""
+    k, start = state["pair_count"], state["pair_start"]
+    order = [(start + i) % k for i in range(k)]
+    return state["SY"][0, order], state["SY"][1, order]
+
+
 def _dense_H_g(opt: KBFGS, state: dict, lam_g: float) -> torch.Tensor:
     """H_G of the state: the matrix, or the BFGS recursion over the stored pairs from γI."""
     if opt.memory is None:
         return state["H_g"]
     gamma = 1.0 / lam_g if opt.variant == "ch3" else 1.0
-    H = gamma * torch.eye(state["S"].shape[1], dtype=F64)
-    for s, y in zip(state["S"], state["Y"], strict=True):
+    H = gamma * torch.eye(state["SY"].shape[2], dtype=F64)
+    for s, y in zip(*_stored_pairs(state), strict=True):
         H = printed_bfgs(H, s, y)
     return H
 
@@ -128,12 +135,17 @@ def _dense_H_g(opt: KBFGS, state: dict, lam_g: float) -> torch.Tensor:
 @pytest.mark.parametrize("variant", ["ch3", "ch2"])
 @pytest.mark.parametrize("make_model", [tiny_mlp, tiny_cnn], ids=["mlp", "cnn"])
 def test_direction_equals_dense_kronecker_product_of_the_state(make_model, variant, memory) -> None:
-    model, batches, loss_fn = _problem(make_model, 5)
+    """W ← W − α (H_G V H_A + γ W) (CNN: with weight decay γ), from the state before the
+    step; K-BFGS(L): the ring buffer has wrapped (five pairs pushed into p = 2)."""
+    model, batches, loss_fn = _problem(make_model, 6)
     lr, lam = 0.05, 0.5
-    opt = KBFGS(model, lr=lr, damping=lam, momentum=0.0, variant=variant, memory=memory)
-    for x, y in batches[:4]:  # four curvature updates: more pairs than memory = 2
+    wd = 0.1 if make_model is tiny_cnn else 0.0
+    opt = KBFGS(
+        model, lr=lr, damping=lam, momentum=0.0, weight_decay=wd, variant=variant, memory=memory
+    )
+    for x, y in batches[:5]:  # five curvature updates: more pairs than memory = 2
         opt.step(Objective(model, loss_fn, x, y))
-    x, y = batches[4]
+    x, y = batches[5]
     probe = _Probe(model, x, y, loss_fn)
     states = {n: copy.deepcopy(opt.layer_state(n)) for n in opt.layers}
     before = {n: _params(layer) for n, layer in opt.layers.items()}
@@ -153,10 +165,11 @@ def test_direction_equals_dense_kronecker_product_of_the_state(make_model, varia
         lam_g = math.sqrt(lam / T) if variant == "ch3" else math.sqrt(lam)
         H_g = _dense_H_g(opt, state, lam_g)
         if opt.memory is not None:
-            assert state["S"].shape[0] == 2  # FIFO kept the last p pairs
+            assert state["pair_count"] == 2  # FIFO kept the last p pairs
+            assert state["pair_start"] == 1  # oldest in row 1: the ring has wrapped
         # vec column-major: vec(H_G V H_A) = (H_A ⊗ H_G) vec(V) (thesis eq. 2.4).
         vec = torch.kron(state["H_a"], H_g) @ V.T.reshape(-1)
-        expected = -lr * vec.reshape(V.shape[1], V.shape[0]).T
+        expected = -lr * (vec.reshape(V.shape[1], V.shape[0]).T + wd * before[name])
         torch.testing.assert_close(_params(layer) - before[name], expected, rtol=1e-8, atol=1e-12)
 
 
@@ -265,7 +278,7 @@ def test_curvature_every_T_steps_only() -> None:
     for x, y in batches:
         opt.step(Objective(model, loss_fn, x, y))
         flags.append(opt.last_step_info["curvature_updated"])
-        sizes.append(opt.layer_state("0")["S"].shape[0])
+        sizes.append(opt.layer_state("0")["pair_count"])
     assert flags == [False, False, True, False, False, True]
     assert sizes == [0, 0, 1, 1, 1, 2]
 
@@ -276,8 +289,109 @@ def test_lbfgs_keeps_only_the_last_p_pairs() -> None:
     pushed = []
     for x, y in batches:
         opt.step(Objective(model, loss_fn, x, y))
-        pushed.append(opt.layer_state("2")["S"][-1].clone())
-    torch.testing.assert_close(opt.layer_state("2")["S"], torch.stack(pushed[-2:]))
+        pushed.append(_stored_pairs(opt.layer_state("2"))[0][-1].clone())
+    state = opt.layer_state("2")
+    assert state["SY"].shape[1] == 2  # the buffer never grows beyond p
+    torch.testing.assert_close(_stored_pairs(state)[0], torch.stack(pushed[-2:]))
+
+
+def test_lbfgs_gram_matrices_in_state_equal_recomputation_after_wrap_around() -> None:
+    """SᵀY and YᵀY are updated per pushed pair, never recomputed: after 11 pushes into p = 3
+    (the ring wrapped three times) they equal the Gram matrices of the stored pairs."""
+    model, batches, loss_fn = _problem(tiny_mlp, 11)
+    opt = KBFGS(model, memory=3)
+    for x, y in batches:
+        opt.step(Objective(model, loss_fn, x, y))
+    for name in opt.layers:
+        state = opt.layer_state(name)
+        assert (state["pair_count"], state["pair_start"]) == (3, 11 % 3)
+        S, Y = _stored_pairs(state)
+        torch.testing.assert_close(state["StY"], S @ Y.T, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(state["YtY"], Y @ Y.T, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kwargs", [dict(memory=3), dict(memory=3, variant="ch2"), dict()])
+def test_resume_across_the_ring_wrap_is_bit_identical(kwargs: dict) -> None:
+    """Saved with the oldest pair in row 1 of the ring (4 pairs into p = 3), resumed, and run
+    past two more wraps: the same parameters and state as the uninterrupted run."""
+    batches = _batches(12)
+    model = tiny_mlp((4, 8, 3))
+    opt = KBFGS(model, lr=0.1, damping=0.1, **kwargs)
+    _run(opt, model, batches[:4])
+    if opt.memory is not None:
+        assert opt.layer_state("0")["pair_start"] == 1
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    _run(opt, model, batches[4:])
+    resumed = tiny_mlp((4, 8, 3), seed=99)
+    resumed.load_state_dict(saved_model)
+    opt2 = KBFGS(resumed, lr=0.1, damping=0.1, **kwargs)
+    opt2.load_state_dict(saved_opt)
+    _run(opt2, resumed, batches[4:])
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for name in opt.layers:
+        a, b = opt.layer_state(name), opt2.layer_state(name)
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            assert (
+                torch.equal(value, b[key]) if isinstance(value, torch.Tensor) else value == b[key]
+            )
+
+
+@pytest.mark.parametrize("memory", [None, 2])
+def test_bias_gradient_statistics_equal_captured_output_gradients(memory: int | None) -> None:
+    """With a bias in every layer, Σ ∂L/∂h comes from the bias gradients and only the inputs
+    are recorded; the same run with `capture` (∂L/∂h recorded) agrees to round-off."""
+    model, batches, loss_fn = _problem(tiny_mlp, 6)
+    other = copy.deepcopy(model)
+    opt = KBFGS(model, lr=0.1, memory=memory)
+    ref = KBFGS(other, lr=0.1, memory=memory)
+    assert opt._sums_from_bias
+    ref._sums_from_bias = False
+    for x, y in batches:
+        opt.step(Objective(model, loss_fn, x, y))
+        ref.step(Objective(other, loss_fn, x, y))
+    for p, q in zip(model.parameters(), other.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    for name in opt.layers:
+        for key in ("s_g", "y_g", "H_a"):
+            torch.testing.assert_close(
+                opt.layer_state(name)[key], ref.layer_state(name)[key], rtol=1e-9, atol=1e-12
+            )
+
+
+@pytest.mark.parametrize("memory", [None, 2])
+def test_channels_last_weights_take_the_same_steps(memory: int | None) -> None:
+    """A conv weight that is not contiguous (channels_last) cannot be updated through a
+    (d_out, d_a) view: the direction is formed instead, with the same result."""
+    model, batches, loss_fn = _problem(tiny_cnn, 4)
+    other = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    assert not other[0].weight.is_contiguous()
+    opt = KBFGS(model, lr=0.1, weight_decay=0.01, memory=memory)
+    ref = KBFGS(other, lr=0.1, weight_decay=0.01, memory=memory)
+    for x, y in batches:
+        opt.step(Objective(model, loss_fn, x, y))
+        ref.step(Objective(other, loss_fn, x, y))
+    for p, q in zip(model.parameters(), other.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_bf16_autocast_keeps_float32_state() -> None:
+    """Mixed precision: the forwards run in bfloat16, the statistics, pairs and H in float32."""
+    model = tiny_mlp((4, 8, 3), dtype=torch.float32)
+    batches = _batches(4, torch.float32)
+    opt = KBFGS(model, lr=0.1, damping=0.1, memory=3)
+    start = _full_loss(model, batches)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(5):
+            _run(opt, model, batches)
+    for name in opt.layers:
+        for key, value in opt.layer_state(name).items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                assert value.dtype == torch.float32, key
+    assert opt.layer_state("0")["pair_count"] == 3
+    assert _full_loss(model, batches) < start
 
 
 # -------------------------------------------------------------------- skipped pairs
@@ -312,7 +426,7 @@ def test_non_finite_second_pass_is_skipped_without_nan_in_state() -> None:
     assert opt.last_step_info["skipped_g_pairs_total"] == 6
     for name in opt.layers:
         state = opt.layer_state(name)
-        assert state["S"].shape[0] == 0
+        assert state["pair_count"] == 0
         assert torch.equal(state["s_g"], torch.zeros_like(state["s_g"]))
         assert torch.isfinite(state["H_a"]).all()
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -498,3 +612,28 @@ def test_pair_whose_bfgs_correction_overflows_is_skipped_not_applied() -> None:
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     assert bool(torch.isfinite(opt.layer_state("0")["H_g"]).all())
     assert opt.global_state["skipped_g_pairs_total"] >= 1
+
+
+def test_lbfgs_pair_whose_update_overflows_is_skipped_not_pushed() -> None:
+    """The case above with K-BFGS(L): the first layer's pairs have ρ² ≈ 1e40 > float32's
+    range; H_G ỹ (from the products of the push) gives the same BFGS-correction check, so
+    they are skipped before they enter the ring, whose buffers stay finite."""
+    batches = [
+        ([[1.5410, -0.2934, -2.1788], [0.5684, -1.0845, -1.3986]], [[0.4033], [0.8380]]),
+        ([[-0.7193, -0.4033, -0.5966], [0.1820, -0.8567, 1.1006]], [[-1.0712], [0.1227]]),
+        ([[-0.5663, 0.3731, -0.8920], [-1.5091, 0.3704, 1.4565]], [[0.9398], [0.7748]]),
+    ]
+    torch.manual_seed(24)
+    model = nn.Sequential(
+        nn.Linear(3, 1, bias=False), nn.BatchNorm1d(1), nn.Tanh(), nn.Linear(1, 1, bias=False)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = KBFGS(model, lr=1.0, damping=1.0, variant="ch2", memory=2)
+    for x, y in batches:
+        opt.step(Objective(model, nn.MSELoss(), torch.tensor(x), torch.tensor(y)))
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    state = opt.layer_state("0")
+    for key in ("SY", "StY", "YtY"):
+        assert bool(torch.isfinite(state[key]).all()), key
+    assert state["skipped_g_pairs"] >= 1
