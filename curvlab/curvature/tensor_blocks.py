@@ -84,7 +84,7 @@ def _split(shape: Sequence[int], mode: int) -> tuple[int, int, int]:
     return math.prod(shape[:mode]), shape[mode], math.prod(shape[mode + 1 :])
 
 
-def mode_statistics(G: Tensor) -> list[Tensor]:
+def mode_statistics(G: Tensor, out: Sequence[Tensor] | None = None) -> list[Tensor]:
     r"""The contractions ``G^{(i)} = mat_i(G) mat_i(G)ᵀ``, i = 1..k (thesis §4.2.1).
 
     One symmetric GEMM per mode through `curvlab.linalg.gram` (bitwise symmetric results; the
@@ -94,6 +94,9 @@ def mode_statistics(G: Tensor) -> list[Tensor]:
 
     Args:
         G: a tensor of order k ≥ 1 (already in its `tensor_shape`).
+        out: optional k buffers of shapes ``(d_i, d_i)`` to write into. An optimizer that
+            recomputes the statistics every step should reuse them: a fresh large result each
+            step pays first-touch page faults on CPU (see `curvlab.curvature.factors`).
 
     Returns:
         k symmetric PSD matrices of shapes ``(d_i, d_i)``.
@@ -101,7 +104,9 @@ def mode_statistics(G: Tensor) -> list[Tensor]:
     if G.dim() == 0:
         raise ValueError("mode_statistics: needs a tensor of order >= 1 (see tensor_shape)")
     shape = tuple(G.shape)
-    out = []
+    if out is not None and len(out) != len(shape):
+        raise ValueError(f"out: expected {len(shape)} buffers, got {len(out)}")
+    result = []
     for mode in range(len(shape)):
         pre, d, post = _split(shape, mode)
         if post == 1:  # last mode (or a vector): rows are the (∏_{j<i} d_j) fibres
@@ -110,8 +115,8 @@ def mode_statistics(G: Tensor) -> list[Tensor]:
             rows = G.reshape(d, post).t()
         else:
             rows = G.reshape(pre, d, post).transpose(0, 1).reshape(d, pre * post).t()
-        out.append(gram(rows))
-    return out
+        result.append(gram(rows, out=None if out is None else out[mode]))
+    return result
 
 
 def trace_normalise(statistics: Sequence[Tensor]) -> list[Tensor]:
@@ -227,9 +232,10 @@ class TensorBlock:
         return len(self.shape)
 
     # -------------------------------------------------------------- statistics
-    def statistics(self, grad: Tensor) -> list[Tensor]:
-        """``[Ḡ^{(i)}]`` of a parameter-shaped tensor (thesis Alg 15 line 12 / Alg 16 line 9)."""
-        return mode_statistics(grad.reshape(self.shape))
+    def statistics(self, grad: Tensor, out: Sequence[Tensor] | None = None) -> list[Tensor]:
+        """``[Ḡ^{(i)}]`` of a parameter-shaped tensor (thesis Alg 15 line 12 / Alg 16 line 9),
+        optionally written into reused buffers ``out``."""
+        return mode_statistics(grad.reshape(self.shape), out)
 
     @staticmethod
     def has_statistics(state: State) -> bool:

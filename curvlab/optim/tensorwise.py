@@ -131,6 +131,9 @@ class TensorwiseOptimizer(GuardedStep, DataParallelMixin, Optimizer):
         model_ids = {id(p) for p in model.parameters()}
         self._group_of: dict[int, int] = {}
         self.blocks: dict[int, TensorBlock] = {}
+        # Reused outputs of the statistics products (a cache, not state: each step overwrites
+        # them before they are read; see curvlab.curvature.tensor_blocks.mode_statistics).
+        self._buffers: dict[int, list[Tensor]] = {}
         for index, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if id(p) not in model_ids:
@@ -221,7 +224,7 @@ class TensorwiseOptimizer(GuardedStep, DataParallelMixin, Optimizer):
             for p, g in stat_grads.items():
                 if p.numel() == 0:
                     continue
-                stats = self.blocks[id(p)].statistics(g)
+                stats = self.blocks[id(p)].statistics(g, self._statistic_buffers(p, g))
                 statistics[id(p)] = [s.mul_(scale) for s in stats] if scale != 1.0 else stats
             if not all_finite([s for stats in statistics.values() for s in stats]):
                 self.skip_step(loss, "non-finite curvature statistics")
@@ -310,6 +313,14 @@ class TensorwiseOptimizer(GuardedStep, DataParallelMixin, Optimizer):
             return loss, None, outputs
         grads: dict[Tensor, Tensor] = {p: p.grad for p in self.params if p.grad is not None}
         return loss, grads, outputs
+
+    def _statistic_buffers(self, p: Tensor, like: Tensor) -> list[Tensor]:
+        buffers = self._buffers.get(id(p))
+        if buffers is None or buffers[0].dtype != like.dtype or buffers[0].device != like.device:
+            shape = self.blocks[id(p)].shape
+            buffers = [like.new_empty(d, d) for d in shape]
+            self._buffers[id(p)] = buffers
+        return buffers
 
     # ------------------------------------------------------------------ guards
     def skip_step(self, loss: Tensor | None, reason: str) -> None:
