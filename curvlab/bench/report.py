@@ -143,6 +143,13 @@ def _log_helps(values: Sequence[float]) -> bool:
     return bool(finite) and min(finite) > 0 and max(finite) / min(finite) > 5.0
 
 
+def _upper_limit(records: Sequence[RunRecord], key: str) -> float | None:
+    """3× the largest value at the first evaluation (the common starting point)."""
+    starts = [getattr(r.epochs[0], key) for r in records if r.epochs]
+    finite = [v for v in starts if math.isfinite(v) and v > 0]
+    return 3.0 * max(finite) if finite else None
+
+
 def plot_problem(problem: str, records: Sequence[RunRecord], path: str | Path) -> Path:
     """One PNG for ``problem``: loss vs epoch, loss vs wall time, test metric vs epoch."""
     import matplotlib
@@ -151,7 +158,10 @@ def plot_problem(problem: str, records: Sequence[RunRecord], path: str | Path) -
     import matplotlib.pyplot as plt
 
     labels = sorted({r.label for r in records})
-    colors = {lab: plt.get_cmap("tab10")(i % 10) for i, lab in enumerate(labels)}
+    # Up to 10 methods: tab10; more: tab20 and alternating line styles, so no two look alike.
+    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    colors = {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
+    styles = {lab: "-" if i % 2 == 0 or len(labels) <= 10 else "--" for i, lab in enumerate(labels)}
     metric = str(records[0].config.get("test_metric", "test_loss"))
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     panels = [
@@ -177,16 +187,23 @@ def plot_problem(problem: str, records: Sequence[RunRecord], path: str | Path) -
                 y,
                 marker=".",
                 color=colors[r.label],
+                linestyle=styles[r.label],
                 label=None if r.label in seen else r.label,
                 linewidth=1.4,
             )
             seen.add(r.label)
         if _log_helps(ys):
             ax.set_yscale("log")
+        top = _upper_limit(records, ykey)
+        if top is not None and max((v for v in ys if math.isfinite(v)), default=top) > top:
+            # A run that blew up would squash every other curve: clip the axis at 3× the
+            # worst starting value and say so (the table has the numbers).
+            ax.set_ylim(top=top)
+            ax.set_title("runs above the axis blew up (see the table)", fontsize="small")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize="small")
+    axes[0].legend(fontsize="small", ncol=2 if len(labels) > 8 else 1)
     fig.suptitle(problem)
     fig.tight_layout()
     out = Path(path)
