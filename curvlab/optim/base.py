@@ -173,9 +173,11 @@ class GuardedStep:
     * ``step`` and ``warm_start`` of every subclass are wrapped by `full_precision`
       (mixed precision: the optimizer's maths with autocast off);
     * ``step`` snapshots the label sampler's random state (`sampler_snapshot`), and
-      `restore_sampler` (called when a step is skipped) puts it back, so that a skipped step
-      leaves the sampler exactly as it was even if labels were already sampled.
+      `skip_step` (via `restore_sampler`) puts it back, so that a skipped step leaves the
+      sampler exactly as it was even if labels were already sampled.
     """
+
+    last_step_info: dict[str, Any]
 
     _caller_autocast: AutocastState | None = None
     _sampler_at_step: Tensor | None = None
@@ -195,6 +197,19 @@ class GuardedStep:
         """The autocast state of the caller of the running ``step`` / ``warm_start`` (for
         forward passes an optimizer builds itself), else the current state."""
         return autocast_state() if self._caller_autocast is None else self._caller_autocast
+
+    def skip_step(self, loss: Tensor | None, reason: str) -> None:
+        """Record a skipped step; parameters and curvature state stay untouched, and the
+        label sampler is put back to its state at the start of the step."""
+        self.restore_sampler()
+        state: dict[str, Any] = self.global_state  # type: ignore[attr-defined]
+        state["skipped_steps"] += 1
+        self.last_step_info = {
+            "skipped": True,
+            "reason": reason,
+            "loss": None if loss is None else float(loss),
+            "skipped_steps": state["skipped_steps"],
+        }
 
     def restore_sampler(self) -> None:
         """Put the label sampler back to its state at the start of this step (a skipped step
@@ -453,18 +468,6 @@ class LayerwiseOptimizer(GuardedStep, DataParallelMixin, Optimizer):
         return all_finite(
             [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         )
-
-    def skip_step(self, loss: Tensor | None, reason: str) -> None:
-        """Record a skipped step; parameters and curvature state stay untouched, and the
-        label sampler is put back to its state at the start of the step."""
-        self.restore_sampler()
-        self.global_state["skipped_steps"] += 1
-        self.last_step_info = {
-            "skipped": True,
-            "reason": reason,
-            "loss": None if loss is None else float(loss),
-            "skipped_steps": self.global_state["skipped_steps"],
-        }
 
     # ------------------------------------------------------------------ update
     def _momentum(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:

@@ -211,7 +211,5 @@ class ModelwiseOptimizer(GuardedStep, Optimizer, ABC):
         return loss
 
     def _skip(self, loss: Tensor, reason: str) -> Tensor:
-        self.restore_sampler()  # a method's own sampler (SMW, HF subsets), if it has one
-        self.global_state["skipped_steps"] += 1
-        self.last_step_info = {"skipped": True, "reason": reason, "loss": float(loss)}
+        self.skip_step(loss, reason)  # restores a method's own sampler (SMW, HF subsets)
         return loss

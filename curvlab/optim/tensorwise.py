@@ -323,18 +323,6 @@ class TensorwiseOptimizer(GuardedStep, DataParallelMixin, Optimizer):
         return buffers
 
     # ------------------------------------------------------------------ guards
-    def skip_step(self, loss: Tensor | None, reason: str) -> None:
-        """Record a skipped step; parameters and curvature state stay untouched, and the
-        label sampler is put back to its state at the start of the step."""
-        self.restore_sampler()
-        self.global_state["skipped_steps"] += 1
-        self.last_step_info = {
-            "skipped": True,
-            "reason": reason,
-            "loss": None if loss is None else float(loss),
-            "skipped_steps": self.global_state["skipped_steps"],
-        }
-
     # ------------------------------------------------------------------ update
     def _momentum(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
         """∇̂ ← μ∇̂ + ∇̄ (heavy ball, thesis ch.4, no (1−μ)), from ∇̂ = 0."""

@@ -166,6 +166,7 @@ def test_skip_step_from_a_hook_changes_nothing_and_evaluate_replaces_the_closure
         "skipped": True,
         "reason": "told to",
         "loss": opt.last_step_info["loss"],
+        "skipped_steps": 1,
     }
     assert opt.global_state["skipped_steps"] == 1
     for p, q in zip(model.parameters(), before, strict=True):
