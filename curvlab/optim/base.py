@@ -172,6 +172,7 @@ class GuardedStep:
 
     * ``step`` and ``warm_start`` of every subclass are wrapped by `full_precision`
       (mixed precision: the optimizer's maths with autocast off);
+    * the sampler of labels / subsets (`new_sampler`) is saved and restored with the state;
     * ``step`` snapshots the label sampler's random state (`sampler_snapshot`), and
       `skip_step` (via `restore_sampler`) puts it back, so that a skipped step leaves the
       sampler exactly as it was even if labels were already sampled.
@@ -192,6 +193,31 @@ class GuardedStep:
                 else:
                     method = full_precision(method)
                 setattr(cls, name, method)
+
+    # ---------------------------------------------------------------- sampler
+    @staticmethod
+    def new_sampler(device: torch.device) -> torch.Generator:
+        """The random generator of a method's sampled labels or subsets, seeded from the
+        global RNG (so ``torch.manual_seed`` makes a run reproducible)."""
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        return generator
+
+    def state_dict(self) -> dict[str, Any]:
+        """`torch.optim` state plus the sampler's random state (methods that have one)."""
+        generator = self.__dict__.get("_generator")
+        if generator is not None:
+            self.global_state["sampler_state"] = generator.get_state()  # type: ignore[attr-defined]
+        return super().state_dict()  # type: ignore[misc]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore everything saved by `state_dict`, the sampler included."""
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        generator = self.__dict__.get("_generator")
+        sampler = self.global_state.get("sampler_state")  # type: ignore[attr-defined]
+        if generator is not None and sampler is not None:
+            # torch.optim casts state tensors to the parameter dtype; bytes survive exactly.
+            generator.set_state(sampler.to(device="cpu", dtype=torch.uint8))
 
     def caller_autocast_state(self) -> AutocastState:
         """The autocast state of the caller of the running ``step`` / ``warm_start`` (for
@@ -422,8 +448,7 @@ class LayerwiseOptimizer(GuardedStep, DataParallelMixin, Optimizer):
                 stacklevel=3,
             )
         device = self.param_groups[0]["params"][0].device
-        self._generator = torch.Generator(device=device)
-        self._generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        self._generator = self.new_sampler(device)
         self.last_step_info: dict[str, Any] = {}
         self._parallel = BlockParallel.local()
 
@@ -448,19 +473,6 @@ class LayerwiseOptimizer(GuardedStep, DataParallelMixin, Optimizer):
     def group(self, name: str) -> dict[str, Any]:
         """The parameter group of one layer (hyperparameters are read from it every step)."""
         return self.param_groups[self._group_of[id(self.layers[name].weight)]]
-
-    def state_dict(self) -> dict[str, Any]:
-        """`torch.optim` state plus the label sampler's random state."""
-        self.global_state["sampler_state"] = self._generator.get_state()
-        return super().state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore everything saved by `state_dict`, the label sampler included."""
-        super().load_state_dict(state_dict)
-        sampler = self.global_state.get("sampler_state")
-        if sampler is not None:
-            # torch.optim casts state tensors to the parameter dtype; bytes survive exactly.
-            self._generator.set_state(sampler.to(device="cpu", dtype=torch.uint8))
 
     # ------------------------------------------------------------------ guards
     def grads_finite(self) -> bool:

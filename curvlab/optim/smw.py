@@ -173,24 +173,10 @@ class _SubsampledLM(ModelwiseOptimizer):
                 f"thesis §5.4); found trainable parameters in {', '.join(outside)}"
             )
         device = self.params[0].device
-        self._generator = torch.Generator(device=device)
-        self._generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        self._generator = self.new_sampler(device)
         self._gradient_capture: Capture | None = None
 
     # ------------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
-        """`torch.optim` state plus the S2 sampler's random state."""
-        self.global_state["sampler_state"] = self._generator.get_state()
-        return super().state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore everything saved by `state_dict`, the S2 sampler included."""
-        super().load_state_dict(state_dict)
-        sampler = self.global_state.get("sampler_state")
-        if sampler is not None:
-            # torch.optim casts state tensors to the parameter dtype; bytes survive exactly.
-            self._generator.set_state(sampler.to(device="cpu", dtype=torch.uint8))
-
     @property
     def damping(self) -> float:
         """The current λ_t = λ_LM + τ (thesis §5.2.3)."""

@@ -144,8 +144,7 @@ class TensorwiseOptimizer(GuardedStep, DataParallelMixin, Optimizer):
                     p.shape, normalise=normalise, root=root_of_order(order), method=method
                 )
         device = self.param_groups[0]["params"][0].device
-        self._generator = torch.Generator(device=device)
-        self._generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        self._generator = self.new_sampler(device)
         self.last_step_info: dict[str, Any] = {}
         self._parallel = BlockParallel.local()
 
@@ -170,19 +169,6 @@ class TensorwiseOptimizer(GuardedStep, DataParallelMixin, Optimizer):
     def group_of(self, p: Tensor) -> dict[str, Any]:
         """The parameter group of ``p`` (hyperparameters are read from it every step)."""
         return self.param_groups[self._group_of[id(p)]]
-
-    def state_dict(self) -> dict[str, Any]:
-        """`torch.optim` state plus the label sampler's random state."""
-        self.global_state["sampler_state"] = self._generator.get_state()
-        return super().state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore everything saved by `state_dict`, the label sampler included."""
-        super().load_state_dict(state_dict)
-        sampler = self.global_state.get("sampler_state")
-        if sampler is not None:
-            # torch.optim casts state tensors to the parameter dtype; bytes survive exactly.
-            self._generator.set_state(sampler.to(device="cpu", dtype=torch.uint8))
 
     # ------------------------------------------------------------ subclass API
     def _check_closure(self, closure: Any) -> Callable[[], Any] | None:
