@@ -21,13 +21,16 @@ autoencoder, as much as the factor products' own mirror copies.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch
 from torch import Tensor
 
+from curvlab.curvature.hooks import Capture
 from curvlab.curvature.layers import KroneckerLayer
 from curvlab.linalg import gram
 
-__all__ = ["input_factor", "output_factor"]
+__all__ = ["input_factor", "layer_factors", "output_factor"]
 
 
 def _homogeneous_gram(rows: Tensor, scale: float, out: Tensor | None) -> Tensor:
@@ -75,3 +78,27 @@ def output_factor(
     )
     locations = rows.shape[0] / batch_size
     return gram(rows, 1.0 / (loss_scale * locations), out=out)
+
+
+def layer_factors(
+    layers: Mapping[str, KroneckerLayer],
+    cap: Capture,
+    phase: str,
+    batch_size: int,
+    loss_scale: float,
+    buffers: Callable[[str, Tensor], tuple[Tensor, Tensor]] | None = None,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """(A, G) of every layer from one `capture` (output gradients of ``phase``); layers not in
+    this forward pass are left out. ``buffers(name, grad)`` may give reused outputs."""
+    factors: dict[str, tuple[Tensor, Tensor]] = {}
+    for name, layer in layers.items():
+        record = cap[name]
+        grads = record.output_grads(phase)
+        if not record.inputs or len(grads) != len(record.inputs):
+            continue  # layer unused in this forward pass
+        A_out, G_out = buffers(name, grads[0]) if buffers is not None else (None, None)
+        factors[name] = (
+            input_factor(layer, record.inputs, batch_size, out=A_out),
+            output_factor(layer, grads, batch_size, loss_scale, out=G_out),
+        )
+    return factors

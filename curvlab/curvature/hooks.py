@@ -35,8 +35,9 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from curvlab.curvature.layers import KroneckerLayer
+from curvlab.objective import Objective
 
-__all__ = ["Capture", "LayerRecord", "capture"]
+__all__ = ["Capture", "LayerRecord", "capture", "captured_gradient_pass"]
 
 
 @dataclass
@@ -115,3 +116,24 @@ def capture(layers: Mapping[str, KroneckerLayer]) -> Iterator[Capture]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def captured_gradient_pass(
+    layers: Mapping[str, KroneckerLayer],
+    objective: Objective,
+    sampler: torch.Generator | None,
+) -> tuple[Tensor, Capture]:
+    """The closure (loss and weight gradients) with layer inputs and output gradients
+    recorded (phase ``"loss"``); with a ``sampler``, first one more backward pass through the
+    same forward graph with labels sampled from the model (phase ``"sampled"``; output
+    gradients only). Returns the loss and the records."""
+    with capture(layers) as cap:
+        if sampler is None:
+            return objective(), cap
+
+        def sampled_pass(outputs: Tensor, loss: Tensor) -> None:
+            cap.phase = "sampled"
+            cap.backward_to_outputs(objective.sampled_loss(outputs, sampler))
+            cap.phase = "loss"
+
+        return objective.forward_backward(before_backward=sampled_pass), cap

@@ -47,8 +47,8 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.curvature.blocks import KroneckerBlock
-from curvlab.curvature.factors import input_factor, output_factor
-from curvlab.curvature.hooks import Capture, capture
+from curvlab.curvature.factors import layer_factors
+from curvlab.curvature.hooks import Capture, capture, captured_gradient_pass
 from curvlab.linalg import all_finite
 from curvlab.objective import Objective, preserved_buffers
 from curvlab.optim.base import LayerwiseOptimizer, MomentumStyle, require_objective
@@ -222,17 +222,8 @@ class KFAC(LayerwiseOptimizer):
             with torch.enable_grad():
                 loss = objective()
             return self.synchronize_gradients(loss), None  # data-parallel: mean over ranks
-        with capture(self.layers) as cap:
-            if self.fisher == "true":
-
-                def sampled_pass(outputs: Tensor, loss: Tensor) -> None:
-                    cap.phase = "sampled"
-                    cap.backward_to_outputs(objective.sampled_loss(outputs, self._generator))
-                    cap.phase = "loss"
-
-                loss = objective.forward_backward(before_backward=sampled_pass)
-            else:
-                loss = objective()
+        sampler = self._generator if self.fisher == "true" else None
+        loss, cap = captured_gradient_pass(self.layers, objective, sampler)
         loss = self.synchronize_gradients(loss)  # data-parallel: mean over ranks
         if not torch.isfinite(loss):
             return loss, None
@@ -254,20 +245,8 @@ class KFAC(LayerwiseOptimizer):
 
     def _factors(self, cap: Capture, objective: Objective, outputs: Tensor) -> Factors:
         phase = "sampled" if self.fisher == "true" else "loss"
-        scale = objective.loss_scale(outputs)
-        m = objective.batch_size
-        factors: Factors = {}
-        for name, layer in self.layers.items():
-            record = cap[name]
-            grads = record.output_grads(phase)
-            if not record.inputs or len(grads) != len(record.inputs):
-                continue  # layer unused in this forward pass
-            A_buf, G_buf = self._factor_buffers(name, grads[0])
-            factors[name] = (
-                input_factor(layer, record.inputs, m, out=A_buf),
-                output_factor(layer, grads, m, scale, out=G_buf),
-            )
-        return factors
+        m, scale = objective.batch_size, objective.loss_scale(outputs)
+        return layer_factors(self.layers, cap, phase, m, scale, self._factor_buffers)
 
     def _factor_buffers(self, name: str, like: Tensor) -> tuple[Tensor, Tensor]:
         """Reused (d_a, d_a), (d_out, d_out) outputs, in the parameters' dtype (the captured

@@ -65,8 +65,8 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.curvature.blocks import KroneckerBlock
-from curvlab.curvature.factors import input_factor, output_factor
-from curvlab.curvature.hooks import Capture, capture
+from curvlab.curvature.factors import layer_factors
+from curvlab.curvature.hooks import Capture, captured_gradient_pass
 from curvlab.distributed import Communicator, Mode
 from curvlab.objective import Objective
 from curvlab.optim.base import LayerwiseOptimizer, require_objective
@@ -209,18 +209,9 @@ class TSOALRAFirstStage(LayerwiseOptimizer):
     # ------------------------------------------------------------ statistics
     def _gradient_pass(self, objective: Objective) -> tuple[Tensor, Factors]:
         """The closure, recording α (forward) and β (backward) of every layer (§III-C)."""
-        # Same capture as KFAC's "before_step" gradient pass (kfac.py `_gradient_pass`).
-        with capture(self.layers) as cap:
-            if self.fisher == "true":
-
-                def sampled_pass(outputs: Tensor, loss: Tensor) -> None:
-                    cap.phase = "sampled"
-                    cap.backward_to_outputs(objective.sampled_loss(outputs, self._generator))
-                    cap.phase = "loss"
-
-                loss = objective.forward_backward(before_backward=sampled_pass)
-            else:
-                loss = objective()
+        # The same capture as K-FAC's "before_step" gradient pass (`captured_gradient_pass`).
+        sampler = self._generator if self.fisher == "true" else None
+        loss, cap = captured_gradient_pass(self.layers, objective, sampler)
         loss = self.synchronize_gradients(loss)  # data-parallel: mean over ranks
         if not torch.isfinite(loss):
             return loss, {}
@@ -230,19 +221,8 @@ class TSOALRAFirstStage(LayerwiseOptimizer):
     def _factors(self, cap: Capture, objective: Objective, outputs: Tensor) -> Factors:
         """E_n[ā āᵀ] and E_n[β βᵀ] of this batch per layer (the bracketed terms of eq. 14)."""
         phase = "sampled" if self.fisher == "true" else "loss"
-        scale = objective.loss_scale(outputs)
-        m = objective.batch_size
-        factors: Factors = {}
-        for name, layer in self.layers.items():
-            record = cap[name]
-            grads = record.output_grads(phase)
-            if not record.inputs or len(grads) != len(record.inputs):
-                continue  # layer unused in this forward pass
-            factors[name] = (
-                input_factor(layer, record.inputs, m),
-                output_factor(layer, grads, m, scale),
-            )
-        return factors
+        m, scale = objective.batch_size, objective.loss_scale(outputs)
+        return layer_factors(self.layers, cap, phase, m, scale)
 
 
 def _plain_sgd(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
