@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -106,6 +106,9 @@ class CurvatureOperator(ABC):
         damping: λ ≥ 0 added as λ·v; read at every product, so it may be changed in between.
         products: the number of matvecs done so far.
         loss: the (detached) loss at the parameters the operator was built at.
+        reduce: None, or a function applied in place to every undamped product ``C v``
+            before it is returned (a data-parallel run averages products over ranks with it;
+            `curvlab.optim.ModelwiseOptimizer.distribute`).
     """
 
     kind: str
@@ -117,6 +120,7 @@ class CurvatureOperator(ABC):
         self.damping = damping
         self.products = 0
         self.loss = loss
+        self.reduce: Callable[[Tensor], None] | None = None
         self._view = view
         self._gradient = grad
 
@@ -133,6 +137,8 @@ class CurvatureOperator(ABC):
         v = self._view.check_vector(v)
         with torch.enable_grad():
             out = self._apply(v)
+        if self.reduce is not None:
+            self.reduce(out)
         self.products += 1
         if self.damping != 0.0:
             out = out.add(v, alpha=self.damping)

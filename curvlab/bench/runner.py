@@ -27,8 +27,9 @@ Data-parallel runs (``communicator`` with several ranks, e.g. ``curvlab bench --
   single-process step on the global batch (`curvlab.optim.base.DataParallelMixin`);
 * curvlab's layer-wise optimizers are `distribute`-d (``dist_mode``; plain per-rank models
   whose gradients the optimizer averages, or a DDP model with ``ddp=True``); optimizers from
-  ``torch.optim`` get a DDP model; model-wide methods are refused (they do not support
-  data-parallel runs yet);
+  ``torch.optim`` get a DDP model; model-wide methods are `distribute`-d on plain per-rank
+  models (they average the gradient, each curvature product and the trial loss themselves;
+  SMW, whose Gram matrix couples examples across ranks, is refused with a message);
 * after each step the ranks average (step time, loss) in one tiny all-reduce, so that they
   stop together (time budget, divergence); it is not part of the step's time or bytes.
   ``wall_s`` is the mean over ranks; ``step_time`` is this rank's;
@@ -442,16 +443,26 @@ def _data_parallel(
     ddp: bool,
 ) -> torch.nn.Module:
     """Make ``optimizer`` data-parallel; returns the model the objectives use."""
-    distribute = getattr(optimizer, "distribute", None)
-    if distribute is not None:
+    kind = getattr(optimizer, "data_parallel", None)
+    if kind == "layer-wise":
         net = wrap_ddp(model, comm) if ddp else model
-        distribute(comm, mode=mode, average_gradients=not ddp)
+        optimizer.distribute(comm, mode=mode, average_gradients=not ddp)
         return net
+    if kind == "model-wide":
+        if ddp:
+            raise ValueError(
+                f"--ddp: {name!r} averages gradients and curvature products itself; run it "
+                "without --ddp"
+            )
+        if mode != "inverses":
+            raise ValueError(f"--dist-mode: {name!r} is model-wide and keeps no inverses")
+        optimizer.distribute(comm)  # raises for a method without a data-parallel form (SMW)
+        return model
     if type(optimizer).__module__.startswith("torch.optim"):
         return wrap_ddp(model, comm)  # DDP averages the gradients; the update is local
     raise ValueError(
         f"optimizer: {name!r} does not support data-parallel runs (--nproc); the layer-wise "
-        "methods and torch.optim's optimizers do"
+        "and model-wide curvlab methods and torch.optim's optimizers do"
     )
 
 

@@ -11,7 +11,9 @@ The one place where curvlab talks to ``torch.distributed`` (the optimizers never
   `wrap_ddp` (DDP with its gradient bytes counted), `spawn` (N local gloo processes on the
   loopback interface) and `torchrun_command`.
 
-Usage with an optimizer (any of K-FAC, K-BFGS, TNT, Shampoo, TSO-ALRA)::
+Usage with an optimizer (the layer-wise K-FAC, K-BFGS, TNT, Shampoo, TSO-ALRA, and the
+model-wide methods but SMW, which average loss, gradient, curvature products and trial losses
+through a `Communicator`; `curvlab.optim.ModelwiseOptimizer.distribute`)::
 
     comm = curvlab.distributed.from_environment("cpu")[0]      # under torchrun
     opt = KFAC(model, lr=0.3).distribute(comm)                 # plain per-rank model

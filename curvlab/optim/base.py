@@ -283,6 +283,11 @@ class DataParallelMixin:
             opt.step(curvlab.Objective(model, loss_fn, x.to(device), y.to(device)))
     """
 
+    #: How `curvlab bench --nproc` makes an optimizer data-parallel: ``"layer-wise"``
+    #: (`distribute` with ``mode`` and ``average_gradients``; a DDP model is fine) or
+    #: ``"model-wide"`` (`curvlab.optim.ModelwiseOptimizer.distribute`).
+    data_parallel = "layer-wise"
+
     model: nn.Module
     param_groups: list[dict[str, Any]]
     _parallel: BlockParallel

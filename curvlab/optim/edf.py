@@ -92,7 +92,6 @@ from torch import Tensor, nn
 from curvlab.autodiff import (
     CurvatureOperator,
     ParameterView,
-    curvature_operator,
     output_curvature,
 )
 from curvlab.autodiff.functional import capture_rng, replayed_rng
@@ -343,6 +342,14 @@ class EDF(ModelwiseOptimizer):
             self._pending = None
             self._operator = None  # no autograd graph outlives the step
 
+    def check_data_parallel(self) -> None:
+        """The output-space system is over this rank's outputs (R^{n·C}): no data-parallel form."""
+        if self.space == "output":
+            raise ValueError(
+                "space: the output-space MINRES solves over one rank's outputs and has no "
+                "data-parallel form; use space='parameter' (paper Alg 1) with distribute"
+            )
+
     def evaluate(self, objective: Objective) -> tuple[Tensor, Tensor]:
         """Line 1's loss and g from the build of the step's curvature operator (one gradient
         pass; ``.grad`` is not filled), or from the closure for a stateful training pass."""
@@ -355,7 +362,7 @@ class EDF(ModelwiseOptimizer):
         """A = G or H by products (parameter space), or H_L J Jᵀ (output space)."""
         if self.space == "output":
             return _OutputSpaceOperator(objective, self.params)
-        return curvature_operator(objective, self.params, self.kind)
+        return self.curvature_operator(objective, self.kind)
 
     def propose(self, objective: Objective, loss: Tensor, grad: Tensor) -> Proposal:
         """Alg 1 / Alg 2 for the direction d, then the W1 / W2 / plain update."""

@@ -93,12 +93,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from curvlab.autodiff import DEFAULT_FD_EPSILON, CurvatureOperator, curvature_operator
+from curvlab.autodiff import DEFAULT_FD_EPSILON, CurvatureOperator
+from curvlab.distributed import Communicator
 from curvlab.objective import Objective
 from curvlab.optim.control import deterministic_radius_update, stochastic_radius_update
 from curvlab.optim.modelwise import (
@@ -107,7 +109,7 @@ from curvlab.optim.modelwise import (
     SkipStep,
     has_stateful_forward,
 )
-from curvlab.optim.switching import TwoStage
+from curvlab.optim.switching import DataParallelSGD, TwoStage
 from curvlab.optim.validation import check_choice, check_int, check_range
 from curvlab.solvers import tr_gd_subproblem
 from curvlab.solvers.result import NON_FINITE
@@ -268,9 +270,8 @@ class EfficientTR(ModelwiseOptimizer):
     def _build_operator(self, objective: Objective) -> CurvatureOperator:
         """H on the batch as products (exact or forward differences), built once per step."""
         group = self.param_groups[0]
-        return curvature_operator(
+        return self.curvature_operator(
             objective,
-            self.params,
             self.hvp,
             fd_epsilon=group["fd_epsilon"] if self.hvp == "hessian-fd" else None,
         )
@@ -482,3 +483,19 @@ class HybridTRSGD(TwoStage):
             carry=(),
         )
         self.model = model
+
+    #: `curvlab bench --nproc`: `distribute(comm)` as the model-wide methods.
+    data_parallel = "model-wide"
+
+    def distribute(self, communicator: Communicator | None = None) -> HybridTRSGD:
+        """Data-parallel training: the TR stage as `ModelwiseOptimizer.distribute`, the SGD
+        stage with the loss and gradients averaged over ranks. Call it before the switch."""
+        if self.second is not None:
+            raise ValueError("distribute: call it before the switch to the SGD stage")
+        first = self.first
+        assert isinstance(first, EfficientTR)
+        first.distribute(communicator)
+        self._factory = partial(
+            DataParallelSGD, synchronize=first.synchronize_gradients, lr=self.sgd_lr
+        )
+        return self

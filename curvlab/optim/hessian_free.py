@@ -65,7 +65,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from curvlab.autodiff import CurvatureOperator, curvature_operator
+from curvlab.autodiff import CurvatureOperator
 from curvlab.objective import Objective
 from curvlab.optim.control import levenberg_marquardt_update
 from curvlab.optim.modelwise import (
@@ -187,7 +187,7 @@ class HessianFree(ModelwiseOptimizer):
         n1 = objective.batch_size
         if self._curvature_batch_size(n1) != n1 or has_stateful_forward(objective.model):
             return super().evaluate(objective)  # B_t on S2 ≠ S1: the operator cannot give g_t
-        self._operator = curvature_operator(objective, self.params, "ggn")
+        self._operator = self.curvature_operator(objective, "ggn")
         return self._operator.loss, self._operator.gradient()
 
     def propose(self, objective: Objective, loss: Tensor, grad: Tensor) -> Proposal:
@@ -293,7 +293,7 @@ class HessianFree(ModelwiseOptimizer):
             )
             scale = _subset_scale(objective, sub, index)
         if self._operator is None:  # N2 < N1, or the closure gave g_t
-            self._operator = curvature_operator(sub, self.params, "ggn")
+            self._operator = self.curvature_operator(sub, "ggn")
         op = self._operator
 
         def matvec(v: Tensor) -> Tensor:

@@ -21,6 +21,15 @@ A method whose ratio is measured at a point other than the step (thesis Alg 23: 
 α p_t) gives that point as ``Proposal.trial_step``.
 A non-finite trial loss counts as ρ = −∞: the step is rejected and `control` shrinks.
 Global state (radius, σ, λ, counters) lives in ``global_state`` so ``state_dict`` has it.
+
+Data-parallel (`ModelwiseOptimizer.distribute`): each rank evaluates its shard of the global
+mini-batch, and the three data-dependent quantities of a step are averaged over ranks where
+they are formed — the loss and flat gradient after `evaluate` (one all-reduce), every
+curvature product (one all-reduce per product, through the operator's ``reduce`` hook; so a
+CG or MINRES iteration costs one gradient-sized all-reduce) and the trial loss of ρ (one
+scalar). With mean-reduced losses and equal shards these are the global batch's values, and
+everything after them (solver iterates, ρ, accept/reject, radius) is computed from identical
+numbers on every rank: parameters stay identical without a broadcast.
 """
 
 from __future__ import annotations
@@ -29,16 +38,20 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from curvlab.autodiff import CurvatureOperator, curvature_operator
+from curvlab.distributed import Communicator, is_ddp
 from curvlab.objective import Objective
 from curvlab.optim.base import GuardedStep, require_objective
 
 __all__ = ["ModelwiseOptimizer", "Proposal", "SkipStep", "has_stateful_forward"]
+
+M = TypeVar("M", bound="ModelwiseOptimizer")
 
 
 class SkipStep(Exception):
@@ -89,7 +102,12 @@ class ModelwiseOptimizer(GuardedStep, Optimizer, ABC):
     """Base of the model-wide methods (one parameter group: the step is one flat vector).
 
     ``params`` is a model (its trainable parameters) or an iterable of parameters / one group.
+    Data-parallel: `distribute` (module docstring).
     """
+
+    #: `curvlab bench --nproc`: `distribute(comm)` only (no DDP model, no inverse modes);
+    #: see `curvlab.optim.base.DataParallelMixin.data_parallel`.
+    data_parallel = "model-wide"
 
     def __init__(self, params: Iterable[Any] | nn.Module, defaults: dict[str, Any]) -> None:
         if isinstance(params, nn.Module):  # a model stands for its trainable parameters
@@ -103,6 +121,7 @@ class ModelwiseOptimizer(GuardedStep, Optimizer, ABC):
                 "supports exactly one parameter group"
             )
         self.last_step_info: dict[str, Any] = {}
+        self._comm = Communicator.local()
 
     @property
     def params(self) -> list[Tensor]:
@@ -140,6 +159,78 @@ class ModelwiseOptimizer(GuardedStep, Optimizer, ABC):
         moved = {id(p): p + d for p, d in zip(self.params, self.unflatten(step), strict=True)}
         return {n: moved.get(id(p), p) for n, p in objective.model.named_parameters()}
 
+    # ---------------------------------------------------------- data-parallel
+    @property
+    def communicator(self) -> Communicator:
+        """The ranks this optimizer averages over (one process until `distribute`)."""
+        return self._comm
+
+    def distribute(self: M, communicator: Communicator | None = None) -> M:
+        """Train data-parallel over ``communicator``'s ranks; returns the optimizer.
+
+        Every rank builds the same model (same seed; a plain per-rank model, not a
+        `DistributedDataParallel` one: the optimizer averages the gradient itself) and the
+        same optimizer, and steps on its own shard of each global mini-batch. The loss,
+        gradient, curvature products and trial losses are averaged over ranks (module
+        docstring), so one step equals the single-process step on the concatenated batch
+        for mean-reduced losses and equal shards (up to round-off; sampled labels and
+        sampled curvature subsets come from each rank's own copy of the sampler).
+        ``last_step_info`` and the returned loss are the averaged values.
+
+        Args:
+            communicator: a `curvlab.distributed.Communicator`; default: torch.distributed's
+                default group (one process when none is initialised: nothing changes).
+
+        Raises:
+            ValueError: the method or its configuration has no data-parallel form
+                (`check_data_parallel`).
+        """
+        self.check_data_parallel()
+        self._comm = Communicator() if communicator is None else communicator
+        return self
+
+    def check_data_parallel(self) -> None:
+        """Raise ``ValueError`` if this configuration cannot be averaged over ranks (a method
+        whose subproblem couples the examples of different ranks). Default: it can."""
+
+    def curvature_operator(
+        self, objective: Objective, kind: str, **kwargs: Any
+    ) -> CurvatureOperator:
+        """`curvlab.autodiff.curvature_operator` over this optimizer's parameters; in a
+        data-parallel run each of its products is averaged over ranks."""
+        operator = curvature_operator(objective, self.params, kind, **kwargs)
+        if self._comm.is_distributed:
+            operator.reduce = self._mean_product
+        return operator
+
+    def _mean_product(self, product: Tensor) -> None:
+        self._comm.all_reduce_mean([product], kind="products")
+
+    def synchronize_gradients(self, loss: Tensor | None) -> Tensor | None:
+        """The mean loss over ranks, and every ``.grad`` averaged in place (one bucketed
+        all-reduce); for a first-order stage that follows this one (`HybridTRSGD`)."""
+        if not self._comm.is_distributed:
+            return loss
+        mean = None if loss is None else torch.as_tensor(loss).detach().reshape(1).clone()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        self._comm.all_reduce_mean([*([] if mean is None else [mean]), *grads], "gradients")
+        return None if mean is None else mean.reshape(())
+
+    def _mean_loss_and_gradient(self, loss: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+        """(loss, g) averaged over ranks in one all-reduce (one process: unchanged)."""
+        if not self._comm.is_distributed:
+            return loss, grad
+        packed = torch.cat([grad.reshape(-1), loss.detach().reshape(1).to(grad.dtype)])
+        self._comm.all_reduce_mean([packed], kind="gradients")
+        return packed[-1].to(loss.dtype), packed[:-1]
+
+    def _mean_trial_loss(self, trial: Tensor) -> float:
+        """The trial loss of ρ, averaged over ranks."""
+        if self._comm.is_distributed:
+            trial = trial.detach().reshape(1).to(torch.float64, copy=True)
+            self._comm.all_reduce_mean([trial], kind="loss")
+        return float(trial)
+
     # -------------------------------------------------------------------- hooks
     def evaluate(self, objective: Objective) -> tuple[Tensor, Tensor]:
         """Loss and flat gradient at the current parameters. Default: the closure (fills
@@ -171,7 +262,12 @@ class ModelwiseOptimizer(GuardedStep, Optimizer, ABC):
         objective = require_objective(closure, type(self).__name__)
         self.check_hyperparameters(self.param_groups[0])
         state = self.global_state
-        loss, grad = self.evaluate(objective)
+        if self._comm.is_distributed and is_ddp(objective.model):
+            raise ValueError(
+                f"model: {type(self).__name__} averages gradients and curvature products over "
+                "ranks itself; give it the plain per-rank model, not a DistributedDataParallel"
+            )
+        loss, grad = self._mean_loss_and_gradient(*self.evaluate(objective))
         if not torch.isfinite(loss) or not bool(torch.isfinite(grad).all()):
             return self._skip(loss, "non-finite loss or gradient")
         try:
@@ -184,7 +280,9 @@ class ModelwiseOptimizer(GuardedStep, Optimizer, ABC):
         trial = None
         if self.uses_trial_loss:
             point = proposal.step if proposal.trial_step is None else proposal.trial_step
-            trial = float(objective.loss_at(self.trial_parameters(objective, point)))
+            trial = self._mean_trial_loss(
+                objective.loss_at(self.trial_parameters(objective, point))
+            )
             predicted = proposal.predicted_reduction
             if not math.isfinite(trial):
                 rho = -math.inf

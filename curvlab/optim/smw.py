@@ -204,6 +204,14 @@ class _SubsampledLM(ModelwiseOptimizer):
         finally:
             self._gradient_capture = None  # the records of this step's gradient pass
 
+    def check_data_parallel(self) -> None:
+        """The N2×N2 Gram matrix couples the examples of every rank: not data-parallel."""
+        raise ValueError(
+            f"{type(self).__name__}: the Sherman-Morrison-Woodbury solve needs the N2×N2 Gram "
+            "matrix of per-example Jacobians across all ranks (an all-gather of per-example "
+            "quantities), which curvlab does not implement; train it in one process"
+        )
+
     def evaluate(self, objective: Objective) -> tuple[Tensor, Tensor]:
         """Line 4: loss and g_t on S1 by the closure. NG: the same pass also records what D_t
         needs (§5.3.3: "all the vectors needed have been computed when doing backpropagation

@@ -59,12 +59,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from curvlab.optim.validation import check_choice, check_int, check_range
 
-__all__ = ["SecondStage", "TwoStage"]
+__all__ = ["DataParallelSGD", "SecondStage", "TwoStage"]
 
 #: A pre-built optimizer, or a factory called with the first stage's groups at the switch.
 SecondStage = Optimizer | Callable[[list[dict[str, Any]]], Optimizer]
@@ -315,3 +316,33 @@ class TwoStage(Optimizer):
             self.schedule[k] = state_dict[k]
         switch = state_dict["switch"]
         self.schedule["switch"] = None if switch is None else dict(switch)
+
+
+class DataParallelSGD(torch.optim.SGD):
+    """Plain SGD (no momentum) as the second stage of a data-parallel `TwoStage`: the
+    closure, then the loss and gradients averaged over ranks by ``synchronize`` (the first
+    stage's ``synchronize_gradients``; it averages only the loss with a DDP model), then SGD.
+
+    Args:
+        groups: the parameter groups handed to a second-stage factory.
+        synchronize: ``loss ↦ mean loss`` that also averages the ``.grad`` of every rank.
+        lr: the step size (default: the first group's ``lr``).
+    """
+
+    def __init__(
+        self,
+        groups: list[dict[str, Any]],
+        synchronize: Callable[[Tensor | None], Tensor | None],
+        lr: float | None = None,
+    ) -> None:
+        super().__init__(groups, lr=groups[0]["lr"] if lr is None else lr, momentum=0.0)
+        self._synchronize = synchronize
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        loss = self._synchronize(None if loss is None else torch.as_tensor(loss))
+        super().step()
+        return loss

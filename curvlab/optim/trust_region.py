@@ -77,7 +77,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from curvlab.autodiff import CurvatureOperator, curvature_operator
+from curvlab.autodiff import CurvatureOperator
 from curvlab.objective import Objective
 from curvlab.optim.control import RHO_GUARD, scaled_model_decrease, trust_region_update
 from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal, has_stateful_forward
@@ -234,7 +234,7 @@ class AdaptiveNormNewton(ModelwiseOptimizer):
 
     def _build_operator(self, objective: Objective, group: dict[str, Any]) -> CurvatureOperator:
         """Line 3: B_t as products on this mini-batch (exact Hessian or GGN), built once."""
-        return curvature_operator(objective, self.params, group["curvature"])
+        return self.curvature_operator(objective, group["curvature"])
 
     def _count(self, products: int, iterations: int) -> None:
         state = self.global_state

@@ -70,7 +70,7 @@ from curvlab.curvature.hooks import Capture, captured_gradient_pass
 from curvlab.distributed import Communicator, Mode
 from curvlab.objective import Objective
 from curvlab.optim.base import LayerwiseOptimizer, require_objective
-from curvlab.optim.switching import TwoStage
+from curvlab.optim.switching import DataParallelSGD, TwoStage
 from curvlab.optim.validation import check_choice, check_int, check_range
 
 __all__ = ["TSOALRA", "TSOALRAFirstStage"]
@@ -230,28 +230,6 @@ def _plain_sgd(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.0)
 
 
-class _DataParallelSGD(torch.optim.SGD):
-    """Eq. 1 in a data-parallel run: the closure, gradients averaged over ranks by the first
-    stage's `synchronize_gradients` (a no-op with a DDP model, but for the loss), then SGD."""
-
-    def __init__(
-        self,
-        groups: list[dict[str, Any]],
-        synchronize: Callable[[Tensor | None], Tensor | None],
-    ) -> None:
-        super().__init__(groups, lr=groups[0]["lr"], momentum=0.0)
-        self._synchronize = synchronize
-
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        loss = self._synchronize(None if loss is None else torch.as_tensor(loss))
-        super().step()
-        return loss
-
-
 class TSOALRA(TwoStage):
     """TSO-ALRA ([P1] Alg 1): `TSOALRAFirstStage` until the switch, then plain SGD (eq. 1).
 
@@ -319,6 +297,9 @@ class TSOALRA(TwoStage):
         )
         self.model = model
 
+    #: `curvlab bench --nproc`: as the layer-wise methods (its first stage is one).
+    data_parallel = "layer-wise"
+
     def distribute(
         self,
         communicator: Communicator | None = None,
@@ -333,7 +314,7 @@ class TSOALRA(TwoStage):
         if self.second is not None:
             raise ValueError("distribute: call it before the switch to the SGD stage")
         self.first.distribute(communicator, mode=mode, average_gradients=average_gradients)
-        self._factory = partial(_DataParallelSGD, synchronize=self.first.synchronize_gradients)
+        self._factory = partial(DataParallelSGD, synchronize=self.first.synchronize_gradients)
         return self
 
 

@@ -21,7 +21,7 @@ STEPS = 4
 
 def _runs(comm: Communicator) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name, mode in (("kfac-ef", "preconditioned"), ("sgd-m", "")):
+    for name, mode in (("kfac-ef", "preconditioned"), ("sgd-m", ""), ("efficient-tr", "")):
         record = run(
             "synthetic-mlp",
             name,
@@ -42,7 +42,7 @@ def ranks() -> list[dict[str, Any]]:
     return spawn(_runs, 2, timeout_s=240.0, comm_timeout_s=60.0)
 
 
-@pytest.mark.parametrize("key", ["kfac-ef/preconditioned", "sgd-m/"])
+@pytest.mark.parametrize("key", ["kfac-ef/preconditioned", "sgd-m/", "efficient-tr/"])
 def test_two_ranks_follow_the_single_process_run(ranks: list[dict[str, Any]], key: str) -> None:
     name = key.split("/")[0]
     single = run("synthetic-mlp", name, budget=Budget(steps=STEPS)).to_dict()
@@ -71,8 +71,18 @@ def test_the_record_reports_bytes_per_step(ranks: list[dict[str, Any]]) -> None:
     assert ddp["gradients"]["calls_per_step"] >= 1.0  # DDP's all-reduce, counted by its hook
 
 
-def test_model_wide_methods_are_refused(ranks: list[dict[str, Any]]) -> None:
-    assert "does not support data-parallel runs" in ranks[0]["refused"]
+def test_model_wide_traffic_is_gradients_products_and_trial_losses(
+    ranks: list[dict[str, Any]],
+) -> None:
+    kinds = ranks[0]["efficient-tr/"]["summary"]["comm"]["by_kind"]
+    assert set(kinds) == {"gradients", "products", "loss"}
+    assert kinds["gradients"]["calls_per_step"] == 1.0
+    assert kinds["loss"]["calls_per_step"] == 1.0
+    assert kinds["products"]["calls_per_step"] >= 1.0
+
+
+def test_smw_is_refused_with_the_reason(ranks: list[dict[str, Any]]) -> None:
+    assert "Gram matrix" in ranks[0]["refused"]
 
 
 @pytest.mark.slow
