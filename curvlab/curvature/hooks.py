@@ -3,15 +3,18 @@
 `capture(layers)` is a context manager. Inside it, each forward call of a captured layer
 
 * records the layer input (a forward *pre*-hook, before anything can modify it);
-* returns ``h + z`` instead of the layer output h, with ``z`` a zero scalar leaf ("probe"),
-  and registers a tensor hook on that returned tensor that records ∂loss/∂h.
+* registers a tensor hook on the layer output h that records ∂loss/∂h, and keeps h's
+  *gradient edge* (`torch.autograd.graph.get_gradient_edge`).
 
-Why the probe: (1) in-place activations (``ReLU(inplace=True)``) then modify ``h + z``, not a
-tensor we hold, and a tensor hook registered before an in-place change still receives the
-gradient of the value before the change; (2) `Capture.backward_to_outputs` can backpropagate
-another loss (e.g. with sampled labels) by asking autograd for the gradients of the probes
-only: the engine then computes the layers' output gradients and skips every weight gradient.
-The cost is one element-wise add per layer call.
+Why this works with in-place activations (``ReLU(inplace=True)``): a tensor hook registered
+before an in-place change receives the gradient of the value before the change, and the edge
+names that value, not the tensor object that the in-place op rewires. `Capture.
+backward_to_outputs` backpropagates another loss (e.g. with sampled labels) to the edges only:
+the engine then computes the layers' output gradients and skips every weight gradient.
+
+An output that does not require grad (a frozen layer on data) gets a zero scalar leaf added
+("probe", ``h + z``) so that its gradient exists; an earlier version did this for every layer,
+which cost an element-wise add per layer call and a reduction (z's gradient) per backward.
 
 Gradients are stored per *phase* (e.g. ``"loss"`` and ``"sampled"``), so one forward pass can
 serve two backward passes. Layers called several times in one forward pass (shared layers)
@@ -32,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
 from curvlab.curvature.layers import KroneckerLayer
@@ -59,16 +63,20 @@ class Capture:
     def __init__(self, layers: Mapping[str, KroneckerLayer]) -> None:
         self.records: dict[str, LayerRecord] = {name: LayerRecord() for name in layers}
         self.phase = "loss"
-        self._probes: list[Tensor] = []
+        #: where `backward_to_outputs` stops: the outputs' gradient edges (or probes). Cleared
+        #: when the context exits: an edge holds its graph node, whose hook holds this object.
+        self._targets: list[Any] = []
+        self._closed = False
 
     def __getitem__(self, name: str) -> LayerRecord:
         return self.records[name]
 
     def backward_to_outputs(self, loss: Tensor, *, retain_graph: bool = True) -> None:
         """Backpropagate ``loss`` to the captured layers' outputs only (no weight gradients)."""
-        probes = [p for p in self._probes if p.requires_grad]
-        if probes:
-            torch.autograd.grad(loss, probes, retain_graph=retain_graph, allow_unused=True)
+        if self._closed:
+            raise RuntimeError("backward_to_outputs: call it inside the capture's with body")
+        if self._targets:
+            torch.autograd.grad(loss, self._targets, retain_graph=retain_graph, allow_unused=True)
 
     # -------------------------------------------------------------------- hooks
     def _pre_hook(self, name: str, dtype: torch.dtype) -> Any:
@@ -80,9 +88,15 @@ class Capture:
     def _forward_hook(self, name: str, dtype: torch.dtype) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
             call = len(self.records[name].inputs) - 1
-            probe = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
-            self._probes.append(probe)
-            out = output + probe
+            out = output
+            if output.requires_grad:
+                self._targets.append(get_gradient_edge(output))
+            else:  # a frozen layer on data: a probe makes its output gradient exist
+                probe = torch.zeros(
+                    (), dtype=output.dtype, device=output.device, requires_grad=True
+                )
+                self._targets.append(probe)
+                out = output + probe
 
             def grad_hook(grad: Tensor) -> None:
                 grads = self.records[name].grads.setdefault(self.phase, {})
@@ -116,6 +130,8 @@ def capture(layers: Mapping[str, KroneckerLayer]) -> Iterator[Capture]:
     finally:
         for handle in handles:
             handle.remove()
+        cap._targets.clear()  # no reference cycle through the graph outlives the body
+        cap._closed = True
 
 
 def captured_gradient_pass(

@@ -47,8 +47,8 @@ Implementation notes:
   gradients), with BatchNorm buffers restored (thesis A18). When every layer has a bias of
   its own, Σ_{n,t} ∂L/∂h_t(n) *is* the bias gradient: the inputs are recorded by forward
   pre-hooks alone, the first pass reads ``b.grad`` and the second asks autograd for the bias
-  gradients; otherwise `curvlab.curvature.hooks.capture` records ∂L/∂h (its output probes
-  cost an element-wise add and a reduction per layer output and pass).
+  gradients; otherwise `curvlab.curvature.hooks.capture` records ∂L/∂h (a tensor hook per
+  layer output, and the whole ∂L/∂h kept until it is summed).
 * h̄ is not recorded: by linearity ``mean_{n,t} h_t = W · mean_{n,t} ā_t``, computed with the
   weights of that pass (one matrix–vector product); for conv layers the mean patch is the
   unfold of the batch-summed input.
@@ -178,8 +178,7 @@ _Recorded = dict[str, tuple[list[Tensor], Tensor]]
 def _recorded_inputs(layers: Mapping[str, KroneckerLayer]) -> Iterator[dict[str, list[Tensor]]]:
     """Each layer's inputs in the forward passes inside the ``with`` body, in its weight's
     dtype (mixed precision), by forward pre-hooks: `curvlab.curvature.hooks.capture` without
-    the output probes (an element-wise add and a reduction per layer output), for passes whose
-    output-gradient sums come from the bias gradients."""
+    the output hooks, for passes whose output-gradient sums come from the bias gradients."""
     inputs: dict[str, list[Tensor]] = {name: [] for name in layers}
 
     def pre_hook(name: str, dtype: torch.dtype) -> Callable[[nn.Module, tuple[Any, ...]], None]:

@@ -97,3 +97,33 @@ def test_hooks_removed_when_body_raises() -> None:
     assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks
     out = model(torch.randn(1, 2))
     assert out.shape == (1, 2)
+
+
+def test_outputs_pass_through_unchanged_and_a_frozen_layer_still_gets_its_gradient() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).double()
+    layers = find_layers(model)
+    model[0].requires_grad_(False)  # frozen after: its output on data needs a probe
+    x = torch.randn(6, 4, dtype=torch.float64)
+    seen: list[torch.Tensor] = []
+    handle = model[2].register_forward_hook(lambda m, a, out: seen.append(out))
+    with capture(layers) as cap:
+        out = model(x)
+        cap.phase = "outputs"
+        cap.backward_to_outputs((out**2).sum())
+    handle.remove()
+    assert seen[0] is out  # no extra op on an output that requires grad
+    name = "0"
+    assert len(cap[name].output_grads("outputs")) == 1
+    # ∂L/∂h₀ by hand: h₁ = W₂ relu(h₀) + b₂, L = Σ h₁².
+    h0 = model[0](x)
+    expected = (2 * out.detach() @ model[2].weight) * (h0 > 0)
+    torch.testing.assert_close(cap[name].output_grads("outputs")[0], expected)
+
+
+def test_backward_to_outputs_after_the_context_exits_raises() -> None:
+    model = nn.Sequential(nn.Linear(2, 2)).double()
+    with capture(find_layers(model)) as cap:
+        out = model(torch.randn(3, 2, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="inside the capture"):
+        cap.backward_to_outputs(out.sum())
