@@ -63,11 +63,24 @@ def _gram_blocked(X: Tensor, scale: float, b: int, out: Tensor) -> Tensor:
         torch.addmm(block, Xt[i:e], X[:, i:], beta=0.0, alpha=scale, out=block)
         if e < d:
             out[e:, i:e] = out[i:e, e:].t()
-    for i in starts:
-        e = min(i + b, d)
-        diag = out[i:e, i:e]
-        diag.copy_(torch.add(diag, diag.t()).mul_(0.5))
+    _symmetrise_diagonal_blocks(out, b)
     return out
+
+
+def _symmetrise_diagonal_blocks(out: Tensor, b: int) -> None:
+    """``D ← (D + Dᵀ)/2`` for the (b, b) diagonal blocks of ``out`` and its smaller last one:
+    the full blocks as one strided batch (two ops instead of five per block)."""
+    d = out.shape[0]
+    full = d // b
+    rows, cols = out.stride()
+    if full:
+        blocks = out.as_strided(
+            (full, b, b), (b * (rows + cols), rows, cols), storage_offset=out.storage_offset()
+        )
+        blocks.copy_(torch.add(blocks, blocks.transpose(1, 2)).mul_(0.5))
+    if full * b < d:
+        tail = out[full * b :, full * b :]
+        tail.copy_(torch.add(tail, tail.t()).mul_(0.5))
 
 
 def gram(X: Tensor, scale: float = 1.0, *, out: Tensor | None = None) -> Tensor:
