@@ -30,7 +30,7 @@ from curvlab.curvature.hooks import Capture
 from curvlab.curvature.layers import KroneckerLayer
 from curvlab.linalg import gram
 
-__all__ = ["input_factor", "layer_factors", "output_factor"]
+__all__ = ["FactorBuffers", "input_factor", "layer_factors", "output_factor"]
 
 
 def _homogeneous_gram(rows: Tensor, scale: float, out: Tensor | None) -> Tensor:
@@ -102,3 +102,29 @@ def layer_factors(
             output_factor(layer, grads, batch_size, loss_scale, out=G_out),
         )
     return factors
+
+
+class FactorBuffers:
+    """Reused (d_a, d_a) and (d_out, d_out) outputs per layer for `layer_factors` (see the
+    module docstring on reuse), in the parameters' dtype (the captured rows are upcast to it
+    under mixed precision, `curvlab.curvature.hooks`).
+
+    The factors returned through these buffers are overwritten by the next call: a caller
+    that keeps them (an EMA's first value) must copy them, as `KroneckerBlock.update` does.
+    """
+
+    def __init__(self, layers: Mapping[str, KroneckerLayer]) -> None:
+        self._layers = layers
+        self._buffers: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def __call__(self, name: str, like: Tensor) -> tuple[Tensor, Tensor]:
+        layer = self._layers[name]
+        dtype = layer.weight.dtype
+        buffers = self._buffers.get(name)
+        if buffers is None or buffers[0].dtype != dtype or buffers[0].device != like.device:
+            buffers = (
+                like.new_empty(layer.d_a, layer.d_a, dtype=dtype),
+                like.new_empty(layer.d_out, layer.d_out, dtype=dtype),
+            )
+            self._buffers[name] = buffers
+        return buffers

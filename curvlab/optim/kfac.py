@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.curvature.blocks import KroneckerBlock
-from curvlab.curvature.factors import layer_factors
+from curvlab.curvature.factors import FactorBuffers, layer_factors
 from curvlab.curvature.hooks import Capture, capture, captured_gradient_pass
 from curvlab.linalg import all_finite
 from curvlab.objective import Objective, preserved_buffers
@@ -120,7 +120,7 @@ class KFAC(LayerwiseOptimizer):
         self.blocks = {name: KroneckerBlock(layer) for name, layer in self.layers.items()}
         # Reused output buffers of the factor products (a cache, not state: every use
         # overwrites them before they are read; see curvlab.curvature.factors).
-        self._buffers: dict[str, tuple[Tensor, Tensor]] = {}
+        self._factor_buffers = FactorBuffers(self.layers)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -247,20 +247,6 @@ class KFAC(LayerwiseOptimizer):
         phase = "sampled" if self.fisher == "true" else "loss"
         m, scale = objective.batch_size, objective.loss_scale(outputs)
         return layer_factors(self.layers, cap, phase, m, scale, self._factor_buffers)
-
-    def _factor_buffers(self, name: str, like: Tensor) -> tuple[Tensor, Tensor]:
-        """Reused (d_a, d_a), (d_out, d_out) outputs, in the parameters' dtype (the captured
-        rows are upcast to it under mixed precision, `curvlab.curvature.hooks`)."""
-        layer = self.layers[name]
-        dtype = layer.weight.dtype
-        buffers = self._buffers.get(name)
-        if buffers is None or buffers[0].dtype != dtype or buffers[0].device != like.device:
-            buffers = (
-                like.new_empty(layer.d_a, layer.d_a, dtype=dtype),
-                like.new_empty(layer.d_out, layer.d_out, dtype=dtype),
-            )
-            self._buffers[name] = buffers
-        return buffers
 
     def _update_factors(self, factors: Factors) -> None:
         """Alg 12 line 14: Ω ← βΩ + (1−β)Ω_new, Γ ← βΓ + (1−β)Γ_new."""

@@ -65,7 +65,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.curvature.blocks import KroneckerBlock
-from curvlab.curvature.factors import layer_factors
+from curvlab.curvature.factors import FactorBuffers, layer_factors
 from curvlab.curvature.hooks import Capture, captured_gradient_pass
 from curvlab.distributed import Communicator, Mode
 from curvlab.objective import Objective
@@ -133,6 +133,7 @@ class TSOALRAFirstStage(LayerwiseOptimizer):
         self.init = check_choice("init", init, ("identity", "first_batch"))
         super().__init__(model, defaults, params=params, momentum_style="heavy_ball")
         self.blocks = {name: _EpsDampedBlock(layer, root=2) for name, layer in self.layers.items()}
+        self._factor_buffers = FactorBuffers(self.layers)  # a cache, not state (as K-FAC's)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -222,7 +223,7 @@ class TSOALRAFirstStage(LayerwiseOptimizer):
         """E_n[ā āᵀ] and E_n[β βᵀ] of this batch per layer (the bracketed terms of eq. 14)."""
         phase = "sampled" if self.fisher == "true" else "loss"
         m, scale = objective.batch_size, objective.loss_scale(outputs)
-        return layer_factors(self.layers, cap, phase, m, scale)
+        return layer_factors(self.layers, cap, phase, m, scale, self._factor_buffers)
 
 
 def _plain_sgd(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
