@@ -370,6 +370,10 @@ class EDF(ModelwiseOptimizer):
         k = int(group["order"])
         g_norm = float(torch.linalg.vector_norm(grad))
         lam = edf_damping(g_norm, group["damping_scale"], group["damping_power"])  # line 1
+        if not math.isfinite(lam):
+            # Deviation: skip (nothing changes). ‖g‖ overflowed (finite entries, e.g. a
+            # diverging run) and λ = a‖g‖^b with it: the damped system is undefined.
+            raise SkipStep(f"non-finite damping λ = a‖g‖^b (‖g‖ = {g_norm})")
         if self._operator is None:  # the closure gave loss and g (stateful training pass)
             self._operator = self._build_operator(objective)
         result, matvecs = self._direction(self._operator, grad, k, lam)

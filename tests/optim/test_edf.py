@@ -329,6 +329,22 @@ def test_non_finite_direction_skips_the_step_and_keeps_momentum(monkeypatch: Any
     assert opt.global_state["skipped_steps"] == 1
 
 
+@pytest.mark.parametrize("order", [1, 10])
+def test_overflowing_gradient_norm_skips_the_step(order: int) -> None:
+    # float32 gradient entries of 1e37 are finite, their norm is not: λ = a‖g‖^b overflows
+    # (found by `curvlab reproduce edf`, a diverging full-batch run with k = 10).
+    model = nn.Linear(1000, 1, bias=False)
+    nn.init.constant_(model.weight, 1e-3)
+    x = torch.full((1, 1000), 1e37)
+    opt = EDF(model, lr=0.5, order=order)
+    before = model.weight.detach().clone()
+    loss = opt.step(Objective(model, lambda out, _: out.sum(), x, torch.zeros(1)))
+    assert torch.isfinite(loss)
+    assert opt.last_step_info["skipped"] is True
+    assert "damping" in opt.last_step_info["reason"]
+    assert torch.equal(model.weight, before)
+
+
 def test_plain_closure_is_a_type_error() -> None:
     model, loss_fn, x, y = _problem("mse")
     opt = EDF(model)

@@ -393,6 +393,7 @@ def sections(ctx: Context) -> list[Section]:
                             )
                             for r in done
                         ],
+                        clip_blowups=True,
                     ),
                     Panel(
                         "training time (s)",
@@ -406,6 +407,7 @@ def sections(ctx: Context) -> list[Section]:
                             )
                             for r in done
                         ],
+                        clip_blowups=True,
                     ),
                 ],
             ),

@@ -73,6 +73,10 @@ class Panel:
     logx: bool = False
     vlines: Sequence[float] = field(default_factory=tuple)
     title: str = ""
+    #: a loss panel: clip the axis at 3× the largest starting value when a run blew up past
+    #: it (one diverged run would otherwise squash every other curve; the tables have the
+    #: numbers).
+    clip_blowups: bool = False
 
 
 def _pyplot() -> Any:
@@ -87,6 +91,19 @@ def _pyplot() -> Any:
 def _spans(values: Sequence[float]) -> bool:
     vals = [v for v in values if math.isfinite(v)]
     return bool(vals) and min(vals) > 0 and max(vals) / min(vals) > 5.0
+
+
+def _clip_top(panel: Panel) -> float | None:
+    """3× the largest first finite value of the panel's series, if some value exceeds it."""
+    if not panel.clip_blowups:
+        return None
+    starts = [next((float(v) for v in s.y if math.isfinite(v)), math.nan) for s in panel.series]
+    finite = [v for v in starts if math.isfinite(v) and v > 0]
+    if not finite:
+        return None
+    top = 3.0 * max(finite)
+    values = (float(v) for s in panel.series for v in s.y)
+    return top if any(v > top for v in values) else None
 
 
 def plot_panels(path: Path, title: str, panels: Sequence[Panel]) -> Path:
@@ -114,16 +131,27 @@ def plot_panels(path: Path, title: str, panels: Sequence[Panel]) -> Path:
             )
             seen.add(s.label)
             ys.extend(float(v) for v in s.y)
+        top = _clip_top(panel)
+        if top is not None:
+            ys = [v for v in ys if v <= top]
         if panel.logy or (panel.logy is None and _spans(ys)):
             ax.set_yscale("log")
+        if top is not None:  # autoscaling saw the blown-up values: set both ends
+            low = min((v for v in ys if math.isfinite(v)), default=0.0)
+            log = ax.get_yscale() == "log"
+            ax.set_ylim(bottom=low / 1.2 if log else low - 0.05 * (top - low), top=top)
         if panel.logx:
             ax.set_xscale("log", base=2)
         for v in panel.vlines:
             ax.axvline(v, color="grey", linestyle=":", linewidth=1)
         ax.set_xlabel(panel.xlabel)
         ax.set_ylabel(panel.ylabel)
-        if panel.title:
-            ax.set_title(panel.title, fontsize="medium")
+        title_text = panel.title
+        if top is not None:
+            note = "runs above the axis blew up (see the tables)"
+            title_text = f"{title_text}\n{note}" if title_text else note
+        if title_text:
+            ax.set_title(title_text, fontsize="medium" if top is None else "small")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize="small")
     fig.suptitle(title)
@@ -159,12 +187,12 @@ def plot_records(
     """Training loss (full training set) against each of ``axes``; with ``test_panel`` (its
     y label) a last panel of the test metric against epochs."""
     panels = [
-        Panel(xlabel, "training loss (full set)", record_series(records, x)) for x, xlabel in axes
+        Panel(xlabel, "training loss (full set)", record_series(records, x), clip_blowups=True)
+        for x, xlabel in axes
     ]
     if test_panel:
-        panels.append(
-            Panel("epoch", test_panel, record_series(records, "epoch", lambda e: e.test_metric))
-        )
+        series = record_series(records, "epoch", lambda e: e.test_metric)
+        panels.append(Panel("epoch", test_panel, series, clip_blowups="loss" in test_panel))
     return plot_panels(path, title, panels)
 
 
@@ -190,8 +218,10 @@ def plot_heatmap(
     ax.set_yticks(range(len(ylabels)), list(ylabels))
     for i, row in enumerate(values):
         for j, v in enumerate(row):
-            text = f"{v:.3g}" if math.isfinite(v) else "div."
-            ax.text(j, i, text, ha="center", va="center", color="w", fontsize="small")
+            finite = math.isfinite(v)  # a non-finite cell is blank: dark text on it
+            text = f"{v:.3g}" if finite else "diverged"
+            color = "w" if finite else "0.25"
+            ax.text(j, i, text, ha="center", va="center", color=color, fontsize="small")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     fig.colorbar(im, ax=ax, label=cbar)
