@@ -366,18 +366,20 @@ def _time_to(rec: RunRecord, target: float) -> float:
 def _time_verdict(ctx: Context) -> Verdict:
     grid = _grid(ctx)
     tnt, sgd = grid.records(ctx, "cnn", "TNT"), grid.records(ctx, "cnn", "SGD-m")
-    target = min(
-        mean_std(best_accuracy(r) for r in tnt)[0], mean_std(best_accuracy(r) for r in sgd)[0]
-    )
+    if not tnt or not sgd:
+        raise MissingResult("TNT or SGD-m has no runs")
+    # The accuracy that every run of both methods reaches (a mean over seeds as the target
+    # would leave a seed below it with an infinite time).
+    target = min(best_accuracy(r) for r in [*tnt, *sgd])
     t_tnt = statistics.fmean(_time_to(r, target) for r in tnt)
     t_sgd = statistics.fmean(_time_to(r, target) for r in sgd)
     ratio = t_sgd / t_tnt if t_tnt > 0 else math.nan
     return held_if(
         ratio > 1.0,
         f"to {target:.2f} % accuracy: TNT {t_tnt:.1f} s, SGD-m {t_sgd:.1f} s "
-        f"(SGD-m/TNT = {ratio:.2f})",
-        "training time (steps only) until the test accuracy first reaches the lower of the two "
-        "methods' best accuracies; held when TNT needs less",
+        f"(SGD-m/TNT = {ratio:.2f}; mean over seeds)",
+        "training time (steps only) until the test accuracy first reaches the lowest best "
+        "accuracy of all TNT and SGD-m runs; held when TNT needs less on average",
     )
 
 
