@@ -81,6 +81,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.hooks import RemovableHandle
 
+from curvlab.curvature.factors import FactorBuffers
 from curvlab.curvature.layers import find_layers
 from curvlab.curvature.tensor_blocks import tensor_shape
 from curvlab.linalg import damped_inverse, damped_inverse_root
@@ -857,6 +858,8 @@ def _tensors(value: Any) -> Iterable[Tensor]:
     elif isinstance(value, list | tuple):
         for v in value:
             yield from _tensors(v)
+    elif isinstance(value, FactorBuffers):
+        yield from value.tensors()
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -196,6 +196,12 @@ def test_state_bytes_and_storage_formulas() -> None:
     )
     formula = storage_formula(lbfgs, geo)
     assert formula is not None and formula.elements == sum((n + 1) ** 2 + 2 * d for n, d in LAYERS)
+    # K-FAC: A, G, their inverses and the reused factor buffers (`FactorBuffers`), 3 × Σ
+    # (d_a² + d_out²), plus the true-Fisher sampler's generator state.
+    kfac = stepped(lambda m: KFAC(m, lr=1e-3))
+    factors = sum((n + 1) ** 2 + d * d for n, d in LAYERS)
+    sampler = kfac.state_dict()["state"][0]["sampler_state"].numel()
+    assert state_bytes(kfac) - state_bytes(sgd) == 4 * 3 * factors + sampler
     # TNT / Shampoo: statistics, preconditioners and the reused statistics buffers, Σ_i d_i²
     # each, per tensor (Table 4.1 counts Σ_i d_i² once).
     per_tensor = sum(d * d + n * n + d * d for n, d in LAYERS)
