@@ -124,7 +124,13 @@ from curvlab.linalg.bfgs import (
 )
 from curvlab.objective import Objective, preserved_buffers
 from curvlab.optim.base import LayerwiseOptimizer, MomentumStyle, require_objective
-from curvlab.optim.validation import check_choice, check_int, check_range
+from curvlab.optim.validation import (
+    LAYERWISE_RULES,
+    check_choice,
+    check_hyperparameters,
+    check_int,
+    check_range,
+)
 
 __all__ = ["KBFGS"]
 
@@ -909,25 +915,15 @@ class KBFGS(LayerwiseOptimizer):
 
 
 # ------------------------------------------------------------------------- helpers
-def _validated(
-    *,
-    lr: float,
-    damping: float,
-    momentum: float,
-    weight_decay: float,
-    ema_decay: float,
-    curvature_every: int,
-    mu1: float,
-) -> dict[str, Any]:
-    return {
-        "lr": check_range("lr", lr, 0.0),
-        "damping": check_range("damping", damping, 0.0, low_open=True),
-        "momentum": check_range("momentum", momentum, 0.0, 1.0, high_open=True),
-        "weight_decay": check_range("weight_decay", weight_decay, 0.0),
-        "ema_decay": check_range("ema_decay", ema_decay, 0.0, 1.0, high_open=True),
-        "curvature_every": check_int("curvature_every", curvature_every, 1),
-        "mu1": check_range("mu1", mu1, 0.0, 1.0, low_open=True, high_open=True),
-    }
+#: The shared layer-wise rules, plus DD's μ1 ∈ (0, 1) (thesis Alg 4).
+_RULES = {
+    **LAYERWISE_RULES,
+    "mu1": lambda n, v: check_range(n, v, 0.0, 1.0, low_open=True, high_open=True),
+}
+
+
+def _validated(**values: Any) -> dict[str, Any]:
+    return check_hyperparameters(values, _RULES)
 
 
 def _all_finite(total: float, tensors: list[Tensor]) -> bool:

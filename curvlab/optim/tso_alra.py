@@ -71,7 +71,12 @@ from curvlab.distributed import Communicator, Mode
 from curvlab.objective import Objective
 from curvlab.optim.base import LayerwiseOptimizer, require_objective
 from curvlab.optim.switching import DataParallelSGD, TwoStage
-from curvlab.optim.validation import check_choice, check_int, check_range
+from curvlab.optim.validation import (
+    LAYERWISE_RULES,
+    check_choice,
+    check_hyperparameters,
+    check_range,
+)
 
 __all__ = ["TSOALRA", "TSOALRAFirstStage"]
 
@@ -322,21 +327,14 @@ class TSOALRA(TwoStage):
 _HYPERPARAMETERS = ("lr", "ema_decay", "inverse_every", "eps", "momentum", "weight_decay")
 
 
-def _validated(
-    *,
-    lr: float,
-    ema_decay: float,
-    inverse_every: int,
-    eps: float,
-    momentum: float,
-    weight_decay: float,
-) -> dict[str, Any]:
-    return {
-        "lr": check_range("lr", lr, 0.0),
-        # γ = 1 − ema_decay ∈ [0, 1) ([P1] eqs. 17–18)
-        "ema_decay": check_range("ema_decay", ema_decay, 0.0, 1.0, low_open=True),
-        "inverse_every": check_int("inverse_every", inverse_every, 1),
-        "eps": check_range("eps", eps, 0.0, low_open=True),
-        "momentum": check_range("momentum", momentum, 0.0, 1.0, high_open=True),
-        "weight_decay": check_range("weight_decay", weight_decay, 0.0),
-    }
+#: The shared layer-wise rules, with [P1]'s ranges for γ = 1 − ema_decay ∈ [0, 1) (eqs.
+#: 17–18: ema_decay ∈ (0, 1]) and ε > 0.
+_RULES = {
+    **LAYERWISE_RULES,
+    "ema_decay": lambda n, v: check_range(n, v, 0.0, 1.0, low_open=True),
+    "eps": lambda n, v: check_range(n, v, 0.0, low_open=True),
+}
+
+
+def _validated(**values: Any) -> dict[str, Any]:
+    return check_hyperparameters(values, _RULES)
