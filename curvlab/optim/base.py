@@ -224,6 +224,13 @@ class GuardedStep:
         forward passes an optimizer builds itself), else the current state."""
         return autocast_state() if self._caller_autocast is None else self._caller_autocast
 
+    def withhold_update(self) -> int:
+        """Count an update withheld because a preconditioned direction was not finite
+        (`DataParallelMixin.precondition_blocks`); returns the running count."""
+        state: dict[str, Any] = self.global_state  # type: ignore[attr-defined]
+        state["withheld_updates"] = state.get("withheld_updates", 0) + 1
+        return int(state["withheld_updates"])
+
     def skip_step(self, loss: Tensor | None, reason: str) -> None:
         """Record a skipped step; parameters and curvature state stay untouched, and the
         label sampler is put back to its state at the start of the step."""
@@ -375,10 +382,22 @@ class DataParallelMixin:
         entries: Iterable[tuple[K, Tensor]],
         precondition: Callable[[K, Tensor], Tensor],
         apply: Callable[[K, Tensor], None],
-    ) -> None:
+    ) -> bool:
         """``apply(key, precondition(key, V))`` per block (by its owner in mode
-        ``"preconditioned"``, which broadcasts the result)."""
-        self._parallel.precondition(entries, precondition, apply)
+        ``"preconditioned"``, which broadcasts the result), once every direction is formed.
+
+        Returns False and applies nothing when a direction is not finite — a finite gradient
+        whose preconditioned direction overflows (e.g. entries ~1e37 under a 1/ε-scaled
+        preconditioner) — so the parameters keep their values. Every rank holds the same
+        directions, so every rank takes the same decision.
+        """
+        pending: list[tuple[K, Tensor]] = []
+        self._parallel.precondition(entries, precondition, lambda k, d: pending.append((k, d)))
+        if not all_finite([d for _, d in pending]):
+            return False
+        for key, direction in pending:
+            apply(key, direction)
+        return True
 
 
 class LayerwiseOptimizer(GuardedStep, DataParallelMixin, Optimizer):
@@ -510,7 +529,7 @@ class LayerwiseOptimizer(GuardedStep, DataParallelMixin, Optimizer):
         self,
         precondition: Callable[[str, Tensor], Tensor],
         fallback_group: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-    ) -> None:
+    ) -> bool:
         """Momentum on raw gradients, ``precondition(name, V)`` per layer, then the update.
 
         ``V`` is the layer's (momentum) gradient matrix (d_out, d_a) with the bias as last
@@ -519,6 +538,10 @@ class LayerwiseOptimizer(GuardedStep, DataParallelMixin, Optimizer):
         with the hyperparameters ``fallback_group(group)`` (default: the group's).
         In one process (and mode ``"inverses"``) layer by layer; in mode ``"preconditioned"``
         each layer's owner preconditions it (`precondition_blocks`).
+
+        Returns whether the update was applied: False when a preconditioned direction is not
+        finite, and then no parameter moves (the momentum and curvature state keep this
+        step's batch; the caller reports the withheld update).
         """
 
         def momentum_matrices() -> Iterable[tuple[str, Tensor]]:
@@ -537,7 +560,8 @@ class LayerwiseOptimizer(GuardedStep, DataParallelMixin, Optimizer):
             for p, d in zip(layer.params, layer.split(direction), strict=True):
                 self._apply(p, d, group)
 
-        self.precondition_blocks(momentum_matrices(), precondition, apply)
+        if not self.precondition_blocks(momentum_matrices(), precondition, apply):
+            return False  # a non-finite direction: no parameter moves (`precondition_blocks`)
         for p in self.fallback_params:
             if p.grad is None:
                 continue
@@ -545,3 +569,4 @@ class LayerwiseOptimizer(GuardedStep, DataParallelMixin, Optimizer):
             if fallback_group is not None:
                 group = fallback_group(group)
             self._apply(p, self._momentum(p, p.grad, group), group)
+        return True

@@ -552,7 +552,8 @@ class KBFGS(LayerwiseOptimizer):
             return group
 
         if self._parallel.shares_directions:
-            self.precondition_and_apply(self._precondition, fallback_group=fallback)
+            if not self.precondition_and_apply(self._precondition, fallback_group=fallback):
+                self.withhold_update()  # (the fused one-process path below has no such check)
             return
         for name, layer in self.layers.items():
             if layer.weight.grad is None:

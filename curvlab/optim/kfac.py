@@ -151,7 +151,9 @@ class KFAC(LayerwiseOptimizer):
         if before or not self._has_inverses():
             refreshed = self._refresh_if_due(k, force=not self._has_inverses())
         # Alg 12 lines 7–8: heavy-ball momentum on the raw gradient, then H_Γ D̂W H_Ω.
-        self.precondition_and_apply(self._precondition)
+        applied = self.precondition_and_apply(self._precondition)
+        if not applied:  # a non-finite direction: the parameters keep their values
+            self.withhold_update()
         updated = factors is not None
         if not before:  # Alg 12 lines 11–19, at the new parameters.
             if stats_due:
@@ -170,6 +172,7 @@ class KFAC(LayerwiseOptimizer):
             "loss": float(loss),
             "statistics_updated": updated,
             "inverses_refreshed": refreshed,
+            "update_applied": applied,
             "skipped_steps": self.global_state["skipped_steps"],
             "failed_refreshes": sum(
                 self.layer_state(n).get("failed_refreshes", 0) for n in self.layers

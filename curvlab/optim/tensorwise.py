@@ -251,13 +251,16 @@ class TensorwiseOptimizer(GuardedStep, DataParallelMixin, Optimizer):
             p = by_key[key]  # Alg 15 lines 19–20 / Alg 16 lines 15–16
             self._apply(p, direction, self.group_of(p))
 
-        self.precondition_blocks(momentum(), precondition, apply)
+        applied = self.precondition_blocks(momentum(), precondition, apply)
+        if not applied:  # a non-finite direction: the parameters keep their values
+            self.withhold_update()
         self.global_state["global_step"] = k
         self.last_step_info = {
             "skipped": False,
             "loss": None if loss is None else float(loss),
             "statistics_updated": bool(statistics),
             "inverses_refreshed": refreshed > 0,
+            "update_applied": applied,
             "failed_refreshes_this_step": failed,
             "skipped_steps": self.global_state["skipped_steps"],
             "failed_refreshes": sum(self.state[p].get("failed_refreshes", 0) for p in self.params),

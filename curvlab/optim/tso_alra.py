@@ -174,12 +174,15 @@ class TSOALRAFirstStage(LayerwiseOptimizer):
         refreshed = False
         if t % self.param_groups[0]["inverse_every"] == 0 or bootstrap:  # lines 4–7
             refreshed = self._refresh()
-        self.precondition_and_apply(self._precondition)  # line 8: eq. 16
+        applied = self.precondition_and_apply(self._precondition)  # line 8: eq. 16
+        if not applied:  # a non-finite direction: the parameters keep their values
+            self.withhold_update()
         self.global_state["global_step"] = t
         self.last_step_info = {
             "skipped": False,
             "loss": float(loss),
             "roots_refreshed": refreshed,
+            "update_applied": applied,
             "root_refreshes": self.global_state.get("root_refreshes", 0),
             "skipped_steps": self.global_state["skipped_steps"],
             "failed_refreshes": sum(
