@@ -562,6 +562,15 @@ class LayerwiseOptimizer(GuardedStep, DataParallelMixin, Optimizer):
 
         if not self.precondition_blocks(momentum_matrices(), precondition, apply):
             return False  # a non-finite direction: no parameter moves (`precondition_blocks`)
+        self.apply_fallback(fallback_group)
+        return True
+
+    def apply_fallback(
+        self, fallback_group: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    ) -> None:
+        """The parameters outside supported layers (e.g. BatchNorm): the momentum gradient as
+        their direction, with the hyperparameters ``fallback_group(group)`` (default: the
+        group's)."""
         for p in self.fallback_params:
             if p.grad is None:
                 continue
@@ -569,4 +578,3 @@ class LayerwiseOptimizer(GuardedStep, DataParallelMixin, Optimizer):
             if fallback_group is not None:
                 group = fallback_group(group)
             self._apply(p, self._momentum(p, p.grad, group), group)
-        return True

@@ -564,11 +564,7 @@ class KBFGS(LayerwiseOptimizer):
                 for p in layer.params
             ]
             self._precondition_parts(name, momenta, group)
-        # As `LayerwiseOptimizer.precondition_and_apply`: the fallback update.
-        for p in self.fallback_params:
-            if p.grad is not None:
-                group = fallback(self.param_groups[self._group_of[id(p)]])
-                self._apply(p, self._momentum(p, p.grad, group), group)
+        self.apply_fallback(fallback)
 
     def _precondition_parts(self, name: str, momenta: list[Tensor], group: dict[str, Any]) -> None:
         """Alg 9 lines 9–10 for one layer from its weight (and bias) momentum.
