@@ -224,6 +224,25 @@ class GuardedStep:
         forward passes an optimizer builds itself), else the current state."""
         return autocast_state() if self._caller_autocast is None else self._caller_autocast
 
+    def batch_objective(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        inputs: Tensor,
+        targets: Tensor,
+        batch_average: bool,
+    ) -> Objective:
+        """An `Objective` for a pass the optimizer makes itself (a warm start's batches), in
+        the caller's precision."""
+        return Objective(
+            model,
+            loss_fn,
+            inputs,
+            targets,
+            batch_average=batch_average,
+            autocast=self.caller_autocast_state(),
+        )
+
     def withhold_update(self) -> int:
         """Count an update withheld because a preconditioned direction was not finite
         (`DataParallelMixin.precondition_blocks`); returns the running count."""

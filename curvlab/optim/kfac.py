@@ -269,14 +269,7 @@ class KFAC(LayerwiseOptimizer):
         sums: dict[str, list[Tensor]] = {}
         count = 0
         for inputs, targets in batches:
-            objective = Objective(
-                self.model,
-                loss_fn,
-                inputs,
-                targets,
-                batch_average=batch_average,
-                autocast=self.caller_autocast_state(),  # the caller's precision
-            )
+            objective = self.batch_objective(self.model, loss_fn, inputs, targets, batch_average)
             factors = self._statistics_pass(objective)
             if not _factors_finite(factors):
                 continue

@@ -350,14 +350,7 @@ class TensorwiseOptimizer(GuardedStep, DataParallelMixin, Optimizer):
         count = 0
         params = [p for p in self.params if p.requires_grad]
         for inputs, targets in batches:
-            objective = Objective(
-                self.model,
-                loss_fn,
-                inputs,
-                targets,
-                batch_average=batch_average,
-                autocast=self.caller_autocast_state(),  # the caller's precision
-            )
+            objective = self.batch_objective(self.model, loss_fn, inputs, targets, batch_average)
             with preserved_buffers(self.model), torch.enable_grad():
                 outputs, loss = objective.forward()
                 mean = self.parallel.synchronize_gradients(loss.detach(), ())  # over ranks
