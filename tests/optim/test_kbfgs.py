@@ -592,9 +592,9 @@ def test_conformance_lr_scheduler_is_respected(kwargs: dict) -> None:
         assert torch.equal(p, q)
 
 
-def test_pair_whose_bfgs_correction_overflows_is_skipped_not_applied() -> None:
+def _run_overflowing_case(**options: Any) -> tuple[KBFGS, nn.Module]:
     """Found by fuzzing: BatchNorm over one unit with two examples makes the first layer's
-    output gradient ~1e-10, so sᵀy > 0 but ρ² overflows float32; H_G must stay finite."""
+    output gradient ~1e-10, so sᵀy > 0 but ρ² overflows float32. Three K-BFGS-20 steps."""
     batches = [
         ([[1.5410, -0.2934, -2.1788], [0.5684, -1.0845, -1.3986]], [[0.4033], [0.8380]]),
         ([[-0.7193, -0.4033, -0.5966], [0.1820, -0.8567, 1.1006]], [[-1.0712], [0.1227]]),
@@ -606,9 +606,15 @@ def test_pair_whose_bfgs_correction_overflows_is_skipped_not_applied() -> None:
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = KBFGS(model, lr=1.0, damping=1.0, variant="ch2")
+        opt = KBFGS(model, lr=1.0, damping=1.0, variant="ch2", **options)
     for x, y in batches:
         opt.step(Objective(model, nn.MSELoss(), torch.tensor(x), torch.tensor(y)))
+    return opt, model
+
+
+def test_pair_whose_bfgs_correction_overflows_is_skipped_not_applied() -> None:
+    """The fuzzing case with K-BFGS: H_G must stay finite."""
+    opt, model = _run_overflowing_case()
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     assert bool(torch.isfinite(opt.layer_state("0")["H_g"]).all())
     assert opt.global_state["skipped_g_pairs_total"] >= 1
@@ -618,20 +624,7 @@ def test_lbfgs_pair_whose_update_overflows_is_skipped_not_pushed() -> None:
     """The case above with K-BFGS(L): the first layer's pairs have ρ² ≈ 1e40 > float32's
     range; H_G ỹ (from the products of the push) gives the same BFGS-correction check, so
     they are skipped before they enter the ring, whose buffers stay finite."""
-    batches = [
-        ([[1.5410, -0.2934, -2.1788], [0.5684, -1.0845, -1.3986]], [[0.4033], [0.8380]]),
-        ([[-0.7193, -0.4033, -0.5966], [0.1820, -0.8567, 1.1006]], [[-1.0712], [0.1227]]),
-        ([[-0.5663, 0.3731, -0.8920], [-1.5091, 0.3704, 1.4565]], [[0.9398], [0.7748]]),
-    ]
-    torch.manual_seed(24)
-    model = nn.Sequential(
-        nn.Linear(3, 1, bias=False), nn.BatchNorm1d(1), nn.Tanh(), nn.Linear(1, 1, bias=False)
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt = KBFGS(model, lr=1.0, damping=1.0, variant="ch2", memory=2)
-    for x, y in batches:
-        opt.step(Objective(model, nn.MSELoss(), torch.tensor(x), torch.tensor(y)))
+    opt, model = _run_overflowing_case(memory=2)
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     state = opt.layer_state("0")
     for key in ("SY", "StY", "YtY"):
