@@ -185,6 +185,15 @@ class Communicator:
             flat.div_(self.world_size)
             _unflatten_into(flat, members)
 
+    def mean_loss(self, loss: Tensor | None, tensors: Sequence[Tensor], kind: str) -> Tensor | None:
+        """The mean of ``loss`` over ranks, with ``tensors`` averaged in place in the same
+        bucketed all-reduce; returns the mean loss (``loss`` itself in one process)."""
+        if not self.is_distributed:
+            return loss
+        mean = None if loss is None else torch.as_tensor(loss).detach().reshape(1).clone()
+        self.all_reduce_mean([*([] if mean is None else [mean]), *tensors], kind)
+        return None if mean is None else mean.reshape(())
+
     def all_reduce_sum(self, tensors: Sequence[Tensor], kind: str) -> None:
         """Replace every tensor by its sum over ranks, in place (bucketed as the mean)."""
         if not self.is_distributed or not tensors:

@@ -151,16 +151,9 @@ class BlockParallel:
         one bucketed all-reduce; returns the mean loss. One process: returns ``loss``."""
         if not self.is_distributed:
             return loss
-        tensors: list[Tensor] = []
-        mean_loss: Tensor | None = None
-        if loss is not None:
-            mean_loss = torch.as_tensor(loss).detach().reshape(1).clone()
-            tensors.append(mean_loss)
         if self.average_gradients:
-            tensors.extend(grads)
-        kind = "gradients" if self.average_gradients else "loss"
-        self.communicator.all_reduce_mean(tensors, kind=kind)
-        return None if mean_loss is None else mean_loss.reshape(())
+            return self.communicator.mean_loss(loss, list(grads), "gradients")
+        return self.communicator.mean_loss(loss, [], "loss")
 
     def average_statistics(self, tensors: Sequence[Tensor]) -> None:
         """Mean over ranks of curvature statistics, in place, in one bucketed all-reduce."""

@@ -209,12 +209,8 @@ class ModelwiseOptimizer(GuardedStep, Optimizer, ABC):
     def synchronize_gradients(self, loss: Tensor | None) -> Tensor | None:
         """The mean loss over ranks, and every ``.grad`` averaged in place (one bucketed
         all-reduce); for a first-order stage that follows this one (`HybridTRSGD`)."""
-        if not self._comm.is_distributed:
-            return loss
-        mean = None if loss is None else torch.as_tensor(loss).detach().reshape(1).clone()
         grads = [p.grad for p in self.params if p.grad is not None]
-        self._comm.all_reduce_mean([*([] if mean is None else [mean]), *grads], "gradients")
-        return None if mean is None else mean.reshape(())
+        return self._comm.mean_loss(loss, grads, "gradients")
 
     def _mean_loss_and_gradient(self, loss: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
         """(loss, g) averaged over ranks in one all-reduce (one process: unchanged)."""
