@@ -22,6 +22,7 @@ from torch import Tensor
 from curvlab.curvature.layers import KroneckerLayer
 from curvlab.linalg import (
     DecompositionError,
+    DecompositionInfo,
     add_to_diagonal,
     damped_inverse,
     damped_inverse_root,
@@ -31,9 +32,16 @@ from curvlab.linalg import (
     pi_damping,
 )
 
-__all__ = ["KroneckerBlock"]
+__all__ = ["KroneckerBlock", "count_retry"]
 
 State = dict[str, Any]
+
+
+def count_retry(state: State, info: DecompositionInfo) -> None:
+    """Count in ``state["retried_decompositions"]`` a decomposition that needed a retry (float64
+    or more damping, `curvlab.linalg`), so that the optimizers can report it."""
+    if info.attempts > 1:
+        state["retried_decompositions"] = state.get("retried_decompositions", 0) + 1
 
 
 class KroneckerBlock:
@@ -81,8 +89,8 @@ class KroneckerBlock:
         """
         lam_a, lam_g = self.dampings(state, damping, pi)
         try:
-            a_inv = self._inverse_root(state["A"], lam_a)
-            g_inv = self._inverse_root(state["G"], lam_g)
+            a_inv = self._inverse_root(state, state["A"], lam_a)
+            g_inv = self._inverse_root(state, state["G"], lam_g)
         except DecompositionError:
             state["failed_refreshes"] = state.get("failed_refreshes", 0) + 1
             return False
@@ -90,10 +98,13 @@ class KroneckerBlock:
         state["refreshes"] = state.get("refreshes", 0) + 1
         return True
 
-    def _inverse_root(self, M: Tensor, damping: float) -> Tensor:
+    def _inverse_root(self, state: State, M: Tensor, damping: float) -> Tensor:
         if self.root == 1.0:
-            return damped_inverse(M, damping)[0]
-        return damped_inverse_root(M, damping, self.root)[0]
+            result, info = damped_inverse(M, damping)
+        else:
+            result, info = damped_inverse_root(M, damping, self.root)
+        count_retry(state, info)
+        return result
 
     # ---------------------------------------------------------- preconditioning
     def precondition(self, state: State, V: Tensor) -> Tensor:

@@ -37,6 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from curvlab.curvature.blocks import count_retry
 from curvlab.linalg import (
     DecompositionError,
     add_to_diagonal,
@@ -268,7 +269,7 @@ class TensorBlock:
         ``state["failed_refreshes"]`` counts it. Returns whether the refresh succeeded.
         """
         try:
-            roots = [self._inverse_root(F, damping) for F in self.factors(state)]
+            roots = [self._inverse_root(state, F, damping) for F in self.factors(state)]
         except DecompositionError:
             state["failed_refreshes"] = state.get("failed_refreshes", 0) + 1
             return False
@@ -276,10 +277,13 @@ class TensorBlock:
         state["refreshes"] = state.get("refreshes", 0) + 1
         return True
 
-    def _inverse_root(self, F: Tensor, damping: float) -> Tensor:
+    def _inverse_root(self, state: State, F: Tensor, damping: float) -> Tensor:
         if self.method == "cholesky":
-            return damped_inverse(F, damping)[0]
-        return damped_inverse_root(F, damping, self.root, method=self.method)[0]
+            result, info = damped_inverse(F, damping)
+        else:
+            result, info = damped_inverse_root(F, damping, self.root, method=self.method)
+        count_retry(state, info)
+        return result
 
     # ---------------------------------------------------------- preconditioning
     def precondition(self, state: State, V: Tensor) -> Tensor:

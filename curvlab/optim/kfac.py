@@ -177,6 +177,9 @@ class KFAC(LayerwiseOptimizer):
             "failed_refreshes": sum(
                 self.layer_state(n).get("failed_refreshes", 0) for n in self.layers
             ),
+            "retried_decompositions": sum(
+                self.layer_state(n).get("retried_decompositions", 0) for n in self.layers
+            ),
         }
         return loss
 

@@ -264,6 +264,9 @@ class TensorwiseOptimizer(GuardedStep, DataParallelMixin, Optimizer):
             "failed_refreshes_this_step": failed,
             "skipped_steps": self.global_state["skipped_steps"],
             "failed_refreshes": sum(self.state[p].get("failed_refreshes", 0) for p in self.params),
+            "retried_decompositions": sum(
+                self.state[p].get("retried_decompositions", 0) for p in self.params
+            ),
         }
         return loss
 

@@ -45,3 +45,13 @@ def test_precondition_matches_inverse_of_damped_dense() -> None:
     expected = torch.linalg.solve(dense, V.reshape(-1)).reshape(2, 4)
     torch.testing.assert_close(block.precondition(state, V), expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(block.to_dense(state), kron_to_dense(state["G"], state["A"]))
+
+
+def test_retried_decomposition_is_counted() -> None:
+    block, state = _block()
+    a = torch.randn(4, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    block.update(state, a @ a.T, torch.eye(2, dtype=torch.float64), 0.9)  # A singular
+    assert block.refresh(state, 1e-6, pi=True)
+    assert "retried_decompositions" not in state  # damped: the first Cholesky succeeds
+    assert block.refresh(state, 0.0, pi=False)  # λ = 0: singular A needs a damping retry
+    assert state["retried_decompositions"] == 1

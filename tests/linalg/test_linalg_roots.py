@@ -181,3 +181,29 @@ def test_symmetric_eigh() -> None:
     bad[3, 3] = math.inf
     with pytest.raises(DecompositionError):
         symmetric_eigh(bad)
+
+
+def test_eigh_root_decomposes_the_damped_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Numerically low-rank statistics can make float32 syevd fail on M itself (seen on the
+    # thesis autoencoder's Shampoo factors); the damped M + λI is decomposed instead.
+    seen: list[torch.Tensor] = []
+    eigh = torch.linalg.eigh
+
+    def recording_eigh(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(A.clone())
+        return eigh(A)
+
+    monkeypatch.setattr(torch.linalg, "eigh", recording_eigh)
+    M = spd(5, 1e3, seed=1)
+    damped_inverse_root(M, 0.25, 4)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], M + 0.25 * torch.eye(5, dtype=M.dtype), rtol=0, atol=0)
+
+
+def test_eigh_root_of_a_large_matrix_is_exact_and_symmetric() -> None:
+    # d ≥ 192 takes the blocked (one block triangle) product V diag(w) Vᵀ.
+    M = spd(256, 1e4, seed=2)
+    R, info = damped_inverse_root(M, 1e-3, 4)
+    assert info.attempts == 1 and torch.equal(R, R.T)
+    mu, V = torch.linalg.eigh(M + 1e-3 * torch.eye(256, dtype=M.dtype))
+    torch.testing.assert_close(R, (V * mu.pow(-0.25)) @ V.T, rtol=1e-10, atol=1e-12)

@@ -257,3 +257,25 @@ def test_invalid_hyperparameter_set_later_is_rejected_at_step() -> None:
     x, y = _batches(1)[0]
     with pytest.raises(ValueError, match="^lr"):
         opt.step(Objective(model, nn.MSELoss(), x, y))
+
+
+def test_float64_retry_of_a_root_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A float32 eigh that does not converge is retried in float64 (curvlab.linalg) and counted.
+    eigh = torch.linalg.eigh
+
+    def eigh_failing_in_float32(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if A.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("did not converge")
+        return eigh(A)
+
+    model, x, y = _problem(tiny_mlp)
+    model.float()
+    opt = Shampoo(model, lr=0.01, inverse_every=1, root_method="eigh")
+    opt.step(Objective(model, nn.CrossEntropyLoss(), x.float(), y))
+    assert opt.last_step_info["retried_decompositions"] == 0
+    monkeypatch.setattr(torch.linalg, "eigh", eigh_failing_in_float32)
+    opt.step(Objective(model, nn.CrossEntropyLoss(), x.float(), y))
+    n_factors = sum(p.dim() for p in model.parameters())
+    assert opt.last_step_info["retried_decompositions"] == n_factors
+    assert opt.last_step_info["failed_refreshes"] == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
