@@ -398,14 +398,17 @@ def measure_overhead(
 
 
 def _diagnostics(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """State that decides a step's cost: K-BFGS's skipped pairs, K-BFGS(L)'s stored pairs."""
-    if not isinstance(optimizer, KBFGS):
-        return {}
-    glob = optimizer.global_state
+    """State that decides a step's cost: decompositions that were retried (float64 or more
+    damping) or failed, K-BFGS's skipped pairs, K-BFGS(L)'s stored pairs."""
+    info = getattr(optimizer, "last_step_info", None) or {}
     out: dict[str, Any] = {
-        "skipped_g_pairs_total": glob.get("skipped_g_pairs_total", 0),
-        "skipped_a_pairs_total": glob.get("skipped_a_pairs_total", 0),
+        key: info[key] for key in ("retried_decompositions", "failed_refreshes") if key in info
     }
+    if not isinstance(optimizer, KBFGS):
+        return out
+    glob = optimizer.global_state
+    out["skipped_g_pairs_total"] = glob.get("skipped_g_pairs_total", 0)
+    out["skipped_a_pairs_total"] = glob.get("skipped_a_pairs_total", 0)
     if optimizer.memory is not None:
         out["lbfgs_pairs"] = {
             name: int(optimizer.layer_state(name)["pair_count"])

@@ -263,6 +263,7 @@ def test_cli_runs_every_method_and_writes_json(
         assert 1e9 * row["executed_beyond_floor_gflop"] == pytest.approx(excess, abs=1), name
     assert methods["kbfgs-l"]["warmup"] == 101  # until its 100 pairs are stored
     assert methods["kbfgs-l"]["diagnostics"]["lbfgs_pairs"] == {"0": 100, "2": 100, "4": 100}
+    assert methods["shampoo"]["diagnostics"] == {"retried_decompositions": 0, "failed_refreshes": 0}
     # Statistics terms follow the method: K-BFGS's second pass has no weight gradients, TNT's
     # sampled backward has no forward, Shampoo has no extra pass; only TNT/Shampoo decompose.
     kb, tnt, sh = (methods[k]["floor_terms_ms"] for k in ("kbfgs", "tnt", "shampoo"))
