@@ -85,7 +85,9 @@ def _split(shape: Sequence[int], mode: int) -> tuple[int, int, int]:
     return math.prod(shape[:mode]), shape[mode], math.prod(shape[mode + 1 :])
 
 
-def mode_statistics(G: Tensor, out: Sequence[Tensor] | None = None) -> list[Tensor]:
+def mode_statistics(
+    G: Tensor, out: Sequence[Tensor] | None = None, *, scale: float = 1.0, beta: float = 0.0
+) -> list[Tensor]:
     r"""The contractions ``G^{(i)} = mat_i(G) mat_i(G)ᵀ``, i = 1..k (thesis §4.2.1).
 
     One symmetric GEMM per mode through `curvlab.linalg.gram` (bitwise symmetric results; the
@@ -98,6 +100,9 @@ def mode_statistics(G: Tensor, out: Sequence[Tensor] | None = None) -> list[Tens
         out: optional k buffers of shapes ``(d_i, d_i)`` to write into. An optimizer that
             recomputes the statistics every step should reuse them: a fresh large result each
             step pays first-touch page faults on CPU (see `curvlab.curvature.factors`).
+        scale: factor of every contraction.
+        beta: accumulate into ``out`` (required then): ``out_i ← β out_i + scale · G^{(i)}``
+            (`curvlab.linalg.gram`), e.g. an EMA in one pass.
 
     Returns:
         k symmetric PSD matrices of shapes ``(d_i, d_i)``.
@@ -116,7 +121,7 @@ def mode_statistics(G: Tensor, out: Sequence[Tensor] | None = None) -> list[Tens
             rows = G.reshape(d, post).t()
         else:
             rows = G.reshape(pre, d, post).transpose(0, 1).reshape(d, pre * post).t()
-        result.append(gram(rows, out=None if out is None else out[mode]))
+        result.append(gram(rows, scale, out=None if out is None else out[mode], beta=beta))
     return result
 
 
@@ -245,6 +250,21 @@ class TensorBlock:
     @staticmethod
     def has_preconditioners(state: State) -> bool:
         return "preconditioners" in state
+
+    def accumulate(self, state: State, grad: Tensor, ema_decay: float, scale: float = 1.0) -> None:
+        """`update` with ``statistics(grad) · scale`` fused into the EMA: ``Ĝ^{(i)} ← β Ĝ^{(i)}
+        + (1−β) · scale · Ḡ^{(i)}`` in one product per mode (no buffer, no separate average
+        pass). Needs existing statistics; the caller guarantees the new ones are finite
+        (`curvlab.linalg.contractions_bounded`), since the state is written in place."""
+        if "statistics" not in state:
+            raise RuntimeError("accumulate: no statistics yet (the first update initialises them)")
+        mode_statistics(
+            grad.reshape(self.shape),
+            state["statistics"],
+            scale=(1.0 - ema_decay) * scale,
+            beta=ema_decay,
+        )
+        state["statistics_updates"] = state.get("statistics_updates", 0) + 1
 
     def update(self, state: State, statistics: Sequence[Tensor], ema_decay: float) -> None:
         """``Ĝ^{(i)} ← β Ĝ^{(i)} + (1−β) Ḡ^{(i)}``; the first update initialises ``Ĝ``."""

@@ -23,7 +23,7 @@ from curvlab.linalg.bfgs import (
     powell_damping_h,
     powell_damping_identity,
 )
-from curvlab.linalg.checks import all_finite
+from curvlab.linalg.checks import all_finite, contractions_bounded
 from curvlab.linalg.damping import add_to_diagonal, pi_damping
 from curvlab.linalg.errors import DecompositionError
 from curvlab.linalg.gram import ema_, gram
@@ -34,6 +34,7 @@ from curvlab.linalg.woodbury import WoodburyForm, woodbury_coefficients, woodbur
 
 __all__ = [
     "all_finite",
+    "contractions_bounded",
     "bfgs_correction",
     "bfgs_update",
     "double_damping",

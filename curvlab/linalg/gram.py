@@ -51,8 +51,9 @@ def _block_size(d: int) -> int:
     return 128 if d >= 512 else 96
 
 
-def _gram_blocked(X: Tensor, scale: float, b: int, out: Tensor) -> Tensor:
-    """``scale · XᵀX`` computing only the upper block triangle, then mirroring it."""
+def _gram_blocked(X: Tensor, scale: float, b: int, out: Tensor, beta: float) -> Tensor:
+    """``beta · out + scale · XᵀX`` computing only the upper block triangle, then mirroring it
+    (``out`` symmetric when ``beta`` ≠ 0)."""
     d = X.shape[1]
     Xt = X.t()
     starts = range(0, d, b)
@@ -60,7 +61,7 @@ def _gram_blocked(X: Tensor, scale: float, b: int, out: Tensor) -> Tensor:
         e = min(i + b, d)
         # Block row I, columns I and everything to its right, scaled, straight into the output.
         block = out[i:e, i:]
-        torch.addmm(block, Xt[i:e], X[:, i:], beta=0.0, alpha=scale, out=block)
+        torch.addmm(block, Xt[i:e], X[:, i:], beta=beta, alpha=scale, out=block)
         if e < d:
             out[e:, i:e] = out[i:e, e:].t()
     _symmetrise_diagonal_blocks(out, b)
@@ -83,23 +84,32 @@ def _symmetrise_diagonal_blocks(out: Tensor, b: int) -> None:
         tail.copy_(torch.add(tail, tail.t()).mul_(0.5))
 
 
-def gram(X: Tensor, scale: float = 1.0, *, out: Tensor | None = None) -> Tensor:
-    r"""Scaled Gram matrix :math:`\text{scale}\cdot X^\top X`, exactly symmetric.
+def gram(X: Tensor, scale: float = 1.0, *, out: Tensor | None = None, beta: float = 0.0) -> Tensor:
+    r"""Scaled Gram matrix :math:`\text{scale}\cdot X^\top X`, exactly symmetric; with ``beta``
+    accumulated into ``out``: :math:`\text{out} \leftarrow \beta\,\text{out} +
+    \text{scale}\cdot X^\top X`.
 
     See the module docstring for the two computation paths and their measured timings. The
     result equals ``scale * X.T @ X`` to floating-point tolerance (blocks are summed over the
     same rows, only in a different gemm partition) and satisfies ``torch.equal(R, R.T)``.
+    Accumulating fuses an exponential moving average ``β M + (1−β) XᵀX/n`` into the product
+    (``beta=β, scale=(1−β)/n``): no separate statistics buffer and no extra pass over it.
 
     Args:
         X: Matrix of shape ``(n, d)``, e.g. the ``n`` input rows (activations) or output
             gradients of a layer.
         scale: Factor applied to the product, e.g. ``1 / n``.
-        out: optional ``(d, d)`` tensor (may be a view into a larger matrix) to write into.
+        out: optional ``(d, d)`` tensor (may be a view into a larger matrix) to write into;
+            required when ``beta`` ≠ 0, and then exactly symmetric (as this function's results
+            are), which keeps the result exactly symmetric.
+        beta: Factor of ``out``'s previous content; 0 (default) ignores it (NaN included).
 
     Returns:
-        The ``(d, d)`` symmetric PSD (up to round-off) matrix :math:`\text{scale}\cdot X^\top X`
-        in ``X``'s dtype.
+        The ``(d, d)`` symmetric PSD (up to round-off) matrix, ``out`` when given, in ``X``'s
+        dtype.
     """
+    if beta != 0.0 and out is None:
+        raise ValueError("gram: beta != 0 accumulates into out, which must be given")
     if X.dim() != 2:
         raise ValueError(f"gram expects a matrix (n, d), got shape {tuple(X.shape)}")
     d = X.shape[1]
@@ -113,10 +123,12 @@ def gram(X: Tensor, scale: float = 1.0, *, out: Tensor | None = None) -> Tensor:
     elif out.shape != (d, d):
         raise ValueError(f"gram: out must have shape {(d, d)}, got {tuple(out.shape)}")
     if blocked:
-        return _gram_blocked(X, scale, _block_size(d), out)
+        return _gram_blocked(X, scale, _block_size(d), out, beta)
     R = torch.mm(X.t(), X)
     # (R + Rᵀ)·(scale/2): fl(a + b) = fl(b + a), so the result is bitwise symmetric.
-    return out.copy_(torch.add(R, R.t())).mul_(0.5 * scale)
+    if beta == 0.0:
+        return out.copy_(torch.add(R, R.t())).mul_(0.5 * scale)
+    return out.mul_(beta).add_(torch.add(R, R.t()), alpha=0.5 * scale)
 
 
 def ema_(avg: Tensor, new: Tensor, decay: float) -> Tensor:

@@ -51,7 +51,7 @@ from torch.optim import Optimizer
 
 from curvlab.curvature.tensor_blocks import RootMethod, TensorBlock, tensor_shape
 from curvlab.distributed import BlockParallel
-from curvlab.linalg import all_finite
+from curvlab.linalg import all_finite, contractions_bounded
 from curvlab.objective import Objective, preserved_buffers
 from curvlab.optim.base import DataParallelMixin, GuardedStep
 from curvlab.optim.validation import check_hyperparameters
@@ -203,25 +203,33 @@ class TensorwiseOptimizer(GuardedStep, DataParallelMixin, Optimizer):
             self.skip_step(loss, "non-finite gradient")
             return loss
         statistics: dict[int, list[Tensor]] = {}
+        fused: dict[int, Tensor] = {}  # statistics gradients to accumulate into the EMA directly
+        scale = 1.0
         if stat_grads is not None and self.extra_backward:
             self.average_statistics(list(stat_grads.values()))  # the sampled gradient
         if stat_grads is not None:
             scale = self._statistics_scale(closure, outputs)
-            for p, g in stat_grads.items():
-                if p.numel() == 0:
-                    continue
-                stats = self.blocks[id(p)].statistics(g, self._statistic_buffers(p, g))
-                statistics[id(p)] = [s.mul_(scale) for s in stats] if scale != 1.0 else stats
-            if not all_finite([s for stats in statistics.values() for s in stats]):
-                self.skip_step(loss, "non-finite curvature statistics")
-                return loss
+            grads = {id(p): g for p, g in stat_grads.items() if p.numel() > 0}
+            if self._can_accumulate(grads, scale):
+                fused = grads
+            else:  # the first statistics, or gradients too large for the a-priori bound
+                for key, g in grads.items():
+                    stats = self.blocks[key].statistics(g, self._statistic_buffers(key, g))
+                    statistics[key] = [s.mul_(scale) for s in stats] if scale != 1.0 else stats
+                if not all_finite([s for stats in statistics.values() for s in stats]):
+                    self.skip_step(loss, "non-finite curvature statistics")
+                    return loss
+        updated = bool(statistics) or bool(fused)
         T2 = self.param_groups[0]["inverse_every"]
-        refresh_all = k % T2 == 0 or (self.inverse_warmup and k < T2 and bool(statistics))
+        refresh_all = k % T2 == 0 or (self.inverse_warmup and k < T2 and updated)
         due: list[tuple[int, TensorBlock, dict[str, Any]]] = []
         by_key = {id(p): p for p in self.params}
         for p in self.params:
             state, block, group = self.state[p], self.blocks[id(p)], self.group_of(p)
-            if id(p) in statistics:  # Alg 15 lines 11–12 / Alg 16 lines 8–9
+            # Alg 15 lines 11–12 / Alg 16 lines 8–9.
+            if id(p) in fused:
+                block.accumulate(state, fused[id(p)], group["ema_decay"], scale)
+            elif id(p) in statistics:
                 block.update(state, statistics[id(p)], group["ema_decay"])
             # Alg 15 lines 14–16 / Alg 16 lines 11–12 (and the first preconditioners, A9).
             if TensorBlock.has_statistics(state) and (
@@ -258,7 +266,7 @@ class TensorwiseOptimizer(GuardedStep, DataParallelMixin, Optimizer):
         self.last_step_info = {
             "skipped": False,
             "loss": None if loss is None else float(loss),
-            "statistics_updated": bool(statistics),
+            "statistics_updated": updated,
             "inverses_refreshed": refreshed > 0,
             "update_applied": applied,
             "failed_refreshes_this_step": failed,
@@ -306,13 +314,29 @@ class TensorwiseOptimizer(GuardedStep, DataParallelMixin, Optimizer):
         grads: dict[Tensor, Tensor] = {p: p.grad for p in self.params if p.grad is not None}
         return loss, grads, outputs
 
-    def _statistic_buffers(self, p: Tensor, like: Tensor) -> list[Tensor]:
-        buffers = self._buffers.get(id(p))
+    def _statistic_buffers(self, key: int, like: Tensor) -> list[Tensor]:
+        buffers = self._buffers.get(key)
         if buffers is None or buffers[0].dtype != like.dtype or buffers[0].device != like.device:
-            shape = self.blocks[id(p)].shape
+            shape = self.blocks[key].shape
             buffers = [like.new_empty(d, d) for d in shape]
-            self._buffers[id(p)] = buffers
+            self._buffers[key] = buffers
         return buffers
+
+    def _can_accumulate(self, grads: dict[int, Tensor], scale: float) -> bool:
+        """Whether this step's statistics can go straight into the EMAs (`TensorBlock.accumulate`:
+        one product per mode, no buffer, no separate average and no pass over the new
+        statistics to check them): every block already has statistics, and the gradients bound
+        the new ones a priori (`contractions_bounded`: mode i sums numel/d_i products), so that
+        the in-place average cannot become non-finite. Otherwise the statistics are formed in
+        buffers and checked before any average changes (the all-or-nothing skip)."""
+        by_key = {id(p): p for p in self.params}
+        if not all(TensorBlock.has_statistics(self.state[by_key[key]]) for key in grads):
+            return False
+        lengths = [g.numel() // min(self.blocks[key].shape) for key, g in grads.items()]
+        if not contractions_bounded(list(grads.values()), lengths, scale):
+            return False
+        self._buffers.clear()  # not needed while the fused path holds
+        return True
 
     # ------------------------------------------------------------------ guards
     # ------------------------------------------------------------------ update

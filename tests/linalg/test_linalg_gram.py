@@ -89,3 +89,24 @@ def test_ema_edges_and_symmetry() -> None:
     assert torch.equal(ema_(S.clone(), T, 0.0), T)
     with pytest.raises(ValueError):
         ema_(S.clone(), T, 1.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("n", "d"), [(30, 7), (20, 40), (7, 300), (50, 513)])
+def test_gram_accumulates_into_out(n: int, d: int, dtype: torch.dtype) -> None:
+    # out ← β out + scale XᵀX on both paths (gemm + symmetrise for d < 192, blocked above),
+    # exactly symmetric when out is: the fused EMA of TNT's and Shampoo's statistics.
+    gen = torch.Generator().manual_seed(n * d)
+    X = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    Y = torch.randn(3 * d, d, generator=gen, dtype=torch.float64)
+    M = gram(Y.to(dtype), 1.0 / (3 * d))
+    expected = 0.9 * M.double() + 0.1 / n * (X.T @ X)
+    R = gram(X.to(dtype), 0.1 / n, out=M, beta=0.9)
+    assert R.data_ptr() == M.data_ptr() and torch.equal(R, R.T)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(R.double(), expected, rtol=tol, atol=tol)
+
+
+def test_gram_accumulation_needs_out() -> None:
+    with pytest.raises(ValueError, match="beta"):
+        gram(torch.ones(3, 2), beta=0.5)

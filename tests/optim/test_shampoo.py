@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from curvlab import Objective
-from curvlab.curvature.tensor_blocks import tensor_shape
+from curvlab.curvature.tensor_blocks import TensorBlock, tensor_shape
+from curvlab.linalg import contractions_bounded
 from curvlab.optim.shampoo import Shampoo
 from curvlab.testing.models import regression_problem, tiny_cnn, tiny_mlp
 
@@ -279,3 +280,59 @@ def test_float64_retry_of_a_root_is_reported(monkeypatch: pytest.MonkeyPatch) ->
     assert opt.last_step_info["retried_decompositions"] == n_factors
     assert opt.last_step_info["failed_refreshes"] == 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _scaled_loss(factor: float) -> Any:
+    return lambda out, y: factor * nn.functional.cross_entropy(out, y)
+
+
+@pytest.mark.parametrize(
+    ("factor", "skipped"),
+    # 3.5e19: gradients past the a-priori bound of the fused average, statistics still finite
+    # (formed in buffers, checked, averaged); 1e22: statistics overflow, the step is skipped.
+    [(3.5e19, False), (1e22, True)],
+)
+def test_large_gradient_takes_the_checked_statistics_path(factor: float, skipped: bool) -> None:
+    model, x, y = _problem(tiny_mlp)
+    model.float()
+    x = x.float()
+    opt = Shampoo(model, lr=0.0, momentum=0.0, ema_decay=0.5, root_method="eigh")
+    opt.step(Objective(model, nn.CrossEntropyLoss(), x, y))
+    before = {p: [S.clone() for S in opt.state[p]["statistics"]] for p in model.parameters()}
+    with torch.enable_grad():
+        grads = torch.autograd.grad(_scaled_loss(factor)(model(x), y), list(model.parameters()))
+    lengths = [g.numel() // min(tensor_shape(g.shape)) for g in grads]
+    assert not contractions_bounded(list(grads), lengths)  # the fused path is refused
+    opt.step(Objective(model, _scaled_loss(factor), x, y))
+    assert opt.last_step_info["skipped"] is skipped
+    for p, g in zip(model.parameters(), grads, strict=True):
+        new = _contractions(g.double().reshape(tensor_shape(p.shape)))
+        for S, S0, C in zip(opt.state[p]["statistics"], before[p], new, strict=True):
+            if skipped:
+                assert torch.equal(S, S0)
+            else:
+                assert torch.isfinite(S).all()
+                torch.testing.assert_close(
+                    S.double(), 0.5 * S0.double() + 0.5 * C, rtol=1e-4, atol=0
+                )
+    if skipped:
+        assert opt.last_step_info["reason"] == "non-finite curvature statistics"
+
+
+def test_steady_state_statistics_are_accumulated_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    # From the second step on, the statistics go straight into the EMAs (one product per mode).
+    calls: list[int] = []
+    accumulate = TensorBlock.accumulate
+
+    def counting(self: TensorBlock, *args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        accumulate(self, *args, **kwargs)
+
+    monkeypatch.setattr(TensorBlock, "accumulate", counting)
+    model, x, y = _problem(tiny_mlp)
+    opt = Shampoo(model, lr=0.01, root_method="eigh")
+    opt.step(Objective(model, nn.CrossEntropyLoss(), x, y))
+    assert not calls  # the first statistics initialise the EMAs
+    opt.step(Objective(model, nn.CrossEntropyLoss(), x, y))
+    assert len(calls) == len(list(model.parameters()))
+    assert opt.last_step_info["statistics_updated"]
