@@ -404,7 +404,9 @@ class KBFGS(LayerwiseOptimizer):
             if curvature:
                 first = self._first_pass(recorded, objective.batch_size)
             del recorded  # the first pass's activations are not needed any more
-        self._apply_step()  # Alg 9 lines 7–11 (Alg 4 lines 7–12)
+        applied = self._apply_step()  # Alg 9 lines 7–11 (Alg 4 lines 7–12)
+        if not applied:  # a non-finite direction: the parameters keep their values
+            self.withhold_update()
         skipped = {"g": 0, "a": 0}
         ratios: dict[str, float | None] = {}
         if curvature:
@@ -419,6 +421,7 @@ class KBFGS(LayerwiseOptimizer):
             "skipped_g_pairs_total": self.global_state.get("skipped_g_pairs_total", 0),
             "skipped_a_pairs_total": self.global_state.get("skipped_a_pairs_total", 0),
             "yHy_over_sy": ratios,
+            "update_applied": applied,
             "skipped_steps": self.global_state["skipped_steps"],
         }
         return loss
@@ -535,15 +538,18 @@ class KBFGS(LayerwiseOptimizer):
         return {n: (_pre_activation(self.layers[n], a), g) for n, (a, g) in means.items()}
 
     # ------------------------------------------------------------ updates
-    def _apply_step(self) -> None:
+    def _apply_step(self) -> bool:
         """Momentum on the raw gradient, p = H_G D̂W H_A, W ← W − α(p + γW) (Alg 9 lines 8–10).
 
         Parameters outside Linear/Conv2d (BatchNorm) take the momentum gradient at the learning
-        rate α/λ when ``fallback_lr="lr_over_damping"`` (thesis §3.4.3). In one process (and
-        data-parallel mode ``"inverses"``) each layer is preconditioned from its weight and bias
-        momenta without forming ``[D̂W D̂b]`` and into reused buffers (`_precondition_parts`);
-        mode ``"preconditioned"`` broadcasts whole direction matrices
-        (`LayerwiseOptimizer.precondition_and_apply`).
+        rate α/λ when ``fallback_lr="lr_over_damping"`` (thesis §3.4.3). K-BFGS in one process
+        (and data-parallel mode ``"inverses"``) preconditions each layer from its weight and
+        bias momenta without forming ``[D̂W D̂b]`` and accumulates the update straight into the
+        parameters (`_precondition_parts`), when `_fused_update_is_finite` shows beforehand
+        that no entry can overflow; otherwise, and for K-BFGS(L) and mode ``"preconditioned"``,
+        every direction matrix is formed and checked before any is applied
+        (`precondition_blocks`). Returns whether the update was applied (False: a direction
+        was not finite and no parameter moved).
         """
 
         def fallback(group: dict[str, Any]) -> dict[str, Any]:
@@ -551,10 +557,9 @@ class KBFGS(LayerwiseOptimizer):
                 return {**group, "lr": group["lr"] / group["damping"]}
             return group
 
-        if self._parallel.shares_directions:
-            if not self.precondition_and_apply(self._precondition, fallback_group=fallback):
-                self.withhold_update()  # (the fused one-process path below has no such check)
-            return
+        if self._parallel.shares_directions or self.memory is not None:
+            return self.precondition_and_apply(self._precondition, fallback_group=fallback)
+        entries: list[tuple[str, list[Tensor], dict[str, Any]]] = []
         for name, layer in self.layers.items():
             if layer.weight.grad is None:
                 continue
@@ -563,8 +568,66 @@ class KBFGS(LayerwiseOptimizer):
                 self._momentum(p, p.grad if p.grad is not None else torch.zeros_like(p), group)
                 for p in layer.params
             ]
-            self._precondition_parts(name, momenta, group)
+            entries.append((name, momenta, group))
+        if self._fused_update_is_finite(entries):
+            for name, momenta, group in entries:
+                self._precondition_parts(name, momenta, group)
+            self.apply_fallback(fallback)
+            return True
+
+        def matrices() -> Iterable[tuple[str, Tensor]]:
+            for name, momenta, _ in entries:
+                bias = momenta[1] if len(momenta) > 1 else None
+                yield name, self.layers[name].grad_matrix(momenta[0], bias)
+
+        def apply(name: str, direction: Tensor) -> None:
+            layer, group = self.layers[name], self.group(name)
+            for p, d in zip(layer.params, layer.split(direction), strict=True):
+                self._apply(p, d, group)
+
+        if not self.precondition_blocks(matrices(), self._precondition, apply):
+            return False
         self.apply_fallback(fallback)
+        return True
+
+    def _fused_update_is_finite(
+        self, entries: list[tuple[str, list[Tensor], dict[str, Any]]]
+    ) -> bool:
+        """Whether K-BFGS's fused update provably stays finite, before anything is written.
+
+        Per layer, with Frobenius norms (each bounds every entry): ``V H_A`` is bounded by
+        ``‖M‖‖H_A‖``, ``H_G V H_A`` by ``‖M‖‖H_A‖‖H_G‖`` and the new parameters by
+        ``|1 − αγ|‖W‖ + α‖M‖‖H_A‖‖H_G‖`` (M = [D̂W D̂b] the momenta, W = [W b]); all must stay
+        within a quarter of the dtype's largest value. One norm per tensor (about 1 ms per step
+        on the thesis autoencoder) and one host synchronisation; a norm that overflows, or a
+        bound that fails, sends the step to the checked path (directions formed and checked
+        first), which only costs time.
+        """
+        rows: list[Tensor] = []
+        limits: list[float] = []
+        scales: list[tuple[float, float]] = []
+        for name, momenta, group in entries:
+            layer, state = self.layers[name], self.layer_state(name)
+            # A layer never seen in a recorded pass moves along its momentum: H = I (norm 1).
+            factors = (
+                [state["H_a"], state["H_g"]] if "H_a" in state else [layer.weight.new_ones(())] * 2
+            )
+            norms = [
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in ts]))
+                for ts in (momenta, factors[:1], factors[1:], list(layer.params))
+            ]
+            rows.append(torch.stack(norms).to(torch.float64))
+            limits.append(torch.finfo(layer.weight.dtype).max / 4)
+            lr, wd = group["lr"], group["weight_decay"]
+            scales.append((abs(1.0 - lr * wd), lr))
+        if not rows:
+            return True
+        table = torch.stack(rows).cpu()  # the one synchronisation
+        for (m, h_a, h_g, w), limit, (keep, lr) in zip(table.tolist(), limits, scales, strict=True):
+            bounds = (m * h_a, m * h_a * h_g, keep * w + lr * m * h_a * h_g)
+            if not all(b <= limit for b in bounds):  # False for NaN too
+                return False
+        return True
 
     def _precondition_parts(self, name: str, momenta: list[Tensor], group: dict[str, Any]) -> None:
         """Alg 9 lines 9–10 for one layer from its weight (and bias) momentum.
@@ -572,7 +635,7 @@ class KBFGS(LayerwiseOptimizer):
         ``V H_A = M_W H_A[:n] + m_b H_A[n]ᵀ`` (V = [M_W m_b], n = fan-in) into a buffer shared
         by all layers: the products of ``V H_A`` without copying V. K-BFGS then accumulates
         ``W ← (1 − αγ) W − α H_G (V H_A)`` straight into the parameters (one product each for
-        W and b, no direction matrix); K-BFGS(L) forms the direction in place in the buffer.
+        W and b, no direction matrix). Only after `_fused_update_is_finite`.
         """
         layer = self.layers[name]
         state = self.layer_state(name)
@@ -591,7 +654,7 @@ class KBFGS(LayerwiseOptimizer):
             torch.addmm(VH, momenta[1].unsqueeze(1), H_a[n:], out=VH)
         lr, wd = group["lr"], group["weight_decay"]
         W = layer.weight
-        if self.memory is None and W.is_contiguous():
+        if W.is_contiguous():
             # W − α (H_G (V H_A) + γ W) as one accumulating product per parameter.
             H_g = state["H_g"]
             targets: list[tuple[Tensor, Tensor]] = [(W.view(layer.d_out, n), VH[:, :n])]
@@ -600,10 +663,7 @@ class KBFGS(LayerwiseOptimizer):
             for target, part in targets:
                 torch.addmm(target, H_g, part, beta=1.0 - lr * wd, alpha=-lr, out=target)
             return
-        if self.memory is None:
-            P = state["H_g"] @ VH
-        else:
-            P = self._lbfgs_pairs(name).multiply(VH, self._gamma(name), out=VH)
+        P = state["H_g"] @ VH
         directions = [P[:, :n].view_as(W)]
         if layer.bias is not None:
             directions.append(P[:, n])
