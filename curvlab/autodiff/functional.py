@@ -7,7 +7,9 @@ and evaluates the model at any θ with `torch.func.functional_call`:
 * the model's other parameters are held fixed (passed detached, so no graph reaches them);
 * buffers are passed as copies, so a train-mode BatchNorm normalises with the batch statistics
   (train-mode semantics, as [C-EDF] runs its products) while its running statistics in the
-  model are never moved by the extra passes (spec-papers §1.4 "subtleties");
+  model are never moved by the extra passes (spec-papers §1.4 "subtleties"); with
+  ``commit_buffers`` the first pass writes its copies back, moving the running statistics
+  once, exactly as the training pass it then stands for;
 * random ops (dropout) can be replayed with one saved RNG state (`replayed_rng`), so that
   several passes at different θ see the same masks (spec-papers §1.4);
 * mixed precision: the forward pass runs under the objective's recorded autocast state
@@ -80,7 +82,12 @@ class ParameterView:
     """
 
     def __init__(
-        self, objective: Objective, params: Sequence[Tensor], *, autocast: bool = True
+        self,
+        objective: Objective,
+        params: Sequence[Tensor],
+        *,
+        autocast: bool = True,
+        commit_buffers: bool = False,
     ) -> None:
         params = list(params)
         if not params:
@@ -107,6 +114,7 @@ class ParameterView:
             raise ValueError(f"params: need floating-point parameters, got {params[0].dtype}")
         self.objective = objective
         self.autocast = autocast
+        self._commit_buffers = commit_buffers
         self.params = params
         self.names = names
         self.shapes = [p.shape for p in params]
@@ -148,9 +156,11 @@ class ParameterView:
 
     # ----------------------------------------------------------------- functional model
     def outputs(self, values: Sequence[Tensor]) -> Tensor:
-        """``model(inputs)`` with ``params`` set to ``values`` (buffers copied, model untouched)."""
+        """``model(inputs)`` with ``params`` set to ``values`` (buffers copied, model untouched;
+        with ``commit_buffers``, the first call writes its buffer copies back)."""
         model = self.objective.model
-        merged: dict[str, Tensor] = {n: b.clone() for n, b in model.named_buffers()}
+        buffers = dict(model.named_buffers())
+        merged: dict[str, Tensor] = {n: b.clone() for n, b in buffers.items()}
         merged.update(self._fixed)
         merged.update(zip(self.names, values, strict=True))
         # Mixed precision: the forward runs under the objective's recorded autocast state.
@@ -159,6 +169,11 @@ class ParameterView:
         )
         with precision:
             out: Tensor = functional_call(model, merged, (self.objective.inputs,), strict=False)
+        if self._commit_buffers:
+            self._commit_buffers = False
+            with torch.no_grad():
+                for name, buffer in buffers.items():
+                    buffer.copy_(merged[name])
         return out
 
     def loss(self, values: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

@@ -307,6 +307,7 @@ def curvature_operator(
     *,
     damping: float = 0.0,
     fd_epsilon: float | None = None,
+    update_buffers: bool = False,
 ) -> CurvatureOperator:
     """Build the curvature operator of ``objective`` at the current values of ``params``.
 
@@ -320,6 +321,9 @@ def curvature_operator(
         damping: λ ≥ 0; the operator applies ``(C + λI) v``.
         fd_epsilon: ε > 0 of ``"hessian-fd"`` (default `DEFAULT_FD_EPSILON` = 1e-5, [C-TR]),
             applied to v as given (not normalised); only valid with that kind.
+        update_buffers: let the build pass move the model's buffers (BatchNorm running
+            statistics) once, as the training pass whose loss and gradient it provides would;
+            the products never move them. Default: the model is left untouched.
 
     Returns:
         A `CurvatureOperator`; reuse it for every product of the step, then drop it (it holds
@@ -341,7 +345,9 @@ def curvature_operator(
     # Mixed precision: the finite-difference passes run in the parameters' dtype, because a
     # shift εv (ε = 1e-5) vanishes below bfloat16 / float16 resolution (measured: relative
     # error 1.0 under bf16 autocast); every other kind forwards in the objective's precision.
-    view = ParameterView(objective, params, autocast=kind != "hessian-fd")
+    view = ParameterView(
+        objective, params, autocast=kind != "hessian-fd", commit_buffers=update_buffers
+    )
     if kind == "hessian":
         return _HessianOperator(view, damping)
     if kind == "hessian-fd":

@@ -72,9 +72,11 @@ Deviations and conventions:
   ``last_step_info["reason"]``), as does a non-finite loss or gradient (the base's rule).
 * Cost: the loss and g of line 1 come from the build of the step's operator (`EDF.evaluate`;
   the GGN / Hessian operator, or the output-space one with g = Jᵀ ∂L/∂φ), so a step is one
-  gradient + k products and ``.grad`` is not filled. The operator's passes are functional (no
-  BatchNorm running-statistics update, the global RNG not advanced); for a model with such
-  state in training mode (`curvlab.optim.modelwise.has_stateful_forward`) the ordinary training
+  gradient + k products and ``.grad`` is not filled. The operator's passes are functional (the
+  global RNG not advanced; BatchNorm running statistics move only in the parameter-space
+  build, once per step, as in a training pass); for a model whose training pass draws random
+  numbers (`curvlab.optim.modelwise.has_random_forward`: dropout), and for the output-space
+  operator of a model with running statistics (`has_stateful_forward`), the ordinary training
   pass (the closure) gives loss and g, and the operator is built after it on the same batch
   (dropout masks for the products from the RNG state at that point): one gradient more. The
   operator is dropped at the end of ``step``: no autograd graph outlives a step.
@@ -100,6 +102,7 @@ from curvlab.optim.modelwise import (
     ModelwiseOptimizer,
     Proposal,
     SkipStep,
+    has_random_forward,
     has_stateful_forward,
 )
 from curvlab.optim.validation import check_choice, check_int, check_range
@@ -352,17 +355,22 @@ class EDF(ModelwiseOptimizer):
 
     def evaluate(self, objective: Objective) -> tuple[Tensor, Tensor]:
         """Line 1's loss and g from the build of the step's curvature operator (one gradient
-        pass; ``.grad`` is not filled), or from the closure for a stateful training pass."""
-        if has_stateful_forward(objective.model):
+        pass, which moves BatchNorm running statistics once; ``.grad`` is not filled), or from
+        the closure for a random training pass (or running statistics in output space)."""
+        model = objective.model
+        stateful = has_stateful_forward if self.space == "output" else has_random_forward
+        if stateful(model):
             return super().evaluate(objective)  # the operator is built in `propose`
-        self._operator = self._build_operator(objective)
+        self._operator = self._build_operator(objective, update_buffers=True)
         return self._operator.loss, self._operator.gradient()
 
-    def _build_operator(self, objective: Objective) -> CurvatureOperator | _OutputSpaceOperator:
+    def _build_operator(
+        self, objective: Objective, update_buffers: bool = False
+    ) -> CurvatureOperator | _OutputSpaceOperator:
         """A = G or H by products (parameter space), or H_L J Jᵀ (output space)."""
         if self.space == "output":
             return _OutputSpaceOperator(objective, self.params)
-        return self.curvature_operator(objective, self.kind)
+        return self.curvature_operator(objective, self.kind, update_buffers=update_buffers)
 
     def propose(self, objective: Objective, loss: Tensor, grad: Tensor) -> Proposal:
         """Alg 1 / Alg 2 for the direction d, then the W1 / W2 / plain update."""

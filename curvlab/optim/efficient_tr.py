@@ -72,11 +72,11 @@ Where [P3] is silent ([R]) and deviations:
 * Deviation: the finite-difference products are evaluated functionally (the model's
   BatchNorm running statistics do not move and dropout masks are replayed); [C-TR] moves the
   weights in place, which updates BatchNorm statistics a second time (spec §1.4).
-* The operator's passes are functional (BatchNorm running statistics do not move, the global
-  RNG is not advanced). For a model with such state in training mode
-  (`curvlab.optim.modelwise.has_stateful_forward`: BatchNorm, dropout) the step keeps the
-  ordinary training pass (the closure, which fills ``.grad``) for loss and g and builds the
-  operator after it: one gradient more per step, the running statistics move once per step.
+* The operator's passes are functional (the global RNG is not advanced, BatchNorm running
+  statistics move only in the build, once per step, as in a training pass). For a model whose
+  training pass draws random numbers (`curvlab.optim.modelwise.has_random_forward`: dropout)
+  the step keeps the ordinary training pass (the closure, which fills ``.grad``) for loss and
+  g and builds the operator after it: one gradient more per step.
 
 `HybridTRSGD` is [P3] §4's Hybrid (spec §5.5): "runs trust region method until the accuracy
 no longer increases, and then uses the last epoch to initialize SGD method. When the training
@@ -107,7 +107,7 @@ from curvlab.optim.modelwise import (
     ModelwiseOptimizer,
     Proposal,
     SkipStep,
-    has_stateful_forward,
+    has_random_forward,
 )
 from curvlab.optim.switching import DataParallelSGD, TwoStage
 from curvlab.optim.validation import check_choice, check_int, check_range
@@ -167,7 +167,7 @@ class EfficientTR(ModelwiseOptimizer):
     ``hvp_products``, ``step_norm``.
 
     Loss and gradient come from the curvature operator's build (`evaluate`), so ``.grad`` is
-    not filled by ``step`` (it is for a model with a stateful training pass: BatchNorm, dropout).
+    not filled by ``step`` (it is for a model whose training pass is random: dropout).
     """
 
     def __init__(
@@ -260,20 +260,24 @@ class EfficientTR(ModelwiseOptimizer):
 
     def evaluate(self, objective: Objective) -> tuple[Tensor, Tensor]:
         """Alg 1 line 2: g and H on the batch from one pass. The curvature operator's build is
-        the gradient pass, so a step costs one gradient plus the solver's products (``.grad``
-        is not filled). A model with a stateful training pass keeps the closure (docstring)."""
-        if has_stateful_forward(objective.model):
+        the gradient pass (it moves BatchNorm running statistics once), so a step costs one
+        gradient plus the solver's products (``.grad`` is not filled). A model whose training
+        pass is random keeps the closure (docstring)."""
+        if has_random_forward(objective.model):
             return super().evaluate(objective)  # the operator is built in `propose`
-        self._operator = self._build_operator(objective)
+        self._operator = self._build_operator(objective, update_buffers=True)
         return self._operator.loss, self._operator.gradient()
 
-    def _build_operator(self, objective: Objective) -> CurvatureOperator:
+    def _build_operator(
+        self, objective: Objective, update_buffers: bool = False
+    ) -> CurvatureOperator:
         """H on the batch as products (exact or forward differences), built once per step."""
         group = self.param_groups[0]
         return self.curvature_operator(
             objective,
             self.hvp,
             fd_epsilon=group["fd_epsilon"] if self.hvp == "hessian-fd" else None,
+            update_buffers=update_buffers,
         )
 
     def propose(self, objective: Objective, loss: Tensor, grad: Tensor) -> Proposal:

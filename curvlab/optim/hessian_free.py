@@ -47,8 +47,9 @@ Cost per step: with N2 = N1 the GGN operator's build is also the gradient pass o
 (`HessianFree.evaluate` takes the loss and g_t from it, so ``.grad`` is not filled): one gradient
 + (CG products + 1) products + one trial forward. With N2 < N1 the operator lives on S2 and
 cannot give g_t on S1: the closure computes it (filling ``.grad``), one gradient more. The same
-holds for a model whose training pass has state that the operator's functional passes leave
-alone (`curvlab.optim.modelwise.has_stateful_forward`: BatchNorm running statistics, dropout).
+holds for a model whose training pass draws random numbers, which the operator's functional
+passes do not share (`curvlab.optim.modelwise.has_random_forward`: dropout); BatchNorm running
+statistics move in the operator's build, once per step, as in a training pass.
 The operator is dropped at the end of ``step``: no autograd graph outlives a step.
 
 The LM rule of line 7 is `curvlab.optim.control.levenberg_marquardt_update` (shared with
@@ -72,7 +73,7 @@ from curvlab.optim.modelwise import (
     ModelwiseOptimizer,
     Proposal,
     SkipStep,
-    has_stateful_forward,
+    has_random_forward,
 )
 from curvlab.optim.validation import check_choice, check_int, check_range
 from curvlab.solvers import cg
@@ -185,9 +186,9 @@ class HessianFree(ModelwiseOptimizer):
         """Line 3: loss and g_t on S1. With N2 = N1 they come from the build of line 4's GGN
         operator (one gradient pass; ``.grad`` is not filled); otherwise from the closure."""
         n1 = objective.batch_size
-        if self._curvature_batch_size(n1) != n1 or has_stateful_forward(objective.model):
+        if self._curvature_batch_size(n1) != n1 or has_random_forward(objective.model):
             return super().evaluate(objective)  # B_t on S2 ≠ S1: the operator cannot give g_t
-        self._operator = self.curvature_operator(objective, "ggn")
+        self._operator = self.curvature_operator(objective, "ggn", update_buffers=True)
         return self._operator.loss, self._operator.gradient()
 
     def propose(self, objective: Objective, loss: Tensor, grad: Tensor) -> Proposal:

@@ -15,8 +15,10 @@ so does a `SkipStep` raised by a hook (e.g. a failed decomposition), with its re
 `evaluate` runs the closure by default; a method that builds a curvature operator can override
 it to take the loss and gradient from the operator's own pass, so one step costs one gradient
 plus the products (then ``.grad`` is not filled). The operator's passes are functional: they
-move no BatchNorm running statistics and leave the global RNG where it was, so such an override
-keeps the closure for a model where `has_stateful_forward` is true.
+leave the global RNG where it was, so such an override keeps the closure for a model whose
+training pass draws random numbers (`has_random_forward`: dropout); they move no BatchNorm
+running statistics except in that build, which then stands for the training pass
+(``update_buffers=True``: the running statistics move once per step, as with the closure).
 A method whose ratio is measured at a point other than the step (thesis Alg 23: ρ at p_t, step
 α p_t) gives that point as ``Proposal.trial_step``.
 A non-finite trial loss counts as ρ = −∞: the step is rejected and `control` shrinks.
@@ -49,7 +51,13 @@ from curvlab.distributed import Communicator, is_ddp
 from curvlab.objective import Objective
 from curvlab.optim.base import GuardedStep, require_objective
 
-__all__ = ["ModelwiseOptimizer", "Proposal", "SkipStep", "has_stateful_forward"]
+__all__ = [
+    "ModelwiseOptimizer",
+    "Proposal",
+    "SkipStep",
+    "has_random_forward",
+    "has_stateful_forward",
+]
 
 M = TypeVar("M", bound="ModelwiseOptimizer")
 
@@ -63,25 +71,37 @@ class SkipStep(Exception):
         self.reason = reason
 
 
-def has_stateful_forward(model: nn.Module) -> bool:
-    """Whether a training forward pass of ``model`` changes state besides computing outputs.
-
-    True when a module in training mode owns buffers (BatchNorm / InstanceNorm running
-    statistics, moved by a training pass) or draws random numbers (dropout with p > 0, RReLU).
-    A functional curvature-operator pass does neither, so a method that takes its loss and
-    gradient from the operator keeps the ordinary training pass (the closure) for such a model.
-    Randomness inside a custom ``forward`` (e.g. ``F.dropout``) is not detected.
-    """
+def has_random_forward(model: nn.Module) -> bool:
+    """Whether a training forward pass of ``model`` draws random numbers: a module in training
+    mode that is dropout with p > 0 or RReLU. A method that takes its loss and gradient from a
+    functional curvature-operator pass keeps the closure for such a model (the operator's
+    passes replay one RNG state of their own). Randomness inside a custom ``forward`` (e.g.
+    ``F.dropout``) is not detected."""
     for module in model.modules():
         if not module.training:
             continue
-        if next(module.buffers(recurse=False), None) is not None:
-            return True
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
             return True
         if isinstance(module, nn.RReLU):
             return True
     return False
+
+
+def has_stateful_forward(model: nn.Module) -> bool:
+    """Whether a training forward pass of ``model`` changes state besides computing outputs.
+
+    True when a module in training mode owns buffers (BatchNorm / InstanceNorm running
+    statistics, moved by a training pass) or draws random numbers (dropout with p > 0, RReLU).
+    A functional curvature-operator pass does neither by default; buffers it can move once
+    (``update_buffers``), randomness it cannot share (`has_random_forward`). Randomness inside
+    a custom ``forward`` (e.g. ``F.dropout``) is not detected.
+    """
+    if has_random_forward(model):
+        return True
+    return any(
+        module.training and next(module.buffers(recurse=False), None) is not None
+        for module in model.modules()
+    )
 
 
 @dataclass(frozen=True)

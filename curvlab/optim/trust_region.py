@@ -61,11 +61,11 @@ Options and deviations:
 * Cost: line 3's curvature operator is built once per step and its build is also the gradient
   pass (`AdaptiveNormNewton.evaluate` takes the loss and g_t from it, so ``.grad`` is not
   filled): one gradient + k products + one trial forward per step. The operator's passes are
-  functional (no BatchNorm running-statistics update, the global RNG not advanced); for a model
-  with such state in training mode (`curvlab.optim.modelwise.has_stateful_forward`) the
-  ordinary training pass (the closure) gives loss and g_t and the operator is built after it
-  (one gradient more). The operator is dropped at the end of ``step``: no autograd graph
-  outlives a step.
+  functional (the global RNG not advanced; BatchNorm running statistics move only in the build,
+  once per step, as in a training pass); for a model whose training pass draws random numbers
+  (`curvlab.optim.modelwise.has_random_forward`: dropout) the ordinary training pass (the
+  closure) gives loss and g_t and the operator is built after it (one gradient more). The
+  operator is dropped at the end of ``step``: no autograd graph outlives a step.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ from torch import Tensor, nn
 from curvlab.autodiff import CurvatureOperator
 from curvlab.objective import Objective
 from curvlab.optim.control import RHO_GUARD, scaled_model_decrease, trust_region_update
-from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal, has_stateful_forward
+from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal, has_random_forward
 from curvlab.optim.validation import check_choice, check_int, check_range
 from curvlab.solvers import steihaug_cg
 from curvlab.solvers.result import NON_FINITE
@@ -202,10 +202,11 @@ class AdaptiveNormNewton(ModelwiseOptimizer):
 
     def evaluate(self, objective: Objective) -> tuple[Tensor, Tensor]:
         """Line 3: loss and g_t from the build of the step's curvature operator (one gradient
-        pass; ``.grad`` is not filled), or from the closure for a stateful training pass."""
-        if has_stateful_forward(objective.model):
+        pass, which moves BatchNorm running statistics once; ``.grad`` is not filled), or from
+        the closure for a random training pass (dropout)."""
+        if has_random_forward(objective.model):
             return super().evaluate(objective)  # the operator is built in `propose`
-        self._operator = self._build_operator(objective, self.param_groups[0])
+        self._operator = self._build_operator(objective, self.param_groups[0], update_buffers=True)
         return self._operator.loss, self._operator.gradient()
 
     def _step_operator(self, objective: Objective, group: dict[str, Any]) -> CurvatureOperator:
@@ -232,9 +233,11 @@ class AdaptiveNormNewton(ModelwiseOptimizer):
             moment, group["norm"], eps=float(group["eps"]), eps_mode=group["eps_mode"]
         )
 
-    def _build_operator(self, objective: Objective, group: dict[str, Any]) -> CurvatureOperator:
+    def _build_operator(
+        self, objective: Objective, group: dict[str, Any], update_buffers: bool = False
+    ) -> CurvatureOperator:
         """Line 3: B_t as products on this mini-batch (exact Hessian or GGN), built once."""
-        return self.curvature_operator(objective, group["curvature"])
+        return self.curvature_operator(objective, group["curvature"], update_buffers=update_buffers)
 
     def _count(self, products: int, iterations: int) -> None:
         state = self.global_state

@@ -1,7 +1,7 @@
 """EDF (seed 000): Alg 1 with k = n is the exact damped solve, Alg 2 equals one MINRES step,
 λ = a‖g‖^b, W1 / W2 by hand, EDF-H vs EDF-G, the output-space variant, skips, passes per step
-(loss and g from the operator's build; the closure for BatchNorm / dropout), no graph after a
-step, validation and conformance-style behaviour."""
+(loss and g from the operator's build, which moves BatchNorm statistics once; the closure for
+dropout), no graph after a step, validation and conformance-style behaviour."""
 
 from __future__ import annotations
 
@@ -288,6 +288,26 @@ def test_one_step_is_one_gradient_pass_plus_the_products(kind: str, space: str, 
     assert float(loss) == pytest.approx(f0, rel=1e-14) and info["loss"] == float(loss)
     assert len(refs) == 1 and refs[0]() is None  # no autograd graph outlives the step
     assert opt._operator is None
+
+
+@pytest.mark.parametrize("space", ["parameter", "output"])
+def test_batchnorm_build_is_the_training_pass(space: str) -> None:
+    # Parameter space: the operator's build moves the running statistics once, bit-identical to
+    # a training pass; the output-space operator cannot, so the closure's pass is kept there.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
+    _, loss_fn, x, y = _problem("mse")
+    reference = copy.deepcopy(model)
+    reference(x)
+    opt = EDF(model, lr=0.5, order=2, space=space)  # type: ignore[arg-type]
+    with count_forwards(model) as forwards:
+        opt.step(Objective(model, loss_fn, x, y))
+    closure = space == "output"
+    assert forwards[0] == (2 if closure else 1)
+    assert all((p.grad is not None) is closure for p in model.parameters())
+    assert int(model[1].num_batches_tracked) == 1
+    for name in ("running_mean", "running_var"):
+        assert torch.equal(getattr(model[1], name), getattr(reference[1], name))
 
 
 def test_batchnorm_and_dropout_models_keep_the_training_pass() -> None:

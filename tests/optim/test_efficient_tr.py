@@ -314,18 +314,35 @@ def test_one_step_is_one_gradient_pass_plus_products(
     assert refs[0]() is None and opt._operator is None  # no autograd graph outlives the step
 
 
-def test_batchnorm_model_keeps_the_training_pass() -> None:
+@pytest.mark.parametrize("hvp", ["hessian", "hessian-fd"])
+def test_batchnorm_model_builds_the_operator_as_its_training_pass(hvp: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
-    opt = EfficientTR(model, 0.3)
+    opt = EfficientTR(model, 0.3, hvp=hvp)  # type: ignore[arg-type]
     refs = spy_operators(opt)
     for i, (x, y) in enumerate(_batches(2), start=1):
+        reference = copy.deepcopy(model)
+        reference(x)  # one training pass at the step's parameters
         with count_forwards(model) as forwards:
             opt.step(Objective(model, nn.MSELoss(), x, y))
-        assert forwards[0] == 3  # the closure's training pass, the operator's build, the trial
+        products = opt.last_step_info["hvp_products"] if hvp == "hessian-fd" else 0
+        assert forwards[0] == 2 + products  # build (the training pass), fd products, trial
         assert int(model[1].num_batches_tracked) == i  # running statistics move once per step
-    assert all(p.grad is not None for p in model.parameters())
+        for name in ("running_mean", "running_var"):
+            assert torch.equal(getattr(model[1], name), getattr(reference[1], name))
+    assert all(p.grad is None for p in model.parameters())
     assert all(ref() is None for ref in refs)
+
+
+def test_dropout_model_keeps_the_training_pass() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.Tanh(), nn.Linear(8, 3)).double()
+    opt = EfficientTR(model, 0.3)
+    x, y = _batches(1)[0]
+    with count_forwards(model) as forwards:
+        opt.step(Objective(model, nn.MSELoss(), x, y))
+    assert forwards[0] == 3  # the closure's training pass, the operator's build, the trial
+    assert all(p.grad is not None for p in model.parameters())
 
 
 # --------------------------------------------------------------------------- Hybrid

@@ -20,6 +20,7 @@ from curvlab.optim.hessian_free import HessianFree
 from curvlab.solvers import SolverResult
 from curvlab.testing.models import regression_problem, tiny_mlp
 from tests.optim.test_modelwise import count_forwards, spy_operators
+from tests.optim.test_trust_region import check_stateful_training_pass
 
 F64 = torch.float64
 
@@ -145,6 +146,11 @@ def test_full_batch_curvature_takes_loss_and_gradient_from_the_operator() -> Non
     assert info["matvecs"] == info["cg_iterations"] + 1
     assert len(refs) == 1 and refs[0]() is None  # no autograd graph outlives the step
     assert opt._operator is None
+
+
+def test_batchnorm_build_is_the_training_pass_and_dropout_keeps_the_closure() -> None:
+    _, _, x, y = _problem("mse")
+    check_stateful_training_pass(HessianFree, {"lr": 1.0, "cg_max_iters": 3}, x, y)
 
 
 def test_curvature_subset_keeps_the_closure_for_the_s1_gradient() -> None:

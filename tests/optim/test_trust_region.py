@@ -118,8 +118,9 @@ def check_conformance(cls: type, kwargs: dict[str, Any]) -> None:
 
 def check_passes(cls: type, kwargs: dict[str, Any]) -> None:
     """One step = the operator's build (the gradient pass) + k products + one trial forward;
-    ``.grad`` untouched; the operator (and its graphs) gone after ``step``. A BatchNorm model
-    keeps the closure's training pass (running statistics move once per step)."""
+    ``.grad`` untouched; the operator (and its graphs) gone after ``step``. On a BatchNorm
+    model the build stands for the training pass (running statistics move once, exactly as in
+    a training forward pass); a dropout model keeps the closure's training pass."""
     model = tiny_mlp((3, 4, 2))
     x, y = regression_problem(n=8, d_in=3, d_out=2)
     objective = Objective(model, nn.MSELoss(), x, y)
@@ -142,16 +143,36 @@ def check_passes(cls: type, kwargs: dict[str, Any]) -> None:
     assert len(proposals) == 1 and len(refs) == 1
     assert refs[0]() is None and opt._operator is None  # no autograd graph outlives the step
 
+    check_stateful_training_pass(cls, kwargs, x, y)
+
+
+def check_stateful_training_pass(cls: type, kwargs: dict[str, Any], x: Tensor, y: Tensor) -> None:
+    """BatchNorm: build + trial, the running statistics moved once, bit-identical to a training
+    forward pass at the same parameters. Dropout: the closure's pass is kept (3 forwards)."""
+    d_in, d_out = x.shape[1], y.shape[1]
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
+    model = nn.Sequential(nn.Linear(d_in, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, d_out)).to(
+        F64
+    )
+    reference = copy.deepcopy(model)
+    reference(x)  # one training pass at the step's parameters
     opt = cls(model, **kwargs)
     refs = spy_operators(opt)
     with count_forwards(model) as forwards:
         opt.step(Objective(model, nn.MSELoss(), x, y))
+    assert forwards[0] == 2  # the build (the training pass) and the trial
+    assert all(p.grad is None for p in model.parameters())
+    assert int(model[1].num_batches_tracked) == 1
+    for name in ("running_mean", "running_var"):
+        assert torch.equal(getattr(model[1], name), getattr(reference[1], name))
+    assert refs[0]() is None
+    model = nn.Sequential(nn.Linear(d_in, 4), nn.Dropout(0.3), nn.Tanh(), nn.Linear(4, d_out))
+    model = model.to(F64)
+    opt = cls(model, **kwargs)
+    with count_forwards(model) as forwards:
+        opt.step(Objective(model, nn.MSELoss(), x, y))
     assert forwards[0] == 3  # closure, build, trial
     assert all(p.grad is not None for p in model.parameters())
-    assert int(model[1].num_batches_tracked) == 1
-    assert refs[0]() is None
 
 
 def check_invalid(cls: type, kwargs: dict[str, Any], invalid: dict[str, Any]) -> None:
@@ -480,7 +501,7 @@ def test_non_finite_curvature_rejects_without_touching_the_radius() -> None:
     model = tiny_mlp((4, 8, 3))
     x, y = regression_problem(n=16)
     opt = EllipsoidalTR(model, norm="uniform")
-    opt._build_operator = lambda objective, group: NaNCurvature(objective)  # type: ignore[method-assign]
+    opt._build_operator = lambda objective, group, **_: NaNCurvature(objective)  # type: ignore[method-assign]
     before = flat(model)
     opt.step(Objective(model, nn.MSELoss(), x, y))
     info = opt.last_step_info
