@@ -516,3 +516,20 @@ def test_conformance_lr_scheduler_is_respected(cls: type, kwargs: dict[str, Any]
     _run(opt, model, batches[1:])
     for p, q in zip(model.parameters(), frozen, strict=True):
         assert torch.equal(p, q)
+
+
+def test_non_finite_batch_leaves_the_running_statistics_alone() -> None:
+    # The operator's build stands for the training pass on a BatchNorm model, but writes its
+    # running statistics back only when they are finite: a NaN batch is skipped cleanly.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
+    opt = EfficientTR(model, 0.3)
+    x, y = _batches(1)[0]
+    opt.step(Objective(model, nn.MSELoss(), x, y))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x_bad = x.clone()
+    x_bad[0, 0] = float("nan")
+    opt.step(Objective(model, nn.MSELoss(), x_bad, y))
+    assert opt.last_step_info["skipped"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
