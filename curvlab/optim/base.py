@@ -144,23 +144,47 @@ def full_precision(method: Callable[..., Any], *, closure: bool = False) -> Call
     return wrapped
 
 
+def running_statistics(model: Any) -> tuple[tuple[Tensor, Tensor], ...]:
+    """``(buffer, copy)`` of every running statistic a training forward pass of ``model``
+    moves (BatchNorm / InstanceNorm with ``track_running_stats`` in training mode)."""
+    if not isinstance(model, nn.Module):
+        return ()
+    return tuple(
+        (buffer, buffer.clone())
+        for module in model.modules()
+        if isinstance(module, nn.modules.batchnorm._NormBase)
+        and module.training
+        and module.track_running_stats
+        for buffer in module.buffers(recurse=False)
+    )
+
+
 def sampler_snapshot(step: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap ``step`` so that the state of the optimizer's label sampler (``self._generator``,
-    if it has one) is copied at the start of the outermost call, for `GuardedStep.
-    restore_sampler` on a skipped step. The copy is an attribute, never in ``state_dict``."""
+    """Wrap ``step`` so that, at the start of the outermost call, the state of the optimizer's
+    label sampler (``self._generator``, if it has one) and the model's running statistics
+    (`running_statistics`: small BatchNorm buffers) are copied, for `GuardedStep.skip_step` to
+    put back: a skipped step (a NaN batch) must not advance the sampler nor leave NaN running
+    statistics that would break evaluation later. The copies are attributes, never in
+    ``state_dict``."""
     if getattr(step, "_sampler_snapshot", False):
         return step
 
     @functools.wraps(step)
     def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.__dict__.get("_in_step", False):
+            return step(self, *args, **kwargs)  # a nested call (super().step)
         generator = self.__dict__.get("_generator")
-        if generator is None or self.__dict__.get("_sampler_at_step") is not None:
-            return step(self, *args, **kwargs)  # no sampler, or a nested call (super().step)
-        self._sampler_at_step = generator.get_state()  # a small CPU uint8 tensor
+        closure = args[0] if args else kwargs.get("closure")
+        model = self.__dict__.get("model", getattr(closure, "model", None))
+        self._in_step = True
+        self._sampler_at_step = None if generator is None else generator.get_state()
+        self._statistics_at_step = running_statistics(model)
         try:
             return step(self, *args, **kwargs)
         finally:
+            self._in_step = False
             self._sampler_at_step = None
+            self._statistics_at_step = ()
 
     wrapped._sampler_snapshot = True  # type: ignore[attr-defined]
     return wrapped
@@ -173,15 +197,17 @@ class GuardedStep:
     * ``step`` and ``warm_start`` of every subclass are wrapped by `full_precision`
       (mixed precision: the optimizer's maths with autocast off);
     * the sampler of labels / subsets (`new_sampler`) is saved and restored with the state;
-    * ``step`` snapshots the label sampler's random state (`sampler_snapshot`), and
-      `skip_step` (via `restore_sampler`) puts it back, so that a skipped step leaves the
-      sampler exactly as it was even if labels were already sampled.
+    * ``step`` snapshots the label sampler's random state and the model's BatchNorm running
+      statistics (`sampler_snapshot`), and `skip_step` puts them back, so that a skipped step
+      leaves the sampler exactly as it was even if labels were already sampled, and no NaN
+      batch leaves NaN running statistics behind.
     """
 
     last_step_info: dict[str, Any]
 
     _caller_autocast: AutocastState | None = None
     _sampler_at_step: Tensor | None = None
+    _statistics_at_step: tuple[tuple[Tensor, Tensor], ...] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -252,8 +278,12 @@ class GuardedStep:
 
     def skip_step(self, loss: Tensor | None, reason: str) -> None:
         """Record a skipped step; parameters and curvature state stay untouched, and the
-        label sampler is put back to its state at the start of the step."""
+        label sampler and the model's running statistics are put back to their state at the
+        start of the step."""
         self.restore_sampler()
+        with torch.no_grad():
+            for buffer, saved in self._statistics_at_step:
+                buffer.copy_(saved)
         state: dict[str, Any] = self.global_state  # type: ignore[attr-defined]
         state["skipped_steps"] += 1
         self.last_step_info = {

@@ -506,3 +506,26 @@ def test_non_finite_step_is_skipped_and_changes_nothing(case: Case, fault: str) 
         assert torch.equal(p, q)
     ignored = _COUNTERS | (_SCHEDULE if isinstance(opt, TwoStage) else set())
     _assert_same(_without(opt.state_dict(), ignored), _without(saved, ignored))
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_skipped_step_leaves_the_running_statistics(case: Case) -> None:
+    """A NaN batch through a BatchNorm model is skipped and leaves the model's running
+    statistics as they were (NaN running statistics would break evaluation later)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
+    try:
+        opt = case.cls(model, **case.kwargs)
+    except ValueError as error:  # SMW-GN/NG: no BatchNorm parameters (documented)
+        assert "BatchNorm" in str(error)
+        pytest.skip("refuses BatchNorm parameters")
+    batches = _batches(3)
+    _run(opt, model, batches[:2])
+    before = copy.deepcopy(model.state_dict())
+    x, y = batches[2]
+    x = x.clone()
+    x[0, 0] = float("nan")
+    opt.step(Objective(model, nn.MSELoss(), x, y))
+    assert _was_skipped(opt), opt.last_step_info
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
