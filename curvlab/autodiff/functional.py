@@ -9,8 +9,8 @@ and evaluates the model at any θ with `torch.func.functional_call`:
   (train-mode semantics, as [C-EDF] runs its products) while its running statistics in the
   model are never moved by the extra passes (spec-papers §1.4 "subtleties"); with
   ``commit_buffers`` the first pass writes its copies back, moving the running statistics
-  once, exactly as the training pass it then stands for (unless a copy is not finite: a
-  non-finite batch leaves them as they were);
+  once, exactly as the training pass it then stands for (an optimizer that skips the step of
+  a non-finite batch puts them back: `curvlab.optim.base.GuardedStep.skip_step`);
 * random ops (dropout) can be replayed with one saved RNG state (`replayed_rng`), so that
   several passes at different θ see the same masks (spec-papers §1.4);
 * mixed precision: the forward pass runs under the objective's recorded autocast state
@@ -172,12 +172,9 @@ class ParameterView:
             out: Tensor = functional_call(model, merged, (self.objective.inputs,), strict=False)
         if self._commit_buffers:
             self._commit_buffers = False
-            floats = [merged[n] for n, b in buffers.items() if b.is_floating_point()]
-            # A non-finite batch (whose step the optimizer skips) leaves the statistics alone.
-            if not floats or bool(torch.stack([torch.isfinite(t).all() for t in floats]).all()):
-                with torch.no_grad():
-                    for name, buffer in buffers.items():
-                        buffer.copy_(merged[name])
+            with torch.no_grad():
+                for name, buffer in buffers.items():
+                    buffer.copy_(merged[name])
         return out
 
     def loss(self, values: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
