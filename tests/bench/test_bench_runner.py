@@ -125,6 +125,30 @@ def test_presets_merge_over_defaults() -> None:
         specs.get_preset("adam", "curves-autoencoder", "nope")
 
 
+def test_every_preset_builds_its_optimizer() -> None:
+    """Each preset's values are accepted by its optimizer on its problem's model (a typo or an
+    out-of-range value would otherwise surface only when someone runs that preset)."""
+    models: dict[str, nn.Module] = {}
+    for (name, problem, _), preset in sorted(specs.PRESETS.items()):
+        spec = specs.get_optimizer(name)
+        hparams = {**spec.defaults, **preset.hparams}
+        if hparams.pop("warm_start", False):
+            assert spec.supports_warm_start, (name, problem)
+        hparams.pop("batch_size", None)
+        model = models.setdefault(problem, get_problem(problem).make_model(0))
+        assert isinstance(spec.factory(model, hparams), torch.optim.Optimizer), (name, problem)
+
+
+def test_tuned_fmnist_presets_name_their_grid() -> None:
+    tuned = {
+        o: p for (o, q, n), p in specs.PRESETS.items() if q == "fmnist-autoencoder" and n == "tuned"
+    }
+    assert {"kfac", "kbfgs", "kbfgs-l", "tnt", "sgd-m", "adam"} <= set(tuned)
+    for preset in tuned.values():
+        assert "scripts/tune_fmnist_presets.sh" in preset.source
+        assert preset.hparams.get("warm_start", True) is True
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"steps": 0}, {"seconds": -1.0}])
 def test_budget_validation(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="Budget"):
