@@ -74,6 +74,18 @@ RUNNER_KEYS = ("warm_start", "batch_size")
 
 WARMUP_STEPS = 5
 
+BLOW_UP_FACTOR = 1e6
+"""A run has diverged when a step's loss is not finite, or when its magnitude exceeds
+``BLOW_UP_FACTOR · (|first step's loss| + 1)``: such a run is dead even while its loss stays
+finite (seen: 3e27 from 543), and reporting it "completed" would hide that."""
+
+
+def _diverged(value: float, first: float) -> bool:
+    """Whether a step's loss ``value`` marks the run as diverged (see `BLOW_UP_FACTOR`)."""
+    if not math.isfinite(value):
+        return True
+    return math.isfinite(first) and abs(value) > BLOW_UP_FACTOR * (abs(first) + 1.0)
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -318,7 +330,7 @@ def run(
                 budget.fraction(step, done, wall),
                 f"step {step} epoch {done:.2f} loss {value:.4g} {wall:.1f}s",
             )
-            if not math.isfinite(value):
+            if _diverged(value, step_loss[0]):
                 status, stop = "diverged", True
             if stop or budget.reached(step, done, wall):
                 stop = True

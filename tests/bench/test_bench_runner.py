@@ -16,17 +16,19 @@ from curvlab.bench.problems import PROBLEMS, get_problem
 from curvlab.bench.records import RunRecord, load_record
 from curvlab.bench.registry import UnknownNameError
 from curvlab.bench.report import summarize
-from curvlab.bench.runner import Budget, run
+from curvlab.bench.runner import BLOW_UP_FACTOR, Budget, _diverged, run
 from curvlab.bench.specs import OptimizerSpec
 
 
 class _FakeCurvature(torch.optim.SGD):
     """SGD with the extras the runner looks for: ``warm_start`` and ``last_step_info``."""
 
-    def __init__(self, model: nn.Module, lr: float, blow_up_at: int = 0) -> None:
+    def __init__(
+        self, model: nn.Module, lr: float, blow_up_at: int = 0, blow_up_to: float = math.nan
+    ) -> None:
         super().__init__(model.parameters(), lr=lr)
         self.warm_batches = 0
-        self.blow_up_at = blow_up_at
+        self.blow_up_at, self.blow_up_to = blow_up_at, blow_up_to
         self.count = 0
         self.last_step_info: dict[str, Any] = {}
 
@@ -40,7 +42,7 @@ class _FakeCurvature(torch.optim.SGD):
         self.count += 1
         self.last_step_info = {"skipped": self.count % 2 == 0, "rho": torch.tensor(0.5)}
         if self.count == self.blow_up_at:
-            return torch.tensor(math.nan)
+            return torch.tensor(self.blow_up_to)
         return loss
 
 
@@ -102,6 +104,28 @@ def test_divergence_stops_the_run(fake_spec: OptimizerSpec, tmp_path: Path) -> N
     back = load_record(r.save(tmp_path))
     assert math.isnan(back.step_loss[-1]) and back.summary == r.summary
     assert summarize([back])[0].diverged == 1
+
+
+@pytest.mark.parametrize(
+    ("to", "status"), [(1e30, "diverged"), (-1e30, "diverged"), (1e3, "completed")]
+)
+def test_a_finite_loss_explosion_is_divergence(
+    fake_spec: OptimizerSpec, to: float, status: str
+) -> None:
+    """A loss a million times the first step's (plus one) ends the run as diverged even while
+    it stays finite; a thousandfold rise does not."""
+    r = run("synthetic-mlp", "fake", {"blow_up_at": 2, "blow_up_to": to}, budget=Budget(steps=4))
+    assert r.summary["status"] == status
+    assert r.summary["steps"] == (2 if status == "diverged" else 4)
+    assert r.step_loss[1] == pytest.approx(to)
+
+
+def test_divergence_rule() -> None:
+    assert _diverged(math.inf, 1.0) and _diverged(math.nan, 1.0)
+    assert _diverged(BLOW_UP_FACTOR * 544.0 * 1.01, 543.0)
+    assert not _diverged(BLOW_UP_FACTOR * 544.0 * 0.99, 543.0)
+    assert not _diverged(1e5, -0.5) and _diverged(1e7, -0.5)  # negative losses: magnitude
+    assert not _diverged(1e300, math.nan)  # no finite reference: only non-finite values count
 
 
 def test_warm_start_needs_support() -> None:
