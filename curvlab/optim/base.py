@@ -604,12 +604,25 @@ class LayerwiseOptimizer(GuardedStep, DataParallelMixin, Optimizer):
                 ]
                 yield name, layer.grad_matrix(bufs[0], bufs[1] if len(bufs) > 1 else None)
 
+        return self.apply_preconditioned(momentum_matrices(), precondition, fallback_group)
+
+    def apply_preconditioned(
+        self,
+        matrices: Iterable[tuple[str, Tensor]],
+        precondition: Callable[[str, Tensor], Tensor],
+        fallback_group: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> bool:
+        """``precondition(name, V)`` for each layer's (momentum) gradient matrix ``V`` of
+        ``matrices``, every direction checked before any is applied (`precondition_blocks`),
+        then the fallback parameters (`apply_fallback`). Returns False, moving nothing, when a
+        direction is not finite."""
+
         def apply(name: str, direction: Tensor) -> None:
             layer, group = self.layers[name], self.group(name)
             for p, d in zip(layer.params, layer.split(direction), strict=True):
                 self._apply(p, d, group)
 
-        if not self.precondition_blocks(momentum_matrices(), precondition, apply):
+        if not self.precondition_blocks(matrices, precondition, apply):
             return False  # a non-finite direction: no parameter moves (`precondition_blocks`)
         self.apply_fallback(fallback_group)
         return True

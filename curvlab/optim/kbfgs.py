@@ -575,20 +575,11 @@ class KBFGS(LayerwiseOptimizer):
             self.apply_fallback(fallback)
             return True
 
-        def matrices() -> Iterable[tuple[str, Tensor]]:
-            for name, momenta, _ in entries:
-                bias = momenta[1] if len(momenta) > 1 else None
-                yield name, self.layers[name].grad_matrix(momenta[0], bias)
-
-        def apply(name: str, direction: Tensor) -> None:
-            layer, group = self.layers[name], self.group(name)
-            for p, d in zip(layer.params, layer.split(direction), strict=True):
-                self._apply(p, d, group)
-
-        if not self.precondition_blocks(matrices(), self._precondition, apply):
-            return False
-        self.apply_fallback(fallback)
-        return True
+        matrices = (
+            (name, self.layers[name].grad_matrix(m[0], m[1] if len(m) > 1 else None))
+            for name, m, _ in entries
+        )
+        return self.apply_preconditioned(matrices, self._precondition, fallback)
 
     def _fused_update_is_finite(
         self, entries: list[tuple[str, list[Tensor], dict[str, Any]]]
