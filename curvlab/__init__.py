@@ -12,11 +12,11 @@ from curvlab.optim import (
     SMWNGBD,
     TNT,
     TSOALRA,
+    BlockOptimizer,
     EfficientTR,
     EllipsoidalTR,
     HessianFree,
     HybridTRSGD,
-    LayerwiseOptimizer,
     ModelwiseOptimizer,
     Proposal,
     Shampoo,
@@ -51,7 +51,7 @@ __all__ = [
     # wrappers
     "TwoStage",
     # bases for new methods
-    "LayerwiseOptimizer",
+    "BlockOptimizer",
     "ModelwiseOptimizer",
     "TensorwiseOptimizer",
     "Proposal",

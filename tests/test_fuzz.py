@@ -171,7 +171,7 @@ FUZZED: dict[str, Fuzzed] = {
 }
 
 _WRAPPERS_AND_BASES = {
-    "LayerwiseOptimizer",
+    "BlockOptimizer",
     "ModelwiseOptimizer",
     "TensorwiseOptimizer",
     "TwoStage",

@@ -10,7 +10,7 @@ and evaluates the model at any θ with `torch.func.functional_call`:
   model are never moved by the extra passes (spec-papers §1.4 "subtleties"); with
   ``commit_buffers`` the first pass writes its copies back, moving the running statistics
   once, exactly as the training pass it then stands for (an optimizer that skips the step of
-  a non-finite batch puts them back: `curvlab.optim.base.GuardedStep.skip_step`);
+  a non-finite batch puts them back: `curvlab.optim.guard.StepGuard.skip`);
 * random ops (dropout) can be replayed with one saved RNG state (`replayed_rng`), so that
   several passes at different θ see the same masks (spec-papers §1.4);
 * mixed precision: the forward pass runs under the objective's recorded autocast state

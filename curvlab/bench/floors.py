@@ -83,9 +83,9 @@ from torch.utils.hooks import RemovableHandle
 
 from curvlab.curvature.factors import FactorBuffers
 from curvlab.curvature.layers import find_layers
-from curvlab.curvature.tensor_blocks import tensor_shape
 from curvlab.linalg import damped_inverse, damped_inverse_root
 from curvlab.linalg.gram import _BLOCKED_MIN_COLS, _block_size
+from curvlab.linalg.modes import tensor_shape
 from curvlab.optim.kbfgs import KBFGS
 from curvlab.optim.kfac import KFAC
 from curvlab.optim.tensorwise import TensorwiseOptimizer
@@ -659,7 +659,7 @@ def tensorwise_floor(
                 shape[mode],
                 math.prod(shape[mode + 1 :]),
             )
-            # curvlab.curvature.tensor_blocks.mode_statistics: rows of the contraction.
+            # curvlab.linalg.modes.mode_statistics: rows of the contraction.
             if post == 1:
                 grams = gram_gemms(pre, d)
             elif pre == 1:
@@ -711,7 +711,7 @@ def floor_items(
             used,
             curvature_every=int(group["curvature_every"]),
             inverse_every=int(group["inverse_every"]),
-            after_step=optimizer.statistics == "after_step",
+            after_step=optimizer.statistics_point == "after_step",
             sampled=optimizer.fisher == "true",
             damping=float(group["damping"]),
         )
@@ -729,9 +729,9 @@ def floor_items(
         tensors = [
             TensorSpec(
                 names.get(id(p), f"param{i}"),
-                optimizer.blocks[id(p)].shape,
-                optimizer.blocks[id(p)].method,
-                optimizer.blocks[id(p)].root,
+                optimizer.tensor_block(optimizer._name_of[id(p)]).shape,
+                optimizer.tensor_block(optimizer._name_of[id(p)]).method,
+                optimizer.tensor_block(optimizer._name_of[id(p)]).root,
                 float(optimizer.group_of(p)["damping"]),
             )
             for i, p in enumerate(optimizer.params)
@@ -764,7 +764,7 @@ def real_factors(optimizer: torch.optim.Optimizer, prefix: str = "") -> dict[str
         if "statistics" not in state:
             continue
         name = names.get(id(p), f"param{i}")
-        for mode, F in enumerate(optimizer.blocks[id(p)].factors(state)):
+        for mode, F in enumerate(optimizer.tensor_block(optimizer._name_of[id(p)]).factors(state)):
             out[f"{prefix}{name}:{mode}"] = F.detach().clone()
     return out
 

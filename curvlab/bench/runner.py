@@ -24,7 +24,7 @@ Data-parallel runs (``communicator`` with several ranks, e.g. ``curvlab bench --
 * every rank builds the same model and data and draws the same global batches; rank r steps
   on its part of each batch (``tensor_split`` into N shards; a batch with fewer examples than
   ranks is skipped by all). With mean losses and equal shards one step equals the
-  single-process step on the global batch (`curvlab.optim.base.DataParallelMixin`);
+  single-process step on the global batch (`curvlab.optim.data_parallel.DataParallelBlocks`);
 * curvlab's layer-wise optimizers are `distribute`-d (``dist_mode``; plain per-rank models
   whose gradients the optimizer averages, or a DDP model with ``ddp=True``); optimizers from
   ``torch.optim`` get a DDP model; model-wide methods are `distribute`-d on plain per-rank

@@ -116,15 +116,20 @@ def _as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 @contextmanager
-def capture(layers: Mapping[str, KroneckerLayer]) -> Iterator[Capture]:
-    """Capture inputs and output gradients of ``layers`` inside the ``with`` body."""
+def capture(
+    layers: Mapping[str, KroneckerLayer], *, output_gradients: bool = True
+) -> Iterator[Capture]:
+    """Capture inputs and (unless ``output_gradients=False``: inputs only, by forward
+    pre-hooks alone) output gradients of ``layers`` inside the ``with`` body."""
     cap = Capture(layers)
     handles: list[RemovableHandle] = []
     try:
         for name, layer in layers.items():
             dtype = layer.weight.dtype
             handles.append(layer.module.register_forward_pre_hook(cap._pre_hook(name, dtype)))
-            handles.append(layer.module.register_forward_hook(cap._forward_hook(name, dtype)))
+            if output_gradients:
+                hook = cap._forward_hook(name, dtype)
+                handles.append(layer.module.register_forward_hook(hook))
         with torch.enable_grad():
             yield cap
     finally:

@@ -96,6 +96,43 @@ class KroneckerLayer:
         assert bias_grad is not None
         return torch.cat([w, bias_grad.reshape(-1, 1)], dim=1)
 
+    def pre_activation(self, a: Tensor) -> Tensor:
+        """``[W b] a`` (h = W ā, the homogeneous 1 last in ``a`` when there is a bias), without
+        copying W into ``[W b]``."""
+        W = self.weight.reshape(self.d_out, -1)
+        if self.bias is None:
+            return W @ a
+        return torch.addmv(self.bias, W, a[:-1])
+
+    def mean_input(self, inputs: list[Tensor], m: int) -> tuple[Tensor, float]:
+        """(ā, |T|): the mean of ā_t(n) over examples and locations of every call (with the
+        homogeneous 1 when there is a bias) and the number of rows per example.
+
+        The patches are linear in the input, so the sum of all examples' patches is the patch
+        matrix of the batch-summed input: one unfold of a single image instead of m.
+        """
+        total: Tensor | None = None
+        n_rows = 0
+        for x in inputs:
+            per = self.input_rows(x.sum(0, keepdim=True))
+            part = per.sum(0)
+            total = part if total is None else total + part
+            n_rows += per.shape[0] * x.shape[0]
+        assert total is not None
+        mean = total / n_rows
+        if self.bias is not None:
+            mean = torch.cat([mean, mean.new_ones(1)])
+        return mean, n_rows / m
+
+    def sum_outputs(self, grads: list[Tensor]) -> Tensor:
+        """Σ over examples, locations and calls of output-side tensors (e.g. ∂L/∂h_t(n))."""
+        total: Tensor | None = None
+        for g in grads:
+            part = g.sum(dim=(0, 2, 3)) if self.is_conv else g.reshape(-1, g.shape[-1]).sum(0)
+            total = part if total is None else total + part
+        assert total is not None
+        return total
+
     def split(self, matrix: Tensor) -> list[Tensor]:
         """Inverse of `grad_matrix`: tensors shaped like ``params``."""
         if self.bias is None:

@@ -29,7 +29,7 @@ all ranks (the averaged loss and gradients, `finite_everywhere`), so ranks never
 about what to send and their parameters stay bit-identical.
 
 Blocks exchange their inverses through three methods (`SharedInverse`), implemented by
-`curvlab.curvature.blocks.KroneckerBlock` and `curvlab.curvature.tensor_blocks.TensorBlock`.
+the blocks of `curvlab.curvature.blocks`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 `TwoStage`."""
 
 from curvlab.optim.arc import ARC
-from curvlab.optim.base import LayerwiseOptimizer
+from curvlab.optim.base import BlockOptimizer
 from curvlab.optim.edf import EDF
 from curvlab.optim.efficient_tr import EfficientTR, HybridTRSGD
 from curvlab.optim.hessian_free import HessianFree
@@ -32,7 +32,7 @@ __all__ = [
     "SMWNGBD",
     "TNT",
     "TSOALRA",
-    "LayerwiseOptimizer",
+    "BlockOptimizer",
     "ModelwiseOptimizer",
     "Proposal",
     "Shampoo",

@@ -49,7 +49,7 @@ from torch.optim import Optimizer
 from curvlab.autodiff import CurvatureOperator, curvature_operator
 from curvlab.distributed import Communicator, is_ddp
 from curvlab.objective import Objective
-from curvlab.optim.base import GuardedStep, require_objective
+from curvlab.optim.guard import SampledLabels, StepGuard, require_objective, step_guard
 
 __all__ = [
     "ModelwiseOptimizer",
@@ -118,7 +118,7 @@ class Proposal:
     trial_step: Tensor | None = None
 
 
-class ModelwiseOptimizer(GuardedStep, Optimizer, ABC):
+class ModelwiseOptimizer(SampledLabels, Optimizer, ABC):
     """Base of the model-wide methods (one parameter group: the step is one flat vector).
 
     ``params`` is a model (its trainable parameters) or an iterable of parameters / one group.
@@ -275,7 +275,16 @@ class ModelwiseOptimizer(GuardedStep, Optimizer, ABC):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
         """One model-wide step on the objective's mini-batch (see the module docstring)."""
-        objective = require_objective(closure, type(self).__name__)
+        with step_guard(self, closure) as guard:
+            try:
+                return self._step(require_objective(closure, type(self).__name__), guard)
+            finally:
+                self.end_step()
+
+    def end_step(self) -> None:
+        """Drop what one step keeps (e.g. an operator: no autograd graph outlives the step)."""
+
+    def _step(self, objective: Objective, guard: StepGuard) -> Tensor:
         self.check_hyperparameters(self.param_groups[0])
         state = self.global_state
         if self._comm.is_distributed and is_ddp(objective.model):
@@ -285,13 +294,13 @@ class ModelwiseOptimizer(GuardedStep, Optimizer, ABC):
             )
         loss, grad = self._mean_loss_and_gradient(*self.evaluate(objective))
         if not torch.isfinite(loss) or not bool(torch.isfinite(grad).all()):
-            return self._skip(loss, "non-finite loss or gradient")
+            return self._skip(guard, loss, "non-finite loss or gradient")
         try:
             proposal = self.propose(objective, loss, grad)
         except SkipStep as skip:
-            return self._skip(loss, skip.reason)
+            return self._skip(guard, loss, skip.reason)
         if not bool(torch.isfinite(proposal.step).all()):
-            return self._skip(loss, "non-finite proposal")
+            return self._skip(guard, loss, "non-finite proposal")
         rho = math.nan
         trial = None
         if self.uses_trial_loss:
@@ -324,6 +333,6 @@ class ModelwiseOptimizer(GuardedStep, Optimizer, ABC):
         }
         return loss
 
-    def _skip(self, loss: Tensor, reason: str) -> Tensor:
-        self.skip_step(loss, reason)  # restores a method's own sampler (SMW, HF subsets)
+    def _skip(self, guard: StepGuard, loss: Tensor, reason: str) -> Tensor:
+        guard.skip(loss, reason)  # restores a method's own sampler (SMW, HF subsets)
         return loss

@@ -36,7 +36,7 @@ Options:
   On CPU it is much cheaper than coupled Newton, whose every iteration costs about 4 d×d matrix
   products (``N^{2k}`` by repeated squaring plus two more) for each factor of size d.
 * ``inverse_warmup`` and the statistics of the first mini-batch without `warm_start`: see
-  `curvlab.optim.tensorwise` (thesis A9).
+  `curvlab.optim.tensorwise` (deviation A9).
 
 ``step`` accepts a plain closure (or `curvlab.Objective`), or ``None`` when the gradients are
 already computed. Why this is not a `LayerwiseOptimizer`: see `curvlab.optim.tensorwise`.
@@ -50,8 +50,8 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from curvlab.objective import Objective
-from curvlab.optim.tensorwise import TensorwiseOptimizer, validated
-from curvlab.optim.validation import check_choice
+from curvlab.optim.tensorwise import TensorwiseOptimizer
+from curvlab.optim.validation import check_choice, check_hyperparameters
 
 __all__ = ["Shampoo"]
 
@@ -89,14 +89,16 @@ class Shampoo(TensorwiseOptimizer):
         inverse_warmup: bool = True,
         params: Iterable[Any] | None = None,
     ) -> None:
-        defaults = validated(
-            lr=lr,
-            damping=damping,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            ema_decay=ema_decay,
-            curvature_every=curvature_every,
-            inverse_every=inverse_every,
+        defaults = check_hyperparameters(
+            dict(
+                lr=lr,
+                damping=damping,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                ema_decay=ema_decay,
+                curvature_every=curvature_every,
+                inverse_every=inverse_every,
+            )
         )
         method = check_choice("root_method", root_method, ("coupled_newton", "eigh"))
         super().__init__(
@@ -109,6 +111,6 @@ class Shampoo(TensorwiseOptimizer):
             inverse_warmup=inverse_warmup,
         )
 
-    def _statistics_loss(self, objective: Objective, outputs: Tensor, loss: Tensor) -> Tensor:
+    def statistics_loss(self, objective: Objective, outputs: Tensor, loss: Tensor) -> Tensor:
         """The true-label loss: Ḡ_l is the empirical mini-batch gradient (Alg 16 line 9)."""
         return loss

@@ -43,7 +43,7 @@ Options and deviations:
 * ``inverse_method``: ``"cholesky"`` (default: an exact inverse, thesis A16), ``"eigh"``, or
   ``"coupled_newton"`` with p = 1 (the authors' code option).
 * ``inverse_warmup`` and the statistics of the first mini-batch without `warm_start`: see
-  `curvlab.optim.tensorwise` (thesis A9).
+  `curvlab.optim.tensorwise` (deviation A9).
 * Deviation (losses that are not batch means): Ḡ is the sampled gradient of the batch loss
   L = c·Σ_n l_n (`curvlab.Objective.loss_scale`) divided by √(c·m), so that its covariance is
   F(L)/m whatever the reduction; for a batch-mean loss (c = 1/m, every thesis experiment) the
@@ -52,15 +52,15 @@ Options and deviations:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from torch import Tensor, nn
 
 from curvlab.objective import Objective
-from curvlab.optim.base import require_objective
-from curvlab.optim.tensorwise import TensorwiseOptimizer, validated
-from curvlab.optim.validation import check_choice
+from curvlab.optim.guard import require_objective
+from curvlab.optim.tensorwise import TensorwiseOptimizer
+from curvlab.optim.validation import check_choice, check_hyperparameters
 
 __all__ = ["TNT"]
 
@@ -104,14 +104,16 @@ class TNT(TensorwiseOptimizer):
         inverse_warmup: bool = True,
         params: Iterable[Any] | None = None,
     ) -> None:
-        defaults = validated(
-            lr=lr,
-            damping=damping,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            ema_decay=ema_decay,
-            curvature_every=curvature_every,
-            inverse_every=inverse_every,
+        defaults = check_hyperparameters(
+            dict(
+                lr=lr,
+                damping=damping,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                ema_decay=ema_decay,
+                curvature_every=curvature_every,
+                inverse_every=inverse_every,
+            )
         )
         self.fisher = check_choice("fisher", fisher, ("true", "empirical"))
         method = check_choice(
@@ -128,16 +130,17 @@ class TNT(TensorwiseOptimizer):
             inverse_warmup=inverse_warmup,
         )
 
-    def _check_closure(self, closure: Any) -> Callable[[], Any] | None:
-        return require_objective(closure, "TNT")
+    def gradient_pass(self, closure: Any, k: int) -> tuple[Tensor | None, Any]:
+        """Alg 15 lines 5–7 on the `curvlab.Objective`'s mini-batch."""
+        return super().gradient_pass(require_objective(closure, "TNT"), k)
 
-    def _statistics_loss(self, objective: Objective, outputs: Tensor, loss: Tensor) -> Tensor:
+    def statistics_loss(self, objective: Objective, outputs: Tensor, loss: Tensor) -> Tensor:
         """Alg 15 line 7: the loss at labels sampled from the model (TNT-EF: the true loss)."""
         if self.fisher == "true":
             return objective.sampled_loss(outputs, self._generator)
         return loss
 
-    def _statistics_scale(self, closure: Any, outputs: Tensor | None) -> float:
+    def statistics_scale(self, closure: Any, outputs: Tensor | None) -> float:
         """1/(c·m) on the contractions, i.e. Ḡ = ∇L/√(c·m) (module docstring); 1 for a mean."""
         if not isinstance(closure, Objective) or outputs is None:
             return 1.0

@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
-from curvlab.curvature.tensor_blocks import (
-    TensorBlock,
+from curvlab.curvature.blocks import TensorBlock
+from curvlab.linalg.modes import (
     kron_dense,
     mode_product,
     mode_statistics,
@@ -16,6 +17,11 @@ from curvlab.curvature.tensor_blocks import (
     tensor_shape,
     trace_normalise,
 )
+
+
+def _param(shape: tuple[int, ...]) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(shape, dtype=torch.float64))
+
 
 SHAPES = [(5,), (3, 4), (2, 3, 4), (2, 3, 2, 3)]
 
@@ -105,7 +111,7 @@ def test_trace_normalisation_of_a_vector_and_of_zero_statistics() -> None:
 
 
 def _block_with_statistics(shape, *, normalise: bool, root: int, method: str):
-    block = TensorBlock(shape, normalise=normalise, root=root, method=method)  # type: ignore[arg-type]
+    block = TensorBlock("w", _param(shape), normalise=normalise, root=root, method=method)  # type: ignore[arg-type]
     state: dict = {}
     for s in range(3):
         g = torch.randn(shape, generator=_gen(40 + s), dtype=torch.float64)
@@ -145,7 +151,7 @@ def test_shampoo_block_is_the_inverse_2k_th_root_of_the_damped_kronecker(shape, 
 
 
 def test_statistics_ema_and_conv_weight_reshape() -> None:
-    block = TensorBlock((3, 2, 2, 2), normalise=True, root=1, method="cholesky")
+    block = TensorBlock("w", _param((3, 2, 2, 2)), normalise=True, root=1, method="cholesky")
     assert block.shape == (3, 2, 4) and block.order == 3
     g1, g2 = (torch.randn(3, 2, 2, 2, generator=_gen(s), dtype=torch.float64) for s in (1, 2))
     state: dict = {}
@@ -173,8 +179,8 @@ def test_failed_refresh_keeps_previous_preconditioners() -> None:
 
 def test_invalid_block_options() -> None:
     with pytest.raises(ValueError, match="^method"):
-        TensorBlock((3,), normalise=False, root=2, method="cholesky")
+        TensorBlock("w", _param((3,)), normalise=False, root=2, method="cholesky")
     with pytest.raises(ValueError, match="^method"):
-        TensorBlock((3,), normalise=False, root=2, method="svd")  # type: ignore[arg-type]
+        TensorBlock("w", _param((3,)), normalise=False, root=2, method="svd")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="order"):
         mode_statistics(torch.tensor(1.0))

@@ -130,12 +130,10 @@ def summary(opt: Any, model: nn.Module) -> dict[str, Any]:
     }
 
 
-def _block_name(inner: Any, key: Any, names: dict[int, str]) -> str:
-    """A block key as a parameter name (layer-wise: the layer's weight; tensor-wise: the
-    parameter)."""
-    if isinstance(key, str):
-        return names[id(inner.layers[key].weight)]
-    return names[key]
+def _block_name(inner: Any, key: str, names: dict[int, str]) -> str:
+    """A block key as the name of the block's first parameter (a layer's weight, or the
+    tensor)."""
+    return names[id(inner.blocks[key].params[0])]
 
 
 def run_single(name: str) -> dict[str, Any]:

@@ -319,7 +319,7 @@ CASES: dict[str, Case] = {
 # Base classes are not optimizers a user picks. TwoStage wraps two optimizers (it cannot be
 # built from a model alone): it is conformance-tested through TSOALRA, a TwoStage subclass,
 # and in tests/optim/test_switching.py.
-NOT_OPTIMIZERS = {"LayerwiseOptimizer", "ModelwiseOptimizer", "TensorwiseOptimizer", "TwoStage"}
+NOT_OPTIMIZERS = {"BlockOptimizer", "ModelwiseOptimizer", "TensorwiseOptimizer", "TwoStage"}
 
 
 def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

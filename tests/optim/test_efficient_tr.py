@@ -520,7 +520,7 @@ def test_conformance_lr_scheduler_is_respected(cls: type, kwargs: dict[str, Any]
 
 def test_non_finite_batch_leaves_the_running_statistics_alone() -> None:
     # The operator's build stands for the training pass on a BatchNorm model; the skipped step
-    # of a NaN batch puts its running statistics back (GuardedStep.skip_step).
+    # of a NaN batch puts its running statistics back (StepGuard.skip).
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
     opt = EfficientTR(model, 0.3)

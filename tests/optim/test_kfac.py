@@ -41,7 +41,7 @@ def test_direction_equals_dense_damped_kronecker_solve(make_model, pi: bool) -> 
     for name, layer in opt.layers.items():
         state = opt.layer_state(name)
         V = layer.grad_matrix(layer.weight.grad, None if layer.bias is None else layer.bias.grad)
-        dense = opt.blocks[name].damped_to_dense(state, damping, pi)
+        dense = opt.blocks[name].damped_to_dense(state, damping)
         expected = -torch.linalg.solve(dense, V.reshape(-1)).reshape(V.shape)
         delta = layer.grad_matrix(
             after[id(layer.weight)] - old[id(layer.weight)],
@@ -57,7 +57,7 @@ def test_pi_split_multiplies_to_sqrt_damping_squared() -> None:
     opt.step(Objective(model, nn.MSELoss(), x, y))
     for name in opt.layers:
         state = opt.layer_state(name)
-        lam_a, lam_g = opt.blocks[name].dampings(state, 0.5, True)
+        lam_a, lam_g = opt.blocks[name].dampings(state, 0.5)
         assert math.isclose(lam_a * lam_g, 0.5, rel_tol=1e-12)
         ratio = (state["A"].trace() / state["A"].shape[0]) / (
             state["G"].trace() / state["G"].shape[0]

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from curvlab import Objective
-from curvlab.curvature.tensor_blocks import TensorBlock, tensor_shape
+from curvlab.curvature.blocks import TensorBlock
 from curvlab.linalg import contractions_bounded
+from curvlab.linalg.modes import tensor_shape
 from curvlab.optim.shampoo import Shampoo
 from curvlab.testing.models import regression_problem, tiny_cnn, tiny_mlp
 
@@ -90,7 +91,7 @@ def test_direction_equals_dense_inverse_root(make_model, root_method: str) -> No
 
 def test_root_orders_are_twice_the_tensor_order() -> None:
     opt = Shampoo(tiny_cnn(batchnorm=True))
-    roots = {tuple(p.shape): opt.blocks[id(p)].root for p in opt.model.parameters()}
+    roots = {tuple(p.shape): opt.block_of(p).root for p in opt.model.parameters()}
     assert roots[(3, 2, 3, 3)] == 6  # conv weight: 3-way (I, J, kh·kw), root −1/6
     assert roots[(3,)] == 2  # biases and BatchNorm parameters: −1/2
     assert roots[(3, 2)] == 4  # Linear weight: −1/4

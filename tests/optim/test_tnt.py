@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from curvlab import Objective
-from curvlab.curvature.tensor_blocks import TensorBlock, tensor_shape
+from curvlab.curvature.blocks import TensorBlock
+from curvlab.linalg.modes import tensor_shape
 from curvlab.optim.tnt import TNT
 from curvlab.testing.models import regression_problem, tiny_cnn, tiny_mlp
 
@@ -95,7 +96,7 @@ def test_factors_in_state_are_trace_normalised() -> None:
     for _ in range(3):
         opt.step(Objective(model, nn.CrossEntropyLoss(), x, y))
     for p in model.parameters():
-        block, state = opt.blocks[id(p)], opt.state[p]
+        block, state = opt.block_of(p), opt.state[p]
         U = block.factors(state)
         means = [float(Ui.trace()) / Ui.shape[0] for Ui in U]
         assert all(math.isclose(m, means[0], rel_tol=1e-10) for m in means)
@@ -205,7 +206,7 @@ def test_warm_start_averages_the_batch_contractions() -> None:
             expected[j].append(_contractions(g.reshape(tensor_shape(p.shape))))
     for j, p in enumerate(params):
         state = opt.state[p]
-        assert TensorBlock.has_preconditioners(state)
+        assert TensorBlock.is_ready(state)
         for i, S in enumerate(state["statistics"]):
             torch.testing.assert_close(
                 S, sum(e[i] for e in expected[j]) / 3, rtol=1e-10, atol=1e-15

@@ -151,7 +151,7 @@ def test_conv_direction_equals_dense_damped_kronecker_root() -> None:
     for name, layer in opt.layers.items():
         state = opt.layer_state(name)
         block = opt.blocks[name]
-        dense = block.damped_to_dense(state, eps, False)
+        dense = block.damped_to_dense(state, eps)
         torch.testing.assert_close(
             dense, kron_to_dense(add_to_diagonal(state["G"], eps), add_to_diagonal(state["A"], eps))
         )

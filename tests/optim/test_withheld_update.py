@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab import Objective
-from curvlab.optim import KBFGS, KFAC, TNT, Shampoo, TSOALRAFirstStage
+from curvlab.optim import KBFGS, KFAC, TNT, Shampoo, TSOALRAFirstStage, kbfgs
 from curvlab.testing.models import regression_problem, tiny_mlp
 
 
@@ -57,8 +57,8 @@ def test_one_non_finite_block_withholds_every_layer(
     first = next(iter(opt.blocks.values()))
     original = type(first).precondition
 
-    def broken(self: Any, state: Any, V: Tensor) -> Tensor:
-        out = original(self, state, V)
+    def broken(self: Any, state: Any, V: Tensor, damping: float) -> Tensor:
+        out = original(self, state, V, damping)
         return out.fill_(float("inf")) if self is first else out
 
     monkeypatch.setattr(type(first), "precondition", broken)
@@ -106,7 +106,7 @@ def test_kbfgs_fused_and_checked_updates_agree(monkeypatch: pytest.MonkeyPatch) 
     results = []
     for fused in (True, False):
         if not fused:
-            monkeypatch.setattr(KBFGS, "_fused_update_is_finite", lambda self, entries: False)
+            monkeypatch.setattr(kbfgs, "fused_update_is_finite", lambda *args: False)
         model = tiny_mlp((4, 8, 3))
         x, y = regression_problem(n=16, d_in=4, d_out=3, seed=1)
         opt = KBFGS(model, lr=0.1, damping=0.3, weight_decay=1e-2)

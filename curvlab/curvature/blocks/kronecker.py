@@ -1,28 +1,33 @@
-"""Curvature blocks: the preconditioner of one layer, with its tensors in optimizer state.
+"""`KroneckerBlock`: the ``G ⊗ A`` block of one layer (K-FAC, K-FAC-EF, TSO-ALRA).
 
-A block holds no tensors itself. Its methods read and write the layer's state dict (an entry
-of ``optimizer.state``), so ``state_dict()`` / ``load_state_dict()`` carry everything.
-
-`KroneckerBlock` keeps EMA'd factors ``A`` (input side) and ``G`` (output side) and their
-damped inverse roots, and preconditions a gradient matrix V (d_out × d_a, bias last column):
+The block keeps EMA'd factors ``A`` (input side, ``(d_a, d_a)``) and ``G`` (output side,
+``(d_out, d_out)``) and their damped inverse roots, and preconditions a gradient matrix V
+(``d_out × d_a``, bias last column, `curvlab.curvature.layers.KroneckerLayer`):
 
     P(V) = (G + λ_G I)^{-1/r} V (A + λ_A I)^{-1/r}
 
-with r = 1 for K-FAC (and TNT), r = 2 for TSO-ALRA's F^{-1/2}, r = 4 for Shampoo's order-2
-roots. Row-major vec: ``vec(P(V)) = ((G+λ_G I) ⊗ (A+λ_A I))^{-1/r} vec(V)``.
+with r = 1 for K-FAC, r = 2 for TSO-ALRA's F^{-1/2}. Row-major vec:
+``vec(P(V)) = ((G+λ_G I) ⊗ (A+λ_A I))^{-1/r} vec(V)``.
+
+How the damping λ is split between the factors (``split``):
+
+* ``"pi"``: the trace-norm π of Martens & Grosse (2015, §6.3), thesis Alg 12 line 19:
+  λ_A = π√λ, λ_G = √λ/π (`curvlab.linalg.pi_damping`);
+* ``"sqrt"``: π = 1, λ_A = λ_G = √λ (thesis Alg 7);
+* ``"each"``: λ added to each factor's eigenvalues, λ_A = λ_G = λ (TSO-ALRA, seed 001 §III-A).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Literal
 
-from torch import Tensor
+from torch import Tensor, nn
 
+from curvlab.curvature.blocks.base import CurvatureBlock, State, count_retry
 from curvlab.curvature.layers import KroneckerLayer
 from curvlab.linalg import (
     DecompositionError,
-    DecompositionInfo,
     add_to_diagonal,
     damped_inverse,
     damped_inverse_root,
@@ -32,29 +37,38 @@ from curvlab.linalg import (
     pi_damping,
 )
 
-__all__ = ["KroneckerBlock", "count_retry"]
+__all__ = ["DampingSplit", "KroneckerBlock"]
 
-State = dict[str, Any]
-
-
-def count_retry(state: State, info: DecompositionInfo) -> None:
-    """Count in ``state["retried_decompositions"]`` a decomposition that needed a retry (float64
-    or more damping, `curvlab.linalg`), so that the optimizers can report it."""
-    if info.attempts > 1:
-        state["retried_decompositions"] = state.get("retried_decompositions", 0) + 1
+DampingSplit = Literal["pi", "sqrt", "each"]
 
 
-class KroneckerBlock:
+class KroneckerBlock(CurvatureBlock):
     """Kronecker-factored block ``G ⊗ A`` of one `KroneckerLayer`.
 
     Args:
         layer: the layer.
         root: r in ``(factor + λI)^{-1/r}``.
+        split: how the damping is split between the factors (module docstring).
     """
 
-    def __init__(self, layer: KroneckerLayer, root: float = 1.0) -> None:
+    layer: KroneckerLayer
+
+    def __init__(self, layer: KroneckerLayer, root: float = 1.0, split: DampingSplit = "pi"):
         self.layer = layer
+        self.name = layer.name
         self.root = root
+        self.split_rule: DampingSplit = split
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return self.layer.params
+
+    # ------------------------------------------------------------ gradient form
+    def gradient(self, tensors: list[Tensor]) -> Tensor:
+        return self.layer.grad_matrix(tensors[0], tensors[1] if len(tensors) > 1 else None)
+
+    def split(self, matrix: Tensor) -> list[Tensor]:
+        return self.layer.split(matrix)
 
     # -------------------------------------------------------------- statistics
     @staticmethod
@@ -62,11 +76,12 @@ class KroneckerBlock:
         return "A" in state
 
     @staticmethod
-    def has_inverses(state: State) -> bool:
+    def is_ready(state: State) -> bool:
         return "A_inv" in state
 
-    def update(self, state: State, A: Tensor, G: Tensor, ema_decay: float) -> None:
+    def update(self, state: State, statistics: tuple[Tensor, Tensor], ema_decay: float) -> None:
         """``A ← β A + (1−β) A_new`` (likewise G); the first update initialises the factors."""
+        A, G = statistics
         if "A" not in state:
             state["A"], state["G"] = A.clone(), G.clone()
         else:
@@ -74,20 +89,23 @@ class KroneckerBlock:
             ema_(state["G"], G, ema_decay)
         state["statistics_updates"] = state.get("statistics_updates", 0) + 1
 
-    def dampings(self, state: State, damping: float, pi: bool) -> tuple[float, float]:
-        """(λ_A, λ_G): the π split of thesis Alg 12 line 19, or √λ each (Alg 7, π = 1)."""
-        if pi:
+    def dampings(self, state: State, damping: float) -> tuple[float, float]:
+        """(λ_A, λ_G) of the block's ``split`` rule."""
+        if self.split_rule == "pi":
             return pi_damping(state["A"], state["G"], damping)
-        return math.sqrt(damping), math.sqrt(damping)
+        if self.split_rule == "sqrt":
+            return math.sqrt(damping), math.sqrt(damping)
+        return damping, damping
 
-    def refresh(self, state: State, damping: float, pi: bool) -> bool:
+    # ---------------------------------------------------------------- inverses
+    def refresh(self, state: State, damping: float) -> bool:
         """Recompute the damped inverse roots; on failure keep the previous ones.
 
-        Returns whether the refresh succeeded. Each factor is tried in its dtype, then in
-        float64 with more damping (`curvlab.linalg`); if that fails too, the previous inverses
-        stay and ``state["failed_refreshes"]`` counts it.
+        Each factor is tried in its dtype, then in float64 with more damping
+        (`curvlab.linalg`); if that fails too, the previous inverses stay and
+        ``state["failed_refreshes"]`` counts it.
         """
-        lam_a, lam_g = self.dampings(state, damping, pi)
+        lam_a, lam_g = self.dampings(state, damping)
         try:
             a_inv = self._inverse_root(state, state["A"], lam_a)
             g_inv = self._inverse_root(state, state["G"], lam_g)
@@ -106,8 +124,12 @@ class KroneckerBlock:
         count_retry(state, info)
         return result
 
+    def refresh_cost(self) -> float:
+        """``d_a³ + d_out³``: the work of one `refresh`."""
+        return float(self.layer.d_a**3 + self.layer.d_out**3)
+
     # ---------------------------------------------------------- preconditioning
-    def precondition(self, state: State, V: Tensor) -> Tensor:
+    def precondition(self, state: State, V: Tensor, damping: float = 0.0) -> Tensor:
         """``G_inv V A_inv`` for a gradient matrix V of shape (d_out, d_a)."""
         return kron_mv(state["G_inv"], state["A_inv"], V)
 
@@ -116,20 +138,12 @@ class KroneckerBlock:
         """The undamped curvature approximation ``G ⊗ A`` (row-major vec of V)."""
         return kron_to_dense(state["G"], state["A"])
 
-    def damped_to_dense(self, state: State, damping: float, pi: bool) -> Tensor:
+    def damped_to_dense(self, state: State, damping: float) -> Tensor:
         """``(G + λ_G I) ⊗ (A + λ_A I)``: the matrix whose inverse r-th root preconditions."""
-        lam_a, lam_g = self.dampings(state, damping, pi)
+        lam_a, lam_g = self.dampings(state, damping)
         return kron_to_dense(add_to_diagonal(state["G"], lam_g), add_to_diagonal(state["A"], lam_a))
 
-    def statistics(self, state: State) -> list[Tensor]:
-        """Tensors that data-parallel training averages over ranks."""
-        return [state["A"], state["G"]]
-
     # ------------------------------------------- data-parallel (curvlab.distributed)
-    def refresh_cost(self) -> float:
-        """``d_a³ + d_out³``: the work of one `refresh` (for the owner assignment)."""
-        return float(self.layer.d_a**3 + self.layer.d_out**3)
-
     def local_statistics(self, state: State) -> list[Tensor]:
         """``[A, G]``: EMAs of per-batch means over examples, so in a data-parallel run each
         rank keeps those of its own shard; their mean over ranks is taken before a refresh."""
