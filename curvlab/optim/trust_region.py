@@ -71,15 +71,21 @@ Options and deviations:
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from curvlab.autodiff import CurvatureOperator
 from curvlab.objective import Objective
-from curvlab.optim.control import RHO_GUARD, scaled_model_decrease, trust_region_update
+from curvlab.optim.control import (
+    RHO_GUARD,
+    StepControl,
+    scaled_model_decrease,
+    trust_region_update,
+)
 from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal, has_random_forward
 from curvlab.optim.validation import check_choice, check_int, check_range
 from curvlab.solvers import steihaug_cg
@@ -177,12 +183,19 @@ class AdaptiveNormNewton(ModelwiseOptimizer):
     """Shared parts of seed 002's regularised Newton methods (ellipsoidal TR, ARC twin).
 
     Holds the adaptive norm (accumulator in ``global_state["second_moment"]``), builds the
-    curvature operator of the step and keeps the cost counters. Subclasses supply `propose` and
-    `control`; ``propose`` takes the step's operator from `_step_operator`.
+    curvature operator of the step, keeps the cost counters and runs lines 7–9 (`control`): the
+    accept / reject decision and the update of the quantity they adapt, Δ_t or σ_t, kept in
+    ``global_state[_control_key]``. Subclasses supply `propose` (which takes the step's operator
+    from `_step_operator`), ``_control_key`` and the rule of `curvlab.optim.control` (`_rule`).
 
     `evaluate` takes loss and gradient from the operator's build (line 3), so ``step`` does not
     fill ``.grad`` (except for a model with a stateful training pass, see the module docstring).
     """
+
+    #: The quantity lines 7–9 adapt, ``"radius"`` (Δ_t) or ``"sigma"`` (σ_t): its key in
+    #: ``global_state`` and in the group (its initial value); ``last_step_info`` reports the
+    #: value used under this key (`propose`) and the next one as ``next_<key>``.
+    _control_key: ClassVar[str]
 
     def __init__(self, params: Iterable[Any] | nn.Module, defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
@@ -239,6 +252,37 @@ class AdaptiveNormNewton(ModelwiseOptimizer):
         """Line 3: B_t as products on this mini-batch (exact Hessian or GGN), built once."""
         return self.curvature_operator(objective, group["curvature"], update_buffers=update_buffers)
 
+    def _control_value(self) -> float:
+        """Δ_t or σ_t (``_control_key``); before the first step the group's initial value."""
+        key = self._control_key
+        return float(self.global_state.setdefault(key, float(self.param_groups[0][key])))
+
+    @abstractmethod
+    def _rule(self, value: float, rho: float, group: dict[str, Any]) -> StepControl:
+        """Lines 7–9's rule of `curvlab.optim.control` for the adapted quantity at ρ_t."""
+
+    def control(self, rho: float, proposal: Proposal) -> bool:
+        """Lines 7–9: accept or reject on ρ_t and update Δ_t or σ_t by `_rule`.
+
+        Non-finite curvature products (solver status ``"non_finite"``) reject the step and keep
+        the value (it did not cause them); ``lr = 0`` (the extension's frozen step) accepts and
+        keeps it, since nothing was measured.
+        """
+        group = self.param_groups[0]
+        info = proposal.info
+        value = self._control_value()
+        next_key = f"next_{self._control_key}"
+        if info["solver_status"] == NON_FINITE:
+            info.update({next_key: value, "outcome": "non_finite"})
+            return False
+        if float(group["lr"]) == 0.0:  # extension: a frozen step measures nothing
+            info.update({next_key: value, "outcome": "frozen"})
+            return True
+        update = self._rule(value, rho, group)
+        self.global_state[self._control_key] = update.value
+        info.update({next_key: update.value, "outcome": update.outcome})
+        return update.accepted
+
     def _count(self, products: int, iterations: int) -> None:
         state = self.global_state
         state["curvature_products"] = int(state.get("curvature_products", 0)) + products
@@ -291,6 +335,8 @@ class EllipsoidalTR(AdaptiveNormNewton):
     ``step`` does not fill ``.grad`` (it does for a model with BatchNorm or dropout).
     """
 
+    _control_key = "radius"
+
     def __init__(
         self,
         model: nn.Module | Iterable[Any],
@@ -334,7 +380,7 @@ class EllipsoidalTR(AdaptiveNormNewton):
     @property
     def radius(self) -> float:
         """The current trust-region radius Δ_t."""
-        return float(self.global_state.setdefault("radius", float(self.param_groups[0]["radius"])))
+        return self._control_value()
 
     def check_hyperparameters(self, group: dict[str, Any]) -> None:
         _check_trust_region(group)
@@ -374,19 +420,10 @@ class EllipsoidalTR(AdaptiveNormNewton):
         info["predicted_reduction"] = predicted
         return Proposal(lr * step, predicted, info)
 
-    def control(self, rho: float, proposal: Proposal) -> bool:
-        """Lines 7–9: accept or reject on ρ_t and update Δ (`control.trust_region_update`)."""
-        group = self.param_groups[0]
-        info = proposal.info
-        radius = self.radius
-        if info["solver_status"] == NON_FINITE:
-            info.update(next_radius=radius, outcome="non_finite")
-            return False
-        if float(group["lr"]) == 0.0:  # extension: a frozen step measures nothing
-            info.update(next_radius=radius, outcome="frozen")
-            return True
-        update = trust_region_update(
-            radius,
+    def _rule(self, value: float, rho: float, group: dict[str, Any]) -> StepControl:
+        """Lines 7–9's rule for Δ_t: `control.trust_region_update`."""
+        return trust_region_update(
+            value,
             rho,
             eta1=float(group["eta1"]),
             eta2=float(group["eta2"]),
@@ -394,6 +431,3 @@ class EllipsoidalTR(AdaptiveNormNewton):
             decrease=float(group["decrease"]),
             max_radius=float(group["max_radius"]),
         )
-        self.global_state["radius"] = update.value
-        info.update(next_radius=update.value, outcome=update.outcome)
-        return update.accepted
