@@ -52,9 +52,10 @@ passes do not share (`curvlab.optim.modelwise.has_random_forward`: dropout); Bat
 statistics move in the operator's build, once per step, as in a training pass.
 The operator is dropped at the end of ``step``: no autograd graph outlives a step.
 
-The LM rule of line 7 is `curvlab.optim.control.levenberg_marquardt_update` (shared with
-`curvlab.optim.smw`); ρ_t is formed by `ModelwiseOptimizer.step` at the trial point c·p_t
-(``Proposal.trial_step``).
+The LM rule of line 7 is `curvlab.optim.control.levenberg_marquardt_update`; λ_LM's state,
+λ_t and the accept rule are `curvlab.optim.levenberg_marquardt.LevenbergMarquardtDamping`'s
+(shared with `curvlab.optim.smw`); ρ_t is formed by `ModelwiseOptimizer.step` at the trial
+point c·p_t (``Proposal.trial_step``).
 """
 
 from __future__ import annotations
@@ -68,13 +69,8 @@ from torch import Tensor, nn
 
 from curvlab.autodiff import CurvatureOperator
 from curvlab.objective import Objective
-from curvlab.optim.control import levenberg_marquardt_update
-from curvlab.optim.modelwise import (
-    ModelwiseOptimizer,
-    Proposal,
-    SkipStep,
-    has_random_forward,
-)
+from curvlab.optim.levenberg_marquardt import LevenbergMarquardtDamping
+from curvlab.optim.modelwise import Proposal, SkipStep, has_random_forward
 from curvlab.optim.validation import check_choice, check_int, check_range
 from curvlab.solvers import cg
 from curvlab.solvers.result import NON_FINITE
@@ -85,7 +81,7 @@ RatioPoint = Literal["direction", "step"]
 Subset = Literal["random", "first"]
 
 
-class HessianFree(ModelwiseOptimizer):
+class HessianFree(LevenbergMarquardtDamping):
     """Hessian-free: GGN + CG + LM damping, the thesis's ch.5 baseline (Martens 2010).
 
     Args:
@@ -153,25 +149,9 @@ class HessianFree(ModelwiseOptimizer):
         self._pending_direction: Tensor | None = None
         self._operator: CurvatureOperator | None = None
 
-    # ------------------------------------------------------------------- state
-    @property
-    def damping(self) -> float:
-        """The current λ_t = λ_LM + τ (thesis §5.2.3)."""
-        return self._lambda_lm() + float(self.param_groups[0]["tau"])
-
-    def _lambda_lm(self) -> float:
-        state = self.global_state
-        if "lambda_lm" not in state:
-            state["lambda_lm"] = float(self.param_groups[0]["damping"])
-        return float(state["lambda_lm"])
-
     # -------------------------------------------------------------------- hooks
     def check_hyperparameters(self, group: dict[str, Any]) -> None:
         _validate(group)
-
-    @property
-    def uses_trial_loss(self) -> bool:
-        return True  # line 6: ρ_t on S1
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
@@ -246,23 +226,13 @@ class HessianFree(ModelwiseOptimizer):
         return Proposal(alpha * p, predicted, info, trial_step=c * p)
 
     def control(self, rho: float, proposal: Proposal) -> bool:
-        """Line 7 (LM rule on ρ_t); accept always (Alg 23) or when ρ_t ≥ η (Theorem 6)."""
-        group = self.param_groups[0]
-        self.global_state["lambda_lm"] = levenberg_marquardt_update(
-            self._lambda_lm(),
-            rho,
-            epsilon=float(group["epsilon"]),
-            boost=float(group["boost"]),
-            drop=float(group["drop"]),
-        )
-        proposal.info["next_damping"] = self.damping  # λ_{t+1} = λ_LM + τ
+        """Line 7 (`LevenbergMarquardtDamping.control`: the LM rule on ρ_t, accept always or
+        when ρ_t ≥ η), then keep p_t for the next step's warm start."""
+        accepted = super().control(rho, proposal)
         if self._pending_direction is not None:  # p_t, the next warm start's base
             self.global_state["previous_direction"] = self._pending_direction
             self._pending_direction = None
-        if not math.isfinite(rho):
-            return False  # Deviation: never step towards a non-finite loss (docstring)
-        threshold = group["accept_threshold"]
-        return threshold is None or rho >= threshold
+        return accepted
 
     # ---------------------------------------------------------------- helpers
     def _curvature(
