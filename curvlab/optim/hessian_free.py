@@ -1,7 +1,7 @@
 r"""Hessian-free: subsampled Gauss-Newton with CG and Levenberg–Marquardt damping (thesis ch.5).
 
-The thesis's ch.5 baseline "HF" (spec-thesis §6.5, §8.4) is Martens (2010) as the thesis
-describes it: the GGN "approximately solve[d] ... with an LM damping term ... by an
+The thesis's ch.5 baseline "HF" (§5.7's cost table, §5.8's experiments) is Martens (2010) as
+the thesis describes it: the GGN "approximately solve[d] ... with an LM damping term ... by an
 'early-termination' linear CG method" (§5.1), with λ updated by Martens's LM "heuristic"
 (§5.6) in the form of §5.2.3, run inside the loop of Alg 23 like SMW-GN (same LM settings,
 N2 = N1/2, learning rate α; the direction is the only difference: "SMW-GN ... is always
@@ -20,7 +20,7 @@ faster than HF", cost n_HF × O(N2 n), §5.7). With α = ``lr``, λ_t = λ_LM + 
 
 Defaults are the thesis's ch.5 settings (§5.8, "same as in Kiros"): λ_LM(0) = 1, boost =
 1.01, drop = 0.99, ε = 1/4, τ = 0.001, α = 0.1 (MNIST; 0.01 CIFAR-10, 0.05 webspam).
-The thesis gives no CG settings (spec-thesis A24); those below follow Martens (2010):
+The thesis gives no CG settings (A24); those below follow Martens (2010):
 
 * warm start x₀ = ζ p_{t−1} with ζ = ``warm_start_decay`` = 0.95 (``0`` starts from zero);
   p_{t−1} is the previous CG solution (the direction, before α), kept in ``state``;
@@ -33,11 +33,12 @@ Deviations (marked in the code):
 * No backtracking over CG iterates, no CG preconditioner and no line search: the thesis
   mentions none of them for its HF baseline (Martens 2010 has all three).
 * pᵀB_t p for ρ costs one extra GGN product (CG's iterate is not the exact solve, so the
-  identity of spec-thesis §5.4 does not apply).
+  identity m_t(0) − m_t(p) = ½(−gᵀp + λ‖p‖²) of an exact solve, B_t p = −g_t − λ_t p, does not
+  apply).
 * As in `curvlab.optim.smw`: ``accept_threshold=η`` accepts only when ρ_t ≥ η (Theorem 6),
-  ``ratio_point="step"`` measures ρ at αp_t instead of p_t (spec A21), a non-finite trial
-  loss rejects the step (λ_LM boosted), and a non-finite gradient / product / CG result skips
-  the step with nothing changed.
+  ``ratio_point="step"`` measures ρ at αp_t instead of p_t (eq. 5.5 vs Alg 23 line 7, A21), a
+  non-finite trial loss rejects the step (λ_LM boosted), and a non-finite gradient / product /
+  CG result skips the step with nothing changed.
 * Curvature batch: B_t on the first or a random ``curvature_batch_size`` rows of S1 (the
   optimizer's own generator, saved in ``state_dict``), scaled to the objective's loss
   reduction: with L = c Σ_{S1} l_n, B_t is N1 c /(N2 c₂) times the GGN of the S2 loss
@@ -202,7 +203,7 @@ class HessianFree(LevenbergMarquardtDamping):
 
         # Line 6: ρ_t (5.5) on S1, model reduction at c·p (c = 1 literal, c = α at the step).
         # Deviation: pᵀB_t p costs one extra product because CG's iterate is not the exact
-        # solve, so the identity m(0) − m(p) = ½(−gᵀp + λ‖p‖²) of §5.4 does not hold.
+        # solve, so the identity m(0) − m(p) = ½(−gᵀp + λ‖p‖²) of an exact one does not hold.
         curvature = float(p @ matvec(p))
         gp = float(grad @ p)
         if not (math.isfinite(curvature) and math.isfinite(gp)):

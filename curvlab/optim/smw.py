@@ -1,7 +1,7 @@
 r"""SMW-GN, SMW-NG and SMW-NG-BD: subsampled Gauss-Newton / natural gradient with
 Levenberg–Marquardt damping, inverted by Sherman–Morrison–Woodbury (thesis ch.5).
 
-Thesis Alg 23 (spec §5.5), with α = ``lr``, N2 = ``curvature_batch_size``, the LM rule's
+Thesis Alg 23 (§5.5), with α = ``lr``, N2 = ``curvature_batch_size``, the LM rule's
 (λ_LM(0), boost, drop, ε, τ) = (``damping``, ``boost``, ``drop``, ``epsilon``, ``tau``)::
 
     1  Parameters: N1, N2, 0 < ε < 1/2, learning rate α
@@ -13,7 +13,7 @@ Thesis Alg 23 (spec §5.5), with α = ``lr``, N2 = ``curvature_batch_size``, the
     7      θ_{t+1} = θ_t + α p_t
 
 Curvature B_t = (1/N2) Σ_{i∈S2} J_iᵀ H_i J_i (GN, eq. 5.2 subsampled; J_i = ∂ŷ_i/∂θ with ŷ
-the model outputs, i.e. the logits when softmax/sigmoid live in the loss, spec A20), or
+the model outputs, i.e. the logits when softmax/sigmoid live in the loss, A20), or
 B_t = (1/N2) Σ_{i∈S2} ∇f_i ∇f_iᵀ (NG, eq. 5.3: the *empirical* Fisher, true labels, A22).
 SMW (5.6): G⁻¹ = (1/λ)(I − (1/N2) Jᵀ D⁻¹ J), D = λH⁻¹ + (1/N2) JJᵀ; (5.7) when H is singular
 (softmax + cross-entropy): G⁻¹ = (1/λ)(I − (1/N2) JᵀH D⁻¹ J), D = λI + (1/N2) JJᵀH (LU).
@@ -41,14 +41,14 @@ Jp = −(Jg − (1/N2) JJᵀ w)/λ from quantities at hand (exact even when the 
 damping).
 
 SMW-NG-BD (§5.8): the NG matrix restricted to its layer blocks, each block inverted by its own
-SMW solve with D_l = λI + (1/N2) J_l J_lᵀ (the same λ and 1/N2 for every block, spec A23).
+SMW solve with D_l = λI + (1/N2) J_l J_lᵀ (the same λ and 1/N2 for every block, A23).
 
 Options and deviations:
 
-* Theorem 6 (semi-stochastic, spec §9): pass an `Objective` over the whole training set
+* Theorem 6 (semi-stochastic, thesis §5.6): pass an `Objective` over the whole training set
   (N1 = N), ``lr=1`` and ``accept_threshold=η`` with 0 < η < ε: θ moves only when ρ_t ≥ η
   (a rejected step leaves θ exactly as it was; λ still follows the LM rule).
-* ``ratio_point`` (spec A21): (5.5) evaluates f(θ + p_t) while Alg 23 steps θ + αp_t. The
+* ``ratio_point`` (A21): (5.5) evaluates f(θ + p_t) while Alg 23 steps θ + αp_t. The
   default ``"direction"`` is the literal reading (trial loss and model reduction at p_t); with
   ``"step"`` both are taken at αp_t. For α = 1 they agree.
 * ``curvature_subset``: Alg 23 line 3 draws S2 at random from S1 (``"random"``, default, from
