@@ -1,11 +1,11 @@
 r"""ARC with the ellipsoidal norms of seed 002: the cubic-regularisation twin of `EllipsoidalTR`.
 
 Seed 002 gives no ARC algorithm; it only says that "the use of matrix induced norms can directly
-be transferred to the cubic regularization framework" (§4, footnote 5). This is the
-reconstruction of spec-papers §4.5 (tag [R]): Cartis, Gould & Toint's adaptive cubic
-regularisation (ARC, Math. Prog. 127, 2011) with the cubic term measured in the A_t-norm, the
-update rule and defaults of the same group's sub-sampled cubic regularisation code ([C-SCR]
-``scr.py``)::
+be transferred to the cubic regularization framework" (§4, footnote 5). This is therefore a
+reconstruction, not the paper's method: Cartis, Gould & Toint's adaptive cubic regularisation
+(ARC, Math. Prog. 127, 2011) with the cubic term measured in the A_t-norm, the update rule and
+defaults of the same group's sub-sampled cubic regularisation code ([C-SCR] below:
+github.com/dalab/subsampled_cubic_regularization, ``scr.py``)::
 
     1  Input θ_0, σ_0 > 0, 0 ≤ η₁ ≤ η₂ < 1, γ₁ ≥ 1, γ₂ ≥ 1, σ_min
     2  for t = 0, 1, …:
@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.objective import Objective
-from curvlab.optim.control import arc_sigma_update
+from curvlab.optim.control import StepControl, arc_sigma_update
 from curvlab.optim.modelwise import Proposal
 from curvlab.optim.trust_region import (
     NORMS,
@@ -88,6 +88,8 @@ class ARC(AdaptiveNormNewton):
     ``step`` does not fill ``.grad`` (it does for a model with BatchNorm or dropout).
     """
 
+    _control_key = "sigma"
+
     def __init__(
         self,
         model: nn.Module | Iterable[Any],
@@ -129,7 +131,7 @@ class ARC(AdaptiveNormNewton):
     @property
     def sigma(self) -> float:
         """The current regularisation weight σ_t."""
-        return float(self.global_state.setdefault("sigma", float(self.param_groups[0]["sigma"])))
+        return self._control_value()
 
     def check_hyperparameters(self, group: dict[str, Any]) -> None:
         _check_arc(group)
@@ -172,19 +174,10 @@ class ARC(AdaptiveNormNewton):
         info["predicted_reduction"] = predicted
         return Proposal(lr * step, predicted, info)
 
-    def control(self, rho: float, proposal: Proposal) -> bool:
-        """Lines 7–9: accept or reject on ρ_t and update σ (`control.arc_sigma_update`)."""
-        group = self.param_groups[0]
-        info = proposal.info
-        sigma = self.sigma
-        if info["solver_status"] == NON_FINITE:
-            info.update(next_sigma=sigma, outcome="non_finite")
-            return False
-        if float(group["lr"]) == 0.0:  # extension: a frozen step measures nothing
-            info.update(next_sigma=sigma, outcome="frozen")
-            return True
-        update = arc_sigma_update(
-            sigma,
+    def _rule(self, value: float, rho: float, group: dict[str, Any]) -> StepControl:
+        """Lines 7–9's rule for σ_t: `control.arc_sigma_update`."""
+        return arc_sigma_update(
+            value,
             rho,
             eta1=float(group["eta1"]),
             eta2=float(group["eta2"]),
@@ -192,6 +185,3 @@ class ARC(AdaptiveNormNewton):
             decrease=float(group["decrease"]),
             min_sigma=float(group["min_sigma"]),
         )
-        self.global_state["sigma"] = update.value
-        info.update(next_sigma=update.value, outcome=update.outcome)
-        return update.accepted

@@ -20,7 +20,9 @@ increased whenever ρ exceeds the very successful threshold η₂", App. F.1)::
     ρ < η₁        unsuccessful      reject, shrink it          (ρ = NaN or −∞ included)
 
 The comparisons are ``≥`` as in the released code ([C-AN] ``Ellipsoidal_TR.step_quality``,
-[C-SCR] ``scr.py``).
+[C-SCR] ``scr.py``). [C-AN] is seed 002's code (github.com/jonaskohler/AdaptiveNormsNewton),
+[C-SCR] the same group's sub-sampled cubic regularisation code
+(github.com/dalab/subsampled_cubic_regularization).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ __all__ = [
 Outcome = Literal["very_successful", "successful", "unsuccessful"]
 
 #: |m(0) − m(s)| below this counts as "no predicted decrease": ρ := 1 ([C-AN]
-#: ``update_procedure_2nd_order``; spec-papers §6.9: "with a 1e-15 guard").
+#: ``update_procedure_2nd_order``).
 RHO_GUARD = 1e-15
 
 
@@ -150,7 +152,8 @@ def arc_sigma_update(
         ρ < η₁:       reject,  σ ← increase·σ
 
     Defaults are [C-SCR]'s (η₁ = 0.1, η₂ = 0.9, γ₁ = γ₂ = 2, σ_min = 1e-16); seed 002 gives no
-    ARC algorithm (spec-papers §4.5, a reconstruction).
+    ARC algorithm (§4, footnote 5: its norms "can directly be transferred"), so its use with
+    seed 002's norms is a reconstruction.
     """
     outcome = classify_step(rho, eta1, eta2)
     if outcome == "very_successful":
@@ -170,15 +173,15 @@ def deterministic_radius_update(
     shrink: float = 0.5,
     max_radius: float | None = None,
 ) -> tuple[bool, float]:
-    """Seed 003's deterministic radius rule ([P3] Alg. 1, line 5): ``(accept, next radius)``.
+    """Seed 003's deterministic radius rule (Alg. 1, line 5): ``(accept, next radius)``.
 
     Liu, Lee & Hsieh, "Better Generalization by Efficient Trust Region Method" (seed 003)::
 
-        q ≥ 0.9:        accept,  r ← 2r     (capped at ``max_radius`` if given; no cap in [P3])
+        q ≥ 0.9:        accept,  r ← 2r     (capped at ``max_radius`` if given; no cap in Alg. 1)
         0.1 ≤ q < 0.9:  accept,  r kept
         q < 0.1:        reject,  r ← 0.5 r  (NaN q included)
 
-    The same rule as `trust_region_update` with seed 003's constants, in [P3]'s parametrisation
+    The same rule as `trust_region_update` with seed 003's constants, in seed 003's parametrisation
     (a shrink factor, an optional cap).
     """
     if rho >= very_successful:
@@ -200,16 +203,16 @@ def stochastic_radius_update(
     expand: float = 2.0,
     shrink: float = 0.5,
 ) -> tuple[bool, float]:
-    """Seed 003's stochastic radius rule ([P3] Alg. 1, line 6): ``(accept, next radius)``.
+    """Seed 003's stochastic radius rule (Alg. 1, line 6): ``(accept, next radius)``.
 
     ::
 
         q ≥ 0.9 and ‖g‖ ≥ c·r:  accept,  r ← min{2r, r_max}
         otherwise:              reject,  r ← 0.5 r      (NaN q included)
 
-    c = ``grad_radius_factor`` (1 in [P3], "‖g‖ ≥ r_t" as printed; spec-papers §5.1 reads it as
-    STORM's η₂). Unlike the deterministic rule there is no "successful" band: a step is
-    accepted only when it is very successful.
+    c = ``grad_radius_factor`` (1 in seed 003, "‖g‖ ≥ r_t" as printed; STORM, Chen, Menickelly &
+    Scheinberg 2018, has a constant η₂ in its place). Unlike the deterministic rule there is no
+    "successful" band: a step is accepted only when it is very successful.
     """
     if rho >= very_successful and grad_norm >= grad_radius_factor * radius:
         return True, min(expand * radius, max_radius)

@@ -1,7 +1,7 @@
 r"""Hessian-free: subsampled Gauss-Newton with CG and Levenberg–Marquardt damping (thesis ch.5).
 
-The thesis's ch.5 baseline "HF" (spec-thesis §6.5, §8.4) is Martens (2010) as the thesis
-describes it: the GGN "approximately solve[d] ... with an LM damping term ... by an
+The thesis's ch.5 baseline "HF" (§5.7's cost table, §5.8's experiments) is Martens (2010) as
+the thesis describes it: the GGN "approximately solve[d] ... with an LM damping term ... by an
 'early-termination' linear CG method" (§5.1), with λ updated by Martens's LM "heuristic"
 (§5.6) in the form of §5.2.3, run inside the loop of Alg 23 like SMW-GN (same LM settings,
 N2 = N1/2, learning rate α; the direction is the only difference: "SMW-GN ... is always
@@ -20,7 +20,7 @@ faster than HF", cost n_HF × O(N2 n), §5.7). With α = ``lr``, λ_t = λ_LM + 
 
 Defaults are the thesis's ch.5 settings (§5.8, "same as in Kiros"): λ_LM(0) = 1, boost =
 1.01, drop = 0.99, ε = 1/4, τ = 0.001, α = 0.1 (MNIST; 0.01 CIFAR-10, 0.05 webspam).
-The thesis gives no CG settings (spec-thesis A24); those below follow Martens (2010):
+The thesis gives no CG settings (A24); those below follow Martens (2010):
 
 * warm start x₀ = ζ p_{t−1} with ζ = ``warm_start_decay`` = 0.95 (``0`` starts from zero);
   p_{t−1} is the previous CG solution (the direction, before α), kept in ``state``;
@@ -33,11 +33,12 @@ Deviations (marked in the code):
 * No backtracking over CG iterates, no CG preconditioner and no line search: the thesis
   mentions none of them for its HF baseline (Martens 2010 has all three).
 * pᵀB_t p for ρ costs one extra GGN product (CG's iterate is not the exact solve, so the
-  identity of spec-thesis §5.4 does not apply).
+  identity m_t(0) − m_t(p) = ½(−gᵀp + λ‖p‖²) of an exact solve, B_t p = −g_t − λ_t p, does not
+  apply).
 * As in `curvlab.optim.smw`: ``accept_threshold=η`` accepts only when ρ_t ≥ η (Theorem 6),
-  ``ratio_point="step"`` measures ρ at αp_t instead of p_t (spec A21), a non-finite trial
-  loss rejects the step (λ_LM boosted), and a non-finite gradient / product / CG result skips
-  the step with nothing changed.
+  ``ratio_point="step"`` measures ρ at αp_t instead of p_t (eq. 5.5 vs Alg 23 line 7, A21), a
+  non-finite trial loss rejects the step (λ_LM boosted), and a non-finite gradient / product /
+  CG result skips the step with nothing changed.
 * Curvature batch: B_t on the first or a random ``curvature_batch_size`` rows of S1 (the
   optimizer's own generator, saved in ``state_dict``), scaled to the objective's loss
   reduction: with L = c Σ_{S1} l_n, B_t is N1 c /(N2 c₂) times the GGN of the S2 loss
@@ -52,9 +53,10 @@ passes do not share (`curvlab.optim.modelwise.has_random_forward`: dropout); Bat
 statistics move in the operator's build, once per step, as in a training pass.
 The operator is dropped at the end of ``step``: no autograd graph outlives a step.
 
-The LM rule of line 7 is `curvlab.optim.control.levenberg_marquardt_update` (shared with
-`curvlab.optim.smw`); ρ_t is formed by `ModelwiseOptimizer.step` at the trial point c·p_t
-(``Proposal.trial_step``).
+The LM rule of line 7 is `curvlab.optim.control.levenberg_marquardt_update`; λ_LM's state,
+λ_t and the accept rule are `curvlab.optim.levenberg_marquardt.LevenbergMarquardtDamping`'s
+(shared with `curvlab.optim.smw`); ρ_t is formed by `ModelwiseOptimizer.step` at the trial
+point c·p_t (``Proposal.trial_step``).
 """
 
 from __future__ import annotations
@@ -68,13 +70,8 @@ from torch import Tensor, nn
 
 from curvlab.autodiff import CurvatureOperator
 from curvlab.objective import Objective
-from curvlab.optim.control import levenberg_marquardt_update
-from curvlab.optim.modelwise import (
-    ModelwiseOptimizer,
-    Proposal,
-    SkipStep,
-    has_random_forward,
-)
+from curvlab.optim.levenberg_marquardt import LevenbergMarquardtDamping
+from curvlab.optim.modelwise import Proposal, SkipStep, has_random_forward
 from curvlab.optim.validation import check_choice, check_int, check_range
 from curvlab.solvers import cg
 from curvlab.solvers.result import NON_FINITE
@@ -85,7 +82,7 @@ RatioPoint = Literal["direction", "step"]
 Subset = Literal["random", "first"]
 
 
-class HessianFree(ModelwiseOptimizer):
+class HessianFree(LevenbergMarquardtDamping):
     """Hessian-free: GGN + CG + LM damping, the thesis's ch.5 baseline (Martens 2010).
 
     Args:
@@ -153,25 +150,9 @@ class HessianFree(ModelwiseOptimizer):
         self._pending_direction: Tensor | None = None
         self._operator: CurvatureOperator | None = None
 
-    # ------------------------------------------------------------------- state
-    @property
-    def damping(self) -> float:
-        """The current λ_t = λ_LM + τ (thesis §5.2.3)."""
-        return self._lambda_lm() + float(self.param_groups[0]["tau"])
-
-    def _lambda_lm(self) -> float:
-        state = self.global_state
-        if "lambda_lm" not in state:
-            state["lambda_lm"] = float(self.param_groups[0]["damping"])
-        return float(state["lambda_lm"])
-
     # -------------------------------------------------------------------- hooks
     def check_hyperparameters(self, group: dict[str, Any]) -> None:
         _validate(group)
-
-    @property
-    def uses_trial_loss(self) -> bool:
-        return True  # line 6: ρ_t on S1
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
@@ -222,7 +203,7 @@ class HessianFree(ModelwiseOptimizer):
 
         # Line 6: ρ_t (5.5) on S1, model reduction at c·p (c = 1 literal, c = α at the step).
         # Deviation: pᵀB_t p costs one extra product because CG's iterate is not the exact
-        # solve, so the identity m(0) − m(p) = ½(−gᵀp + λ‖p‖²) of §5.4 does not hold.
+        # solve, so the identity m(0) − m(p) = ½(−gᵀp + λ‖p‖²) of an exact one does not hold.
         curvature = float(p @ matvec(p))
         gp = float(grad @ p)
         if not (math.isfinite(curvature) and math.isfinite(gp)):
@@ -246,23 +227,13 @@ class HessianFree(ModelwiseOptimizer):
         return Proposal(alpha * p, predicted, info, trial_step=c * p)
 
     def control(self, rho: float, proposal: Proposal) -> bool:
-        """Line 7 (LM rule on ρ_t); accept always (Alg 23) or when ρ_t ≥ η (Theorem 6)."""
-        group = self.param_groups[0]
-        self.global_state["lambda_lm"] = levenberg_marquardt_update(
-            self._lambda_lm(),
-            rho,
-            epsilon=float(group["epsilon"]),
-            boost=float(group["boost"]),
-            drop=float(group["drop"]),
-        )
-        proposal.info["next_damping"] = self.damping  # λ_{t+1} = λ_LM + τ
+        """Line 7 (`LevenbergMarquardtDamping.control`: the LM rule on ρ_t, accept always or
+        when ρ_t ≥ η), then keep p_t for the next step's warm start."""
+        accepted = super().control(rho, proposal)
         if self._pending_direction is not None:  # p_t, the next warm start's base
             self.global_state["previous_direction"] = self._pending_direction
             self._pending_direction = None
-        if not math.isfinite(rho):
-            return False  # Deviation: never step towards a non-finite loss (docstring)
-        threshold = group["accept_threshold"]
-        return threshold is None or rho >= threshold
+        return accepted
 
     # ---------------------------------------------------------------- helpers
     def _curvature(

@@ -1,7 +1,7 @@
 r"""SMW-GN, SMW-NG and SMW-NG-BD: subsampled Gauss-Newton / natural gradient with
 Levenberg–Marquardt damping, inverted by Sherman–Morrison–Woodbury (thesis ch.5).
 
-Thesis Alg 23 (spec §5.5), with α = ``lr``, N2 = ``curvature_batch_size``, the LM rule's
+Thesis Alg 23 (§5.5), with α = ``lr``, N2 = ``curvature_batch_size``, the LM rule's
 (λ_LM(0), boost, drop, ε, τ) = (``damping``, ``boost``, ``drop``, ``epsilon``, ``tau``)::
 
     1  Parameters: N1, N2, 0 < ε < 1/2, learning rate α
@@ -13,7 +13,7 @@ Thesis Alg 23 (spec §5.5), with α = ``lr``, N2 = ``curvature_batch_size``, the
     7      θ_{t+1} = θ_t + α p_t
 
 Curvature B_t = (1/N2) Σ_{i∈S2} J_iᵀ H_i J_i (GN, eq. 5.2 subsampled; J_i = ∂ŷ_i/∂θ with ŷ
-the model outputs, i.e. the logits when softmax/sigmoid live in the loss, spec A20), or
+the model outputs, i.e. the logits when softmax/sigmoid live in the loss, A20), or
 B_t = (1/N2) Σ_{i∈S2} ∇f_i ∇f_iᵀ (NG, eq. 5.3: the *empirical* Fisher, true labels, A22).
 SMW (5.6): G⁻¹ = (1/λ)(I − (1/N2) Jᵀ D⁻¹ J), D = λH⁻¹ + (1/N2) JJᵀ; (5.7) when H is singular
 (softmax + cross-entropy): G⁻¹ = (1/λ)(I − (1/N2) JᵀH D⁻¹ J), D = λI + (1/N2) JJᵀH (LU).
@@ -31,22 +31,24 @@ only the trial forward pass of ρ on S1; GN adds one forward pass on S2 and m_L 
 to the layer outputs (no weight gradients). The gradient pass is the ordinary closure (it fills
 ``.grad``): S2 ⊆ S1 and the per-sample quantities need hooks, not a curvature operator.
 
-LM rule (§5.2.3, `curvlab.optim.control.levenberg_marquardt_update`): ρ_t < ε → λ_LM ←
-boost·λ_LM; ρ_t > 1 − ε → λ_LM ← drop·λ_LM; then λ_{t+1} = λ_LM + τ. ρ_t is formed by
-`ModelwiseOptimizer.step` at the trial point (``Proposal.trial_step``, see ``ratio_point``
-below). The model reduction of (5.5) is m_t(0) − m_t(p) = −gᵀp − ½ pᵀB_t p, with
-pᵀB_t p = (1/N2)(Jp)ᵀH(Jp) and Jp = −(Jg − (1/N2) JJᵀ w)/λ from quantities at hand (exact even
-when the solve needed extra damping).
+LM rule (§5.2.3, `curvlab.optim.control.levenberg_marquardt_update`; its state and the accept
+rule are `curvlab.optim.levenberg_marquardt.LevenbergMarquardtDamping`'s, shared with
+`curvlab.optim.hessian_free`): ρ_t < ε → λ_LM ← boost·λ_LM; ρ_t > 1 − ε → λ_LM ← drop·λ_LM;
+then λ_{t+1} = λ_LM + τ. ρ_t is formed by `ModelwiseOptimizer.step` at the trial point
+(``Proposal.trial_step``, see ``ratio_point`` below). The model reduction of (5.5) is
+m_t(0) − m_t(p) = −gᵀp − ½ pᵀB_t p, with pᵀB_t p = (1/N2)(Jp)ᵀH(Jp) and
+Jp = −(Jg − (1/N2) JJᵀ w)/λ from quantities at hand (exact even when the solve needed extra
+damping).
 
 SMW-NG-BD (§5.8): the NG matrix restricted to its layer blocks, each block inverted by its own
-SMW solve with D_l = λI + (1/N2) J_l J_lᵀ (the same λ and 1/N2 for every block, spec A23).
+SMW solve with D_l = λI + (1/N2) J_l J_lᵀ (the same λ and 1/N2 for every block, A23).
 
 Options and deviations:
 
-* Theorem 6 (semi-stochastic, spec §9): pass an `Objective` over the whole training set
+* Theorem 6 (semi-stochastic, thesis §5.6): pass an `Objective` over the whole training set
   (N1 = N), ``lr=1`` and ``accept_threshold=η`` with 0 < η < ε: θ moves only when ρ_t ≥ η
   (a rejected step leaves θ exactly as it was; λ still follows the LM rule).
-* ``ratio_point`` (spec A21): (5.5) evaluates f(θ + p_t) while Alg 23 steps θ + αp_t. The
+* ``ratio_point`` (A21): (5.5) evaluates f(θ + p_t) while Alg 23 steps θ + αp_t. The
   default ``"direction"`` is the literal reading (trial loss and model reduction at p_t); with
   ``"step"`` both are taken at αp_t. For α = 1 they agree.
 * ``curvature_subset``: Alg 23 line 3 draws S2 at random from S1 (``"random"``, default, from
@@ -76,7 +78,6 @@ Options and deviations:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
@@ -95,8 +96,8 @@ from curvlab.curvature.per_sample import (
 from curvlab.linalg import DecompositionError
 from curvlab.linalg.woodbury import WoodburyForm, woodbury_coefficients
 from curvlab.objective import Objective, preserved_buffers
-from curvlab.optim.control import levenberg_marquardt_update
-from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal, SkipStep
+from curvlab.optim.levenberg_marquardt import LevenbergMarquardtDamping
+from curvlab.optim.modelwise import Proposal, SkipStep
 from curvlab.optim.validation import check_choice, check_int, check_range
 
 __all__ = ["SMWGN", "SMWNG", "SMWNGBD"]
@@ -107,7 +108,7 @@ Subset = Literal["random", "first"]
 FormChoice = Literal["auto", "symmetric", "general"]
 
 
-class _SubsampledLM(ModelwiseOptimizer):
+class _SubsampledLM(LevenbergMarquardtDamping):
     """Thesis Alg 23 for one curvature (``_curvature``) and block structure.
 
     The gradient of line 4 is the closure's (``step`` fills ``.grad``); for NG, `evaluate` runs
@@ -176,25 +177,9 @@ class _SubsampledLM(ModelwiseOptimizer):
         self._generator = self.new_sampler(device)
         self._gradient_capture: Capture | None = None
 
-    # ------------------------------------------------------------------- state
-    @property
-    def damping(self) -> float:
-        """The current λ_t = λ_LM + τ (thesis §5.2.3)."""
-        return self._lambda_lm() + float(self.param_groups[0]["tau"])
-
-    def _lambda_lm(self) -> float:
-        state = self.global_state
-        if "lambda_lm" not in state:
-            state["lambda_lm"] = float(self.param_groups[0]["damping"])
-        return float(state["lambda_lm"])
-
     # -------------------------------------------------------------------- hooks
     def check_hyperparameters(self, group: dict[str, Any]) -> None:
         _validated(**{k: group[k] for k in _HYPERPARAMETERS})
-
-    @property
-    def uses_trial_loss(self) -> bool:
-        return True  # line 6: ρ_t on S1
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
@@ -320,22 +305,6 @@ class _SubsampledLM(ModelwiseOptimizer):
             info["decomposition_attempts"] = attempts
         # Line 7: θ + α p_t; line 6: the base's trial loss f(θ_t + c p_t) on S1 gives ρ_t.
         return Proposal(alpha * p, predicted, info, trial_step=c * p)
-
-    def control(self, rho: float, proposal: Proposal) -> bool:
-        """LM rule of §5.2.3 on ρ_t; accept always (Alg 23) or when ρ_t ≥ η (Theorem 6)."""
-        group = self.param_groups[0]
-        self.global_state["lambda_lm"] = levenberg_marquardt_update(
-            self._lambda_lm(),
-            rho,
-            epsilon=float(group["epsilon"]),
-            boost=float(group["boost"]),
-            drop=float(group["drop"]),
-        )
-        proposal.info["next_damping"] = self.damping  # λ_{t+1} = λ_LM + τ
-        if not math.isfinite(rho):
-            return False  # Deviation: never step towards a non-finite loss (module docstring)
-        threshold = group["accept_threshold"]
-        return threshold is None or rho >= threshold
 
     # ---------------------------------------------------------------- helpers
     def _curvature_subset(self, objective: Objective, n1: int, n2: int) -> Tensor | None:

@@ -1,13 +1,16 @@
 r"""Ellipsoidal trust region with uniform / Adagrad / RMSProp norms (seed 002).
 
 Kohler, Adolphs & Lucchi, "Adaptive norms for deep learning with regularized Newton methods"
-(seed 002, arXiv 1905.09201). The step minimises the second-order model in an ellipsoid shaped
-by an adaptive-gradient preconditioner (eq. 7)::
+(seed 002, arXiv 1905.09201); [C-AN] below is the authors' released code
+(github.com/jonaskohler/AdaptiveNormsNewton: ``trust_region.py``, ``stcg.py``, the parameter
+files). The step minimises the second-order model in an ellipsoid shaped by an
+adaptive-gradient preconditioner (eq. 7)::
 
     s_t ≈ argmin_s  m_t(s) = g_tᵀs + ½ sᵀB_t s   s.t.  ‖s‖_{A_t} ≤ Δ_t,   ‖s‖²_A = sᵀA s
 
-Algorithm (seed 002 Alg. 1 and App. F.1, as run: spec-papers §4.3; the statement of Alg. 1 was
-lost in extraction, its form follows Yao et al. [68], tag [M])::
+Algorithm (seed 002 Alg. 1 and App. F.1, in the practical form [C-AN] runs; the statement of
+Alg. 1 is lost from the paper's text, its form follows the framework of Yao et al. that §4
+adapts, the paper's [68])::
 
     1  Input θ_0, Δ_0, 0 ≤ η₁ ≤ η₂ < 1, γ₁ ≥ 1, γ₂ > 1, Δ_max
     2  for t = 0, 1, …:
@@ -22,7 +25,7 @@ lost in extraction, its form follows Yao et al. [68], tag [M])::
     9      ρ_t < η₁:       θ_{t+1} = θ_t,        Δ_{t+1} = Δ_t / γ₂              (unsuccessful)
 
 Norm matrices, diagonal versions (seed 002 §3: "diagonal preconditioning … in all of our
-experiments"; A_t = diag(M_t), the TR norm is ‖s‖²_A = Σ M_i s_i², spec §4.2 and §6.6)::
+experiments"; A_t = diag(M_t), the TR norm is ‖s‖²_A = Σ M_i s_i², as in [C-AN])::
 
     uniform:  M = 1                                              (spherical TR)
     Adagrad:  M_t = sqrt(Σ_{i≤t} g_i² + ε)                       (eq. 2, A = (G_t + εI)^{1/2})
@@ -33,17 +36,18 @@ v_0 = 0, M_t = sqrt(v_t + ε) (``eps_mode="paper"``). The released code ([C-AN]
 ``AdagradPreconditioning`` / ``RMSPreconditioning``) starts from v_0 = ε and takes M = sqrt(v_t),
 so for RMSProp its ε decays as β^t ε (``eps_mode="code"``; identical for Adagrad).
 
-Defaults (seed 002 App. J, Table 1, the MLP row of each norm; spec §4.6 identifies the columns):
+Defaults (seed 002 App. J, Table 1, the MLP row of each norm; its header is lost from the text,
+the columns are named by matching their values with [C-AN]'s MLP parameter files):
 Δ_max = 10, η₂ = 0.95, γ₁ = 1.1, γ₂ = 1.5 (uniform, Adagrad) or 1.75 (RMSProp), κ = 0.1. The
 lost columns come from the released MLP configs [C-AN]: Δ_0 = 0.05 (uniform, Adagrad) or 1e-4
 (RMSProp), η₁ = 0.01, ε = 1e-10, β = 0.8, at most 50 CG iterations. Exact Hessian-vector
-products (Pearlmutter, spec §1.3) as in the paper's experiments; the GGN is an option ("it is
+products (Pearlmutter 1994, the paper's [55]) as in its experiments; the GGN is an option ("it is
 straightforward to replace the Hessian in the TR framework with the GGN matrix", §2).
 
 Options and deviations:
 
 * ``stopping="model_decrease"``: the released code's CG rule (every parameter file sets
-  ``precon_stopping_criterion``), which contradicts the paper's Eq. 52 (spec §4.4).
+  ``precon_stopping_criterion``), which contradicts the paper's Eq. 52 (named in §5 and App. F.2).
 * Extension: ``lr`` scales the step (θ ← θ + lr·s, trial loss and predicted reduction taken at
   lr·s); the paper has no learning rate, the default 1.0 is the paper's method. It lets LR
   schedulers act (lr = 0 freezes θ; the step control then keeps Δ, since nothing was measured).
@@ -54,10 +58,10 @@ Options and deviations:
   guard (round-off protection) is for.
 * Non-finite curvature products (solver status ``"non_finite"``, a zero step): the step is
   rejected and Δ kept (the radius did not cause it); ``last_step_info["rho"]`` is NaN.
-* Not implemented (code-only extras of [C-AN], off in the paper's description, spec §4.3): the
-  pivot check on the full training loss every ``pivot_k`` epochs with batch growth, the
-  first-order warm-start epochs (use `curvlab.optim.TwoStage`), and the released code's
-  L2 term ``l2_alpha·Σ‖W‖₂`` (add regularisation to the loss instead).
+* Not implemented (extras of [C-AN] that the paper does not describe): the pivot check on the
+  full training loss every ``pivot_k`` epochs with batch growth, the first-order warm-start
+  epochs (use `curvlab.optim.TwoStage`), and the released code's L2 term ``l2_alpha·Σ‖W‖₂``
+  (add regularisation to the loss instead).
 * Cost: line 3's curvature operator is built once per step and its build is also the gradient
   pass (`AdaptiveNormNewton.evaluate` takes the loss and g_t from it, so ``.grad`` is not
   filled): one gradient + k products + one trial forward per step. The operator's passes are
@@ -71,15 +75,21 @@ Options and deviations:
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from curvlab.autodiff import CurvatureOperator
 from curvlab.objective import Objective
-from curvlab.optim.control import RHO_GUARD, scaled_model_decrease, trust_region_update
+from curvlab.optim.control import (
+    RHO_GUARD,
+    StepControl,
+    scaled_model_decrease,
+    trust_region_update,
+)
 from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal, has_random_forward
 from curvlab.optim.validation import check_choice, check_int, check_range
 from curvlab.solvers import steihaug_cg
@@ -103,7 +113,7 @@ EPS_MODES: tuple[str, ...] = ("paper", "code")
 CURVATURES: tuple[str, ...] = ("hessian", "ggn")
 STOPPINGS: tuple[str, ...] = ("paper", "model_decrease")
 
-#: Table 1 rows (γ₂) and the released MLP configs (Δ_0) per norm; spec-papers §4.6.
+#: Seed 002 Table 1's rows (γ₂) and [C-AN]'s MLP parameter files (Δ_0), per norm.
 DEFAULT_RADIUS = {"uniform": 0.05, "adagrad": 0.05, "rmsprop": 1e-4}
 DEFAULT_DECREASE = {"uniform": 1.5, "adagrad": 1.5, "rmsprop": 1.75}
 
@@ -177,12 +187,19 @@ class AdaptiveNormNewton(ModelwiseOptimizer):
     """Shared parts of seed 002's regularised Newton methods (ellipsoidal TR, ARC twin).
 
     Holds the adaptive norm (accumulator in ``global_state["second_moment"]``), builds the
-    curvature operator of the step and keeps the cost counters. Subclasses supply `propose` and
-    `control`; ``propose`` takes the step's operator from `_step_operator`.
+    curvature operator of the step, keeps the cost counters and runs lines 7–9 (`control`): the
+    accept / reject decision and the update of the quantity they adapt, Δ_t or σ_t, kept in
+    ``global_state[_control_key]``. Subclasses supply `propose` (which takes the step's operator
+    from `_step_operator`), ``_control_key`` and the rule of `curvlab.optim.control` (`_rule`).
 
     `evaluate` takes loss and gradient from the operator's build (line 3), so ``step`` does not
     fill ``.grad`` (except for a model with a stateful training pass, see the module docstring).
     """
+
+    #: The quantity lines 7–9 adapt, ``"radius"`` (Δ_t) or ``"sigma"`` (σ_t): its key in
+    #: ``global_state`` and in the group (its initial value); ``last_step_info`` reports the
+    #: value used under this key (`propose`) and the next one as ``next_<key>``.
+    _control_key: ClassVar[str]
 
     def __init__(self, params: Iterable[Any] | nn.Module, defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
@@ -239,6 +256,37 @@ class AdaptiveNormNewton(ModelwiseOptimizer):
         """Line 3: B_t as products on this mini-batch (exact Hessian or GGN), built once."""
         return self.curvature_operator(objective, group["curvature"], update_buffers=update_buffers)
 
+    def _control_value(self) -> float:
+        """Δ_t or σ_t (``_control_key``); before the first step the group's initial value."""
+        key = self._control_key
+        return float(self.global_state.setdefault(key, float(self.param_groups[0][key])))
+
+    @abstractmethod
+    def _rule(self, value: float, rho: float, group: dict[str, Any]) -> StepControl:
+        """Lines 7–9's rule of `curvlab.optim.control` for the adapted quantity at ρ_t."""
+
+    def control(self, rho: float, proposal: Proposal) -> bool:
+        """Lines 7–9: accept or reject on ρ_t and update Δ_t or σ_t by `_rule`.
+
+        Non-finite curvature products (solver status ``"non_finite"``) reject the step and keep
+        the value (it did not cause them); ``lr = 0`` (the extension's frozen step) accepts and
+        keeps it, since nothing was measured.
+        """
+        group = self.param_groups[0]
+        info = proposal.info
+        value = self._control_value()
+        next_key = f"next_{self._control_key}"
+        if info["solver_status"] == NON_FINITE:
+            info.update({next_key: value, "outcome": "non_finite"})
+            return False
+        if float(group["lr"]) == 0.0:  # extension: a frozen step measures nothing
+            info.update({next_key: value, "outcome": "frozen"})
+            return True
+        update = self._rule(value, rho, group)
+        self.global_state[self._control_key] = update.value
+        info.update({next_key: update.value, "outcome": update.outcome})
+        return update.accepted
+
     def _count(self, products: int, iterations: int) -> None:
         state = self.global_state
         state["curvature_products"] = int(state.get("curvature_products", 0)) + products
@@ -291,6 +339,8 @@ class EllipsoidalTR(AdaptiveNormNewton):
     ``step`` does not fill ``.grad`` (it does for a model with BatchNorm or dropout).
     """
 
+    _control_key = "radius"
+
     def __init__(
         self,
         model: nn.Module | Iterable[Any],
@@ -334,7 +384,7 @@ class EllipsoidalTR(AdaptiveNormNewton):
     @property
     def radius(self) -> float:
         """The current trust-region radius Δ_t."""
-        return float(self.global_state.setdefault("radius", float(self.param_groups[0]["radius"])))
+        return self._control_value()
 
     def check_hyperparameters(self, group: dict[str, Any]) -> None:
         _check_trust_region(group)
@@ -343,7 +393,7 @@ class EllipsoidalTR(AdaptiveNormNewton):
         """Lines 3–5: curvature products, the ellipsoid A_t, the Steihaug–Toint CG step."""
         group = self.param_groups[0]
         radius = self.radius
-        norm_diag = self._norm_matrix(grad, group)  # line 4 (A_t includes g_t, spec §4.2)
+        norm_diag = self._norm_matrix(grad, group)  # line 4 (A_t includes g_t, eqs. 2–3)
         operator = self._step_operator(objective, group)  # line 3
         # line 5: preconditioner A_t⁻¹, ‖s‖_{A_t} ≤ Δ_t, Eq. 52 (or the released code's rule)
         result = steihaug_cg(
@@ -374,19 +424,10 @@ class EllipsoidalTR(AdaptiveNormNewton):
         info["predicted_reduction"] = predicted
         return Proposal(lr * step, predicted, info)
 
-    def control(self, rho: float, proposal: Proposal) -> bool:
-        """Lines 7–9: accept or reject on ρ_t and update Δ (`control.trust_region_update`)."""
-        group = self.param_groups[0]
-        info = proposal.info
-        radius = self.radius
-        if info["solver_status"] == NON_FINITE:
-            info.update(next_radius=radius, outcome="non_finite")
-            return False
-        if float(group["lr"]) == 0.0:  # extension: a frozen step measures nothing
-            info.update(next_radius=radius, outcome="frozen")
-            return True
-        update = trust_region_update(
-            radius,
+    def _rule(self, value: float, rho: float, group: dict[str, Any]) -> StepControl:
+        """Lines 7–9's rule for Δ_t: `control.trust_region_update`."""
+        return trust_region_update(
+            value,
             rho,
             eta1=float(group["eta1"]),
             eta2=float(group["eta2"]),
@@ -394,6 +435,3 @@ class EllipsoidalTR(AdaptiveNormNewton):
             decrease=float(group["decrease"]),
             max_radius=float(group["max_radius"]),
         )
-        self.global_state["radius"] = update.value
-        info.update(next_radius=update.value, outcome=update.outcome)
-        return update.accepted

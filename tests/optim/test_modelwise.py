@@ -1,5 +1,6 @@
 """The model-wide base: a rejected step leaves parameters exactly; ρ (also at a trial point
-other than the step); skips; one group; which models have a stateful training pass. Also the
+other than the step); skips; one group; which models have a stateful training pass; the state
+keys of the step control (radius, σ, λ_LM) that saved state_dicts rely on. Also the
 pass-counting helpers used by the model-wide methods' tests."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 from torch.func import hessian
 
 from curvlab import Objective
+from curvlab.optim import ARC, SMWGN, EllipsoidalTR, HessianFree
 from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal, has_stateful_forward
 from curvlab.testing.models import regression_problem, tiny_cnn, tiny_mlp
 
@@ -227,3 +229,35 @@ def test_stateful_forward_detects_running_statistics_and_randomness() -> None:
     assert has_stateful_forward(nn.Sequential(nn.Linear(3, 3), nn.Dropout2d(0.1)))
     dropout.eval()
     assert not has_stateful_forward(dropout)
+
+
+# A saved state_dict holds these keys (per method, after a step); the step control must keep
+# reading them under these names, or a state_dict saved by an earlier curvlab stops resuming.
+_COUNTERS = {"global_step", "skipped_steps", "rejected_steps"}
+_TR_STATE = {"second_moment", "curvature_products", "solver_iterations"}
+STATE_LAYOUTS = {
+    # method: (the adapted quantity's key, the last_step_info entry that reports its use,
+    #          τ added to it there, the other keys)
+    EllipsoidalTR: ("radius", "radius", 0.0, _TR_STATE),
+    ARC: ("sigma", "sigma", 0.0, _TR_STATE),
+    HessianFree: ("lambda_lm", "damping", 1e-3, {"previous_direction", "sampler_state"}),
+    SMWGN: ("lambda_lm", "damping", 1e-3, {"sampler_state"}),
+}
+
+
+@pytest.mark.parametrize("cls", list(STATE_LAYOUTS), ids=lambda c: c.__name__)
+def test_step_control_state_keeps_its_key_names(cls: type) -> None:
+    key, reported, tau, others = STATE_LAYOUTS[cls]
+    model = tiny_mlp((3, 4, 2))
+    x, y = regression_problem(n=6, d_in=3, d_out=2)
+    obj = Objective(model, nn.MSELoss(), x, y)
+    opt = cls(model)
+    opt.step(obj)
+    saved = opt.state_dict()
+    assert set(saved["state"][0]) == _COUNTERS | {key} | others
+    # A state_dict in this layout, the adapted value written by hand, is what the next step uses.
+    saved["state"][0][key] = 0.125
+    resumed = cls(model)
+    resumed.load_state_dict(saved)
+    resumed.step(obj)
+    assert resumed.last_step_info[reported] == 0.125 + tau
