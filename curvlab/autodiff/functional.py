@@ -1,18 +1,20 @@
 """The functional view that the curvature products differentiate: f(θ) = model(inputs; θ).
 
 `ParameterView` maps the optimizer's parameters (a subset of the model's, in the optimizer's
-order) to the flat vector θ of the spec (spec-papers §1.1: concatenation of ``p.view(-1)``)
-and evaluates the model at any θ with `torch.func.functional_call`:
+order) to the flat vector θ, the concatenation of ``p.view(-1)`` in that order, and evaluates
+the model at any θ with `torch.func.functional_call`:
 
 * the model's other parameters are held fixed (passed detached, so no graph reaches them);
 * buffers are passed as copies, so a train-mode BatchNorm normalises with the batch statistics
-  (train-mode semantics, as [C-EDF] runs its products) while its running statistics in the
-  model are never moved by the extra passes (spec-papers §1.4 "subtleties"); with
+  (train-mode semantics, as the EDF authors' code runs its products: [C-EDF],
+  docs/deviations.md) while its running statistics in the model are never moved by the extra
+  passes (which an in-place finite-difference product would move a second time); with
   ``commit_buffers`` the first pass writes its copies back, moving the running statistics
   once, exactly as the training pass it then stands for (an optimizer that skips the step of
   a non-finite batch puts them back: `curvlab.optim.guard.StepGuard.skip`);
 * random ops (dropout) can be replayed with one saved RNG state (`replayed_rng`), so that
-  several passes at different θ see the same masks (spec-papers §1.4);
+  several passes at different θ see the same masks (a difference of gradients is meaningless
+  otherwise);
 * mixed precision: the forward pass runs under the objective's recorded autocast state
   (`curvlab.Objective.autocast`), or with ``autocast=False`` in the parameters' dtype; the
   operators built on it return vectors in the parameters' dtype (output-space quantities are
@@ -35,7 +37,7 @@ __all__ = ["ParameterView", "RngState", "capture_rng", "flatten", "replayed_rng"
 
 
 def flatten(tensors: Sequence[Tensor]) -> Tensor:
-    """Concatenate ``t.reshape(-1)`` over ``tensors`` (the flat-vector view, spec §1.1)."""
+    """Concatenate ``t.reshape(-1)`` over ``tensors`` (the flat-vector view)."""
     return torch.cat([t.reshape(-1) for t in tensors])
 
 

@@ -1,14 +1,15 @@
 """The loss curvature at the network outputs, H_L = ∂²L/∂f² (or the Fisher F_L), applied to r.
 
-The GGN is G = Jᵀ H_L J (thesis §1, eq. 1.4; spec-papers §1.5). For the supported losses H_L is
-applied analytically, block-diagonal over examples, with the objective's loss scale c
-(``L = c · Σ_n l_n``, `Objective.loss_scale`, which honours ``reduction`` and
-``batch_average``):
+The GGN is G = Jᵀ H_L J (thesis §1.2.2, eq. 1.4; the EDF paper [P0], eq. 17; source labels
+such as [P0]: docs/deviations.md). For the supported losses H_L is applied analytically,
+block-diagonal over examples, with the objective's loss scale c (``L = c · Σ_n l_n``,
+`Objective.loss_scale`, which honours ``reduction`` and ``batch_average``):
 
 * cross-entropy (softmax over dim 1), class-index targets: ``H_n = c (diag p − p pᵀ)``;
   probability targets: ``H_n = c s_n (diag p − p pᵀ)`` with ``s_n = Σ_k y_nk`` ([P0] eqs.
-  27–29 as restored in spec-papers §1.5);
-* BCE-with-logits: ``H = c · diag(σ(1 − σ))`` (thesis §0.1 corrects the printed diag(σ));
+  27–29, whose fractions are garbled in the text: the derivatives of eq. 27's loss);
+* BCE-with-logits: ``H = c · diag(σ(1 − σ))`` (thesis §1.2.2 prints diag(σ) after
+  eq. 1.5; the derivative of the sigmoid gives σ(1 − σ));
 * BCE on probabilities p (`nn.BCELoss`): ``∂²l/∂p² = y/p² + (1 − y)/(1 − p)²``, computed as
   ``((p − y)² + y(1 − y)) / (p(1 − p))²``, the derivative of PyTorch's own BCE gradient
   ``(p − y) / max(p(1 − p), 1e-12)`` (same clamp, so p = 0 or 1 stays finite);

@@ -1,16 +1,19 @@
 """Curvature-vector products on a `curvlab.Objective`: Hessian, GGN, Fisher, finite-difference.
 
 A `CurvatureOperator` is built once per optimizer step at the current parameters θ (the
-optimizer's parameters, flattened in order: spec-papers §1.1) and then applied to many vectors
+optimizer's parameters, flattened in order) and then applied to many vectors
 (CG / MINRES / Lanczos iterations). Building it does the forward pass and keeps what the
 products need; each product then costs only the extra passes of its kind:
 
-Exact Hessian, Pearlmutter (spec-papers §1.3, [C-AN] ``HessianVectorSolver.apply_Hv``)::
+Source labels ([P0], [P3], [C-AN], [C-EDF], [C-TR]) are defined in docs/deviations.md.
+
+Exact Hessian, Pearlmutter (1994), as the adaptive-norms code ([C-AN]
+``HessianVectorSolver.apply_Hv``) computes it::
 
     build:  1  g = ∇L(θ) with create_graph            (one forward + one backward, graph kept)
     matvec: 2  Hv = ∇_θ ⟨g, v⟩                         (one backward through the backward graph)
 
-GGN via R-op / L-op (spec-papers §1.5; [P0] §3 and App. A; [C-EDF] ``custom_grad.py``)::
+GGN via R-op / L-op ([P0] §3 and App. A; [C-EDF] ``custom_grad.py``)::
 
     build:  1  z = f(θ)                                (forward, graph kept)
             2  u = ∂L/∂z                               (backward through the loss only)
@@ -23,7 +26,7 @@ Fisher: the same with H_L replaced by the Fisher of the predictive distribution 
 for cross-entropy, BCE-with-logits and MSE, the canonical links; different for `nn.BCELoss`
 on probabilities: see `curvlab.autodiff.output_curvature`).
 
-Finite-difference Hessian ([P3] §4.2, spec-papers §1.4, [C-TR] ``Hv_approx2``)::
+Finite-difference Hessian ([P3] §4.2, [C-TR] ``Hv_approx2``)::
 
     build:  1  g₀ = ∇L(θ)
     matvec: 2  Hv ≈ (∇L(θ + εv) − g₀) / ε              (one gradient, same batch, same masks)
@@ -52,7 +55,7 @@ Semantics shared by all kinds:
 * θ is copied at build time: the operator is the curvature at the parameters it was built at,
   even if the optimizer then changes them in place.
 * Every forward pass of an operator replays the global RNG state of the moment it was built
-  (the same dropout masks in every pass, spec-papers §1.4) and leaves the global RNG as it was.
+  (the same dropout masks in every pass) and leaves the global RNG as it was.
 * The operator holds its linearisation (the autograd graphs of the forward and of the
   gradient) until it is dropped: keep it for one step only. The vectors it returns carry no
   graph, and no reference cycle keeps the graphs alive once the operator is gone.
@@ -175,7 +178,7 @@ def _zeros_if_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> Te
 
 
 class _HessianOperator(CurvatureOperator):
-    """Pearlmutter's exact HVP, reverse-over-reverse on one kept gradient graph (spec §1.3)."""
+    """Pearlmutter's exact HVP, reverse-over-reverse on one kept gradient graph."""
 
     kind = "hessian"
 
@@ -184,7 +187,7 @@ class _HessianOperator(CurvatureOperator):
         self._values = view.current(clone=True)
         with torch.enable_grad(), replayed_rng(self._rng):
             _, loss = view.loss(self._values)
-            # spec §1.3, line 1: g = autograd.grad(L(w), params, create_graph=True)
+            # build line 1: g = ∇L(θ) with create_graph (module docstring).
             grads = torch.autograd.grad(loss, self._values, create_graph=True, allow_unused=True)
         self._live, self._grads = _live(grads)
         super().__init__(view, damping, loss.detach(), _zeros_if_none(grads, self._values))
@@ -193,7 +196,7 @@ class _HessianOperator(CurvatureOperator):
         if not self._live:  # the gradient does not depend on θ: H = 0
             return torch.zeros_like(v)
         pieces = self._view.unflatten(v)
-        # spec §1.3, line 2: Hv = autograd.grad(g·v, params, retain_graph=True)
+        # matvec line 2: Hv = ∇_θ ⟨g, v⟩, the gradient graph retained for the next product.
         hv = torch.autograd.grad(
             self._grads,
             self._values,
@@ -205,7 +208,7 @@ class _HessianOperator(CurvatureOperator):
 
 
 class _GaussNewtonOperator(CurvatureOperator):
-    """G v = Jᵀ H_L J v with one kept forward graph and one kept gradient graph (spec §1.5)."""
+    """G v = Jᵀ H_L J v with one kept forward graph and one kept gradient graph."""
 
     def __init__(self, view: ParameterView, damping: float, kind: Literal["ggn", "fisher"]) -> None:
         self.kind = kind
@@ -244,7 +247,7 @@ class _GaussNewtonOperator(CurvatureOperator):
         if not self._live:
             return torch.zeros_like(v)
         pieces = self._view.unflatten(v)
-        # line 4: r = J v = ∂⟨Jᵀu, v⟩/∂u (double-vjp R-op, spec §1.5).
+        # line 4: r = J v = ∂⟨Jᵀu, v⟩/∂u (double-vjp R-op).
         (r,) = torch.autograd.grad(
             self._grads,
             self._u,
@@ -284,7 +287,7 @@ class _FiniteDifferenceHessian(CurvatureOperator):
             (t + self.epsilon * p).requires_grad_(True)
             for t, p in zip(self._theta, pieces, strict=True)
         ]
-        # The same batch and, by the replayed RNG, the same dropout masks as g₀ (spec §1.4).
+        # The same batch and, by the replayed RNG, the same dropout masks as g₀.
         with replayed_rng(self._rng):
             _, g1 = self._view.gradient(shifted)
         # line 2: Hv ≈ (g(θ + εv) − g₀) / ε

@@ -1,4 +1,4 @@
-r"""BFGS and L-BFGS for inverse Kronecker factors (thesis ch.2 and ch.3; spec §1.1–1.5).
+r"""BFGS and L-BFGS for inverse Kronecker factors (thesis §2.3–2.4, §3.3; Algs 3, 8, 11).
 
 Pure functions on tensors, no host synchronisation: every scalar (``sᵀy``, Powell's θ, ...)
 stays a 0-dim tensor and every branch of the printed algorithms is a ``torch.where``, so an
@@ -12,7 +12,7 @@ optimizer can damp and update all its layers and check the results with one sync
   which satisfies the secant equation ``H⁺ y = s`` and stays positive definite iff sᵀy > 0.
 * Powell's dampings (thesis §2.3.1): :func:`powell_damping_h` (on H: replaces s) and
   :func:`powell_damping_identity` (with B = I: replaces y).
-* The double-damping procedures (spec §1.4): :func:`double_damping` (DD, thesis Alg 3, ch.2),
+* The double-damping procedures: :func:`double_damping` (DD, thesis Alg 3, §2.3.1, ch.2),
   :func:`dp_dlm_damping` (D_P D_LM, Alg 8, ch.3) and :func:`dpi_dlm_damping` (D_P(I) D_LM,
   Alg 11, the convergence-theory variant).
 * L-BFGS in the compact ("non-loop") form of Byrd, Nocedal & Schnabel (1994) [thesis ref 20]:
@@ -200,7 +200,7 @@ def lbfgs_multiply(
     r"""H V for the L-BFGS matrix of the pairs (S, Y) with base :math:`H_0 = \gamma I`.
 
     Compact representation (Byrd, Nocedal & Schnabel 1994, eq. 3.1; thesis §2.3 "non-loop"
-    implementation, spec §1.2) with :math:`R_{ij} = s_i^\top y_j` (i ≤ j),
+    implementation, §3.4.3) with :math:`R_{ij} = s_i^\top y_j` (i ≤ j),
     :math:`D = \mathrm{diag}(s_i^\top y_i)`, pairs in chronological order:
 
     .. math::
@@ -391,7 +391,7 @@ def gram_matvec(X: Tensor, v: Tensor, scale: float, *, homogeneous: bool = False
         v: vector of length d, or d + 1 when ``homogeneous``.
         scale: e.g. 1/m: the thesis's :math:`A = E_n[\sum_t a_t a_t^\top]` sums over
             locations and averages over examples.
-        homogeneous: :math:`\bar X = [X\ \mathbf 1]` (the bias column of thesis §1.8), never
+        homogeneous: :math:`\bar X = [X\ \mathbf 1]` (the bias column of thesis §2.2, §3.2.2), never
             materialised.
 
     Returns:

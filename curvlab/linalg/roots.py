@@ -16,8 +16,8 @@ of its PSD statistics. Two methods are offered:
   ~3 × as long). The shift by λ removes those failures there and changes nothing in exact
   arithmetic.
 * ``"coupled_newton"``: the coupled Newton iteration of Guo & Higham (2006) as used by Shampoo
-  (Anil et al. 2020; thesis §6.4, spec §1.6), see :func:`coupled_newton_inverse_root`. It needs
-  only matrix products, which suits accelerators.
+  (Anil et al. 2020; thesis §4.7.2, Alg 16 line 12), see :func:`coupled_newton_inverse_root`.
+  It needs only matrix products, which suits accelerators.
 
 Both methods use the retry policy of :mod:`curvlab.linalg.inverse`: float64 at the same damping,
 then damping multiplied by ``growth`` per retry, then
@@ -69,7 +69,7 @@ def coupled_newton_inverse_root(
     r"""Inverse p-th root :math:`M^{-1/p}` of an SPD matrix by the coupled Newton iteration.
 
     The iteration of Guo & Higham (2006), in the form used by Shampoo (Anil et al. 2020;
-    thesis §6.4): with :math:`\alpha = -1/p` and :math:`z = (1 + p) / (2\lVert M\rVert_F)`,
+    thesis §4.7.2): with :math:`\alpha = -1/p` and :math:`z = (1 + p) / (2\lVert M\rVert_F)`,
 
     .. math::
 

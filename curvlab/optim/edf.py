@@ -1,4 +1,7 @@
-r"""EDF: Exponentially Decaying Flows (seed 000; spec-papers §2), EDF-G and EDF-H.
+r"""EDF: Exponentially Decaying Flows ([P0], an ICLR 2019 submission), EDF-G and EDF-H.
+
+Source labels ([P0] the paper, [C-EDF] its released code, [R] a reconstruction) are defined in
+docs/deviations.md.
 
 The damped flow (eq. 24) ``(A + λI) dw/dt = −∇L`` with ``A = G = JᵀH_L J`` (EDF-G, eq. 21) or
 the Hessian ``A = H`` (EDF-H, eq. 20), ``λ = a‖∇L‖^b``, is integrated by explicit Euler with
@@ -24,19 +27,19 @@ Algorithm 2 (k = 1, eq. 23; used when ``order=1``)::
      4  w_{i+1} = w_i − η v
 
 For EDF-H, c < 0 when gᵀ(H + λI)g < 0: the step then goes uphill. The paper does not discuss
-it; it is not clipped, and ``last_step_info["coefficient"]`` reports c (spec §2.3, §6.5).
+it; it is not clipped, and ``last_step_info["coefficient"]`` reports c.
 
 Acceleration of the second-order flow (eq. 25) ``G ẅ + κ G ẇ + ∇L = 0``, with the EDF
 direction ``d(y) = P_k(A(y) + λ(y)I, ∇L(y))`` of lines 1–8 at the point y the parameters hold:
 
 * ``acceleration="w1"`` (κ = α constant, "similar to the momentum gradient descent method";
-  α = 0.9 in §6.2). Discretised as the released code [C-EDF] does (spec §2.5)::
+  α = 0.9 in §6.2). Discretised as the released code [C-EDF] does::
 
       m ← α m + (1 − α) d(w) ;  w ← w − η m          (m₀ = 0, no bias correction)
 
 * ``acceleration="w2"`` (κ = α/t, "discretized in a similar way as Su et al. (2014), analogous
-  to Nesterov's acceleration"). [R] reconstruction of spec §2.5 (the paper gives neither the
-  scheme nor α; α = 3 is the standard Nesterov case), with r = α, s = η::
+  to Nesterov's acceleration"). A reconstruction, [R]: the paper gives neither the scheme nor
+  α, so this is Su, Boyd & Candès's Nesterov scheme with α = 3 (the standard case), r = α, s = η::
 
       x_t = y_{t−1} − s d(y_{t−1}) ;  y_t = x_t + (t − 1)/(t + r − 1) · (x_t − x_{t−1})
 
@@ -48,10 +51,10 @@ direction ``d(y) = P_k(A(y) + λ(y)I, ∇L(y))`` of lines 1–8 at the point y t
   which is the scheme above exactly for a constant s; under an LR schedule the velocity is in
   direction units (as torch.optim.SGD keeps its buffer), so ``lr = 0`` freezes the parameters.
   t counts optimizer steps and is not restarted when the LR changes unless
-  ``restart_on_lr_change=True`` (spec §2.5 open choices).
+  ``restart_on_lr_change=True`` (the paper does not say).
 * ``acceleration="none"``: the plain Euler step of Algorithms 1/2.
 
-Released-code variant ``space="output"`` (EDF-G only; spec §2.6, [C-EDF] ``train_edf``): the
+Released-code variant ``space="output"`` (EDF-G only; [C-EDF] ``train_edf``): the
 MINRES recurrence runs in output space R^{n·C} on ``(H_L J Jᵀ + λI) x = ∂L/∂φ`` and maps back
 with ``d = Jᵀ x`` (H_L and ∂L/∂φ of the loss as reduced, e.g. with the 1/n of a batch mean; the
 code's unscaled F with its ``x/n`` gives the same d because MINRES is linear in its right-hand
@@ -62,7 +65,7 @@ then a heuristic (as in the code). The code hard-codes a = b = 1 and always appl
 
 Deviations and conventions:
 
-* λ uses ‖g‖ of the loss as reduced by ``loss_fn`` (the code: mean loss, spec §2.10); the GGN
+* λ uses ‖g‖ of the loss as reduced by ``loss_fn`` (eq. 27 and the code: the mean loss); the GGN
   and Hessian products use the same scaling (`curvlab.autodiff.curvature_operator`).
 * The MINRES guards of `curvlab.solvers.minres` (invariant Krylov space, inconsistent singular
   systems: status ``"breakdown"`` with the least-squares iterate) are not in the paper.
@@ -115,7 +118,7 @@ Kind = Literal["ggn", "hessian"]
 Acceleration = Literal["none", "w1", "w2"]
 Space = Literal["parameter", "output"]
 
-#: α of W1 (paper §6.2, [C-EDF]) and of W2 ([R]: Nesterov's r = 3, spec §2.5).
+#: α of W1 (paper §6.2, [C-EDF]) and of W2 ([R]: Nesterov's r = 3).
 DEFAULT_ALPHA = {"w1": 0.9, "w2": 3.0}
 
 
@@ -169,7 +172,7 @@ def _zero(g: Tensor, status: str, residual: float, matvecs: int, c: float) -> So
 
 # --------------------------------------------------------------------------- output space
 class _OutputSpaceOperator:
-    """The released code's operator V ↦ H_L J Jᵀ V on output-space vectors (spec §2.6).
+    """The released code's operator V ↦ H_L J Jᵀ V on output-space vectors ([C-EDF]).
 
     Built once per step at the current parameters: one forward pass with the graph kept, the
     output gradient ∂L/∂φ, and Jᵀw with ``create_graph`` for the R-op by the double-vjp trick
@@ -267,7 +270,7 @@ class EDF(ModelwiseOptimizer):
         alpha: α of W1 in [0, 1) (default 0.9) or of W2 > 0 (default 3); None picks the
             default, and must stay None with ``acceleration="none"``.
         space: ``"parameter"`` (paper Alg 1) or ``"output"`` (the released code's MINRES in
-            output space, EDF-G only; spec §2.6).
+            output space, EDF-G only; [C-EDF]).
         restart_on_lr_change: W2 only: restart t and the velocity when ``lr`` changes.
 
     ``step`` takes a `curvlab.Objective`. ``last_step_info`` has λ (``damping``), the solver's
@@ -463,7 +466,7 @@ class EDF(ModelwiseOptimizer):
             self._pending = commit_w1
             return -lr * torch.cat([m.reshape(-1) for m in new])
 
-        # W2 ([R], spec §2.5): u_t = c_{t−1} u_{t−1} − d ; y_t = y_{t−1} + s (c_t u_t − d).
+        # W2 ([R]): u_t = c_{t−1} u_{t−1} − d ; y_t = y_{t−1} + s (c_t u_t − d).
         # Deviation (reconstruction): the paper gives no W2 scheme; this is Su–Boyd–Candès's
         # Nesterov discretisation with r = α, velocity in direction units (module docstring).
         state = self.global_state

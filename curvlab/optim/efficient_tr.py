@@ -1,8 +1,8 @@
-r"""Efficient trust region (Liu, Lee & Hsieh, seed 003) and its Hybrid TR → SGD method.
+r"""Efficient trust region (Liu, Lee & Hsieh, [P3]) and its Hybrid TR → SGD method.
 
-"Better Generalization by Efficient Trust Region Method" ([P3]), Algorithm 1 (the outer loop,
-spec-papers §5.1) with the subproblem solved by its Algorithm 2
-(`curvlab.solvers.tr_gd_subproblem`, spec §5.2)::
+"Better Generalization by Efficient Trust Region Method" ([P3]; source labels such as [P3],
+[C-TR] and [R]: docs/deviations.md), Algorithm 1 (the outer loop) with the subproblem solved by
+its Algorithm 2 (`curvlab.solvers.tr_gd_subproblem`)::
 
     Algorithm 1 (Stochastic) trust region method
     Input: F, ∇F, ∇²F or their stochastic counterparts; initial guess x⁰, radius r₀
@@ -37,17 +37,17 @@ Paper version (``variant="paper"``, the default):
 * ``radius_rule="stochastic"``: line 6 — [P3] §4.2 says the experiments run "actually
   stochastic" TR, with sub-sampled g and H on the same batch. ``"deterministic"`` is line 5.
   The condition "‖g‖ ≥ r_t" is as printed; ``grad_radius_factor`` = c reads it as
-  ‖g‖ ≥ c r_t (spec §5.1 [R], STORM's η₂; 1 is the paper).
-* ``hvp="hessian"``: exact Pearlmutter products (spec §1.3; the paper's method "only requires
+  ‖g‖ ≥ c r_t ([R], after the constant η₂ of STORM, Chen et al.; 1 is the paper).
+* ``hvp="hessian"``: exact Pearlmutter products (the paper's method "only requires
   Hessian-vector products").
 * Experiment settings (§4 bullet "TR", §4.2): N1 = N2 = 1, radius 1, subproblem step size
   η = 0.1 (0.01 for MobileNet) — the defaults here.
 
-Released code ([C-TR] ``iter_TR``, spec §5.4; ``variant="code"``), a different algorithm:
+Released code ([C-TR] ``iter_TR``; ``variant="code"``), a different algorithm:
 ``z = −η g``; ``N1`` times ``z ← z − (η/2)(Hz + g)``, ``z ← r z/(‖z‖ + 1e-9)``; ``x ← x + z``
 with no ratio test and no radius update (``subproblem="code"``, ``radius_rule="fixed"``), the
 products by forward differences ``(∇f(x + εv) − ∇f(x))/ε`` with ε = 1e-5 on the unnormalised
-v and the same batch (``hvp="hessian-fd"``, spec §1.4, [P3] §4.2). ``variant`` only sets the
+v and the same batch (``hvp="hessian-fd"``, [P3] §4.2). ``variant`` only sets the
 defaults of ``subproblem``, ``radius_rule`` and ``hvp``; each may be given on its own (e.g. the
 paper's Alg 1 + Alg 2 with finite-difference products, which is what [P3] §4.2 describes).
 
@@ -57,7 +57,7 @@ Where [P3] is silent ([R]) and deviations:
   the initial ``radius`` ("the trust region radius is set to 1", §4) and the deterministic rule
   has no cap (line 5 as printed).
 * α of Assumption 2 (``init_scale`` 0.5) and the Armijo constants (σ = 1e-4, first trial η,
-  shrink 0.5, 20 backtracks) are the spec's [R] choices, passed through to the solver.
+  shrink 0.5, 20 backtracks) are curvlab's [R] choices, passed through to the solver.
 * Extension: ``lr`` scales the accepted step, x_{t+1} = x_t + lr·z_t (1.0 = the paper), so
   that LR schedulers act; q_t is then measured at the step taken, with the model's reduction
   f(0) − f(lr·z_t). With ``lr = 0`` the radius is left unchanged (a zero step says nothing
@@ -71,14 +71,14 @@ Where [P3] is silent ([R]) and deviations:
   the solver divides by r²; the paper's radius sequence is unbounded below.
 * Deviation: the finite-difference products are evaluated functionally (the model's
   BatchNorm running statistics do not move and dropout masks are replayed); [C-TR] moves the
-  weights in place, which updates BatchNorm statistics a second time (spec §1.4).
+  weights in place, which updates BatchNorm statistics a second time.
 * The operator's passes are functional (the global RNG is not advanced, BatchNorm running
   statistics move only in the build, once per step, as in a training pass). For a model whose
   training pass draws random numbers (`curvlab.optim.modelwise.has_random_forward`: dropout)
   the step keeps the ordinary training pass (the closure, which fills ``.grad``) for loss and
   g and builds the operator after it: one gradient more per step.
 
-`HybridTRSGD` is [P3] §4's Hybrid (spec §5.5): "runs trust region method until the accuracy
+`HybridTRSGD` is [P3] §4's Hybrid: "runs trust region method until the accuracy
 no longer increases, and then uses the last epoch to initialize SGD method. When the training
 accuracy stabilizes, it returns the final model. Both TR and SGD here follow the same
 hyper-parameters above" (SGD: η = 0.1, fixed, no momentum, §4.2). It is a

@@ -1,10 +1,12 @@
-"""`TwoStage`: run one optimizer, then switch to another (seed 001's TSO-ALRA, seed 003's hybrid).
+"""`TwoStage`: run one optimizer, then switch to another (TSO-ALRA; Liu et al.'s Hybrid TR → SGD).
+
+Source labels ([P1], [P3]) are defined in docs/deviations.md.
 
 TSO-ALRA (Ida & Fujiwara, [P1] Alg 1) runs a preconditioned first stage "while stopping
 criterion not met" (lines 1–9) and plain SGD afterwards (lines 10–13). [P1] §III-B/§III-C name
 the criteria: a switch-over point tuned as a hyperparameter (the experiments use an epoch,
 §V-A), or, in real time, "when the minimum validation loss is not altered over several epochs".
-Liu et al.'s hybrid method ([P3] §4, spec §5.5) runs a trust-region method "until the accuracy
+Liu et al.'s hybrid method ([P3] §4) runs a trust-region method "until the accuracy
 no longer increases" and then SGD from the last weights. Both are this wrapper::
 
     opt = TwoStage(first, second, switch_at_epoch=10)   # or switch_at_step=, patience=

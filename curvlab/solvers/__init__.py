@@ -2,12 +2,13 @@
 
 * :func:`cg` — preconditioned conjugate gradients for SPD systems (Hessian-free).
 * :func:`steihaug_cg` — preconditioned Steihaug–Toint CG for the (ellipsoidal) trust-region
-  subproblem (Conn, Gould & Toint Alg. 7.5.1; seed 002).
-* :func:`minres` — k-step MINRES of seed 000 (EDF), Algorithm 1.
+  subproblem (Conn, Gould & Toint Alg. 7.5.1; Kohler, Adolphs & Lucchi's ellipsoidal TR).
+* :func:`minres` — k-step MINRES of the EDF paper, Algorithm 1.
 * :func:`lanczos` — the Lanczos tridiagonalisation.
 * :func:`cubic_subproblem` — the ARC cubic subproblem by Lanczos and a secular equation
   (Cartis, Gould & Toint).
-* :func:`tr_gd_subproblem` — seed 003's GD-then-Riemannian-GD trust-region subproblem solver.
+* :func:`tr_gd_subproblem` — Liu, Lee & Hsieh's GD-then-Riemannian-GD trust-region subproblem
+  solver.
 
 All return a :class:`SolverResult`; indefinite or singular curvature is reported in its
 ``status``, a non-finite input gives ``status="non_finite"`` and a zero step.

@@ -1,15 +1,15 @@
-r"""The ARC cubic subproblem by Lanczos: Cartis, Gould & Toint (2011), as in seed 002's SCR code.
+r"""The ARC cubic subproblem by Lanczos: Cartis, Gould & Toint (2011), as in the SCR code [C-SCR].
 
-Adaptive cubic regularisation (spec-papers §4.5, a [R] reconstruction: seed 002 gives no ARC
-algorithm, only that its norms "can directly be transferred to the cubic regularization
-framework") minimises the model
+Adaptive cubic regularisation (a reconstruction, [R]: Kohler, Adolphs & Lucchi [P2] give no ARC
+algorithm, only that their norms "can directly be transferred to the cubic regularization
+framework"; source labels: docs/deviations.md) minimises the model
 
 .. math::
 
     m(s) = g^\top s + \tfrac12 s^\top H s + \tfrac{\sigma}{3} \lVert s\rVert_M^3,
     \qquad \lVert s\rVert_M^2 = \textstyle\sum_i M_i s_i^2 ,
 
-with ``M`` the diagonal norm matrix of the ellipsoidal trust region (Adagrad / RMSProp, spec §4.2;
+with ``M`` the diagonal norm matrix of the ellipsoidal trust region (Adagrad / RMSProp, [P2] §3;
 ``M = 1`` is the spherical model). With ``D = diag(√M)``, ``u = D s``, ``ĝ = D⁻¹ g`` and
 ``Ĥ = D⁻¹ H D⁻¹`` the model is spherical in ``u``. The solver (Cartis, Gould & Toint 2011, ARC
 Part I, §6.2; Kohler & Lucchi's SCR code ``solve_ARC_subproblem``, ``'lanczos'``)::

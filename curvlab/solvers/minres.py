@@ -1,11 +1,12 @@
-r"""MINRES with a fixed number of iterations: seed 000 (EDF), Appendix A, Algorithm 1.
+r"""MINRES with a fixed number of iterations: the EDF paper ([P0]), Appendix A, Algorithm 1.
 
 Paige & Saunders (1975) MINRES for a symmetric, possibly indefinite, system
 :math:`(A + \lambda I) x = b`: the iterate :math:`x_k` minimises :math:`\lVert b - (A+\lambda I)
 x\rVert` over the Krylov space :math:`K_k(A, b)`, so ``k`` interpolates between a scaled gradient
 step (``k = 1``, paper Alg. 2 / eq. 23) and the exact solve (``k = n`` for a nonsingular system).
 Algorithm 1 of the paper, with its right-hand side ``g`` renamed ``b``, its damping ``λ`` the
-``shift`` and its output ``v`` the solution ``x`` (spec-papers §2.2)::
+``shift`` and its output ``v`` the solution ``x`` (source labels such as [P0], [C-EDF] and [R]:
+docs/deviations.md)::
 
      1  β = ‖b‖ ; ξ = β ; γ0 = γ1 = 1 ; σ0 = σ1 = 0 ; x = v0 = 0 ; v1 = b ; q0 = q1 = 0
      2  for j = 1 .. k:
@@ -28,9 +29,9 @@ update the search directions and the iterate, and :math:`|\xi|` after line 14 is
 :math:`\lVert b - (A+\lambda I)x_j\rVert`.
 
 Deviation (typo fix): the extracted line 4 reads "u = u + λg"; the damped operator of eq. 24 needs
-``λ v1`` (the paper's Alg. 2 and the released code use ``λ·v1``; spec-papers §2.2 ⚠).
+``λ v1`` (the paper's Alg. 2 and the released code [C-EDF] use ``λ·v1``).
 
-Deviation (guards the paper does not need in exact arithmetic, spec-papers §2.2 [R]): a ``β`` of
+Deviation (guards the paper does not need in exact arithmetic, [R]): a ``β`` of
 line 9 at round-off level, ``β ≤ 100·ε·‖T‖`` (ε the unit round-off of the dtype, ‖T‖ the running
 maximum of the column norms ``sqrt(β_old² + α² + β²)`` of the tridiagonal matrix), means that the
 Krylov space is invariant: it is set to 0 and line 3 yields ``v1 = 0`` instead of dividing noise
@@ -77,7 +78,7 @@ def minres(
     shift: float = 0.0,
     tol: float = 0.0,
 ) -> SolverResult:
-    """Run ``max_iters`` iterations of MINRES on ``(A + shift·I) x = b`` (seed 000, Alg. 1).
+    """Run ``max_iters`` iterations of MINRES on ``(A + shift·I) x = b`` ([P0] Alg. 1).
 
     Args:
         matvec: ``v ↦ A v`` with ``A`` symmetric (indefinite and singular are allowed).

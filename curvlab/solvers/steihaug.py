@@ -1,6 +1,7 @@
 r"""Preconditioned Steihaug–Toint CG for the (ellipsoidal) trust-region subproblem.
 
-The subproblem of seed 002's ellipsoidal trust region (spec-papers §4.3–4.4, eq. 7):
+The subproblem of Kohler, Adolphs & Lucchi's ellipsoidal trust region ([P2] eq. 7 and App. F.2;
+source labels such as [P2] and [C-AN]: docs/deviations.md):
 
 .. math::
 
@@ -9,8 +10,8 @@ The subproblem of seed 002's ellipsoidal trust region (spec-papers §4.3–4.4, 
 
 solved by the truncated preconditioned CG of Conn, Gould & Toint (2000, *Trust-Region Methods*,
 Alg. 7.5.1), with the preconditioner ``M⁻¹`` ("as preconditioning matrix for CG we use the same
-matrix as for the ellipsoidal constraint", seed 002 App. F). The ``M``-norms come from the
-recurrences CGT eqs. 7.5.5–7.5.7, so only ``M⁻¹`` is ever applied (spec §4.4)::
+matrix as for the ellipsoidal constraint", [P2] App. F.2). The ``M``-norms come from the
+recurrences CGT eqs. 7.5.5–7.5.7, so only ``M⁻¹`` is ever applied::
 
      1  s = 0 ; r = g ; v = M⁻¹ r ; p = −v ; gv = rᵀv ; pMp = gv ; sMp = 0 ; ‖s‖²_M = 0
      2  loop k = 0, 1, …:
@@ -31,7 +32,7 @@ boundary step (CGT p. 205; the released code's ``model_decrease``).
 
 Stopping rules (line 9):
 
-* ``stopping="paper"`` (seed 002, "the classical stopping criterion given in Eq. (52)"):
+* ``stopping="paper"`` ([P2] §5, "the classical stopping criterion given in Eq. (52)", App. F.2):
   ``‖r‖₂ ≤ ‖g‖₂ · min(κ, ‖g‖₂^θ)`` with ``κ = tol = 0.1`` ("krylov tol.", Table 1), ``θ = 1/2``.
 * ``stopping="model_decrease"`` (the released code [C-AN] ``stcg.py`` with
   ``precon_stopping_criterion: true``, which every parameter file sets): from the second
@@ -42,8 +43,8 @@ Either way the loop also stops after ``max_iters`` products with ``H`` (the rele
 ``max_krylov_dim = 50``). Deviation: an exactly zero residual (``r = 0``) stops the loop as
 converged under both rules, since line 12 would give ``p = 0``. The boundary test of line 6 uses
 the recurrence for ``‖s + αp‖_M`` (CGT) where the released code computes the norm directly; they
-agree in exact arithmetic. Beyond the spec, ``rᵀM⁻¹r ≤ 0`` for ``r ≠ 0`` (a preconditioner that is
-not positive definite) ends the loop with status ``"breakdown"``.
+agree in exact arithmetic. Beyond the paper and the code, ``rᵀM⁻¹r ≤ 0`` for ``r ≠ 0`` (a
+preconditioner that is not positive definite) ends the loop with status ``"breakdown"``.
 
 One host synchronisation per iteration fetches ``κ``, ``‖r‖`` and ``rᵀv`` together; a boundary
 exit costs one more for the residual norm.
@@ -108,9 +109,9 @@ def steihaug_cg(
         radius: The trust-region radius ``Δ > 0``.
         preconditioner: ``v ↦ M⁻¹ v`` for a general symmetric positive definite norm matrix
             ``M``; exclusive with ``norm_matrix_diag``.
-        norm_matrix_diag: The diagonal of ``M`` (Adagrad / RMSProp ellipsoid, spec §4.2); the
+        norm_matrix_diag: The diagonal of ``M`` (Adagrad / RMSProp ellipsoid, [P2] §3); the
             preconditioner is then ``v / M``. With neither, ``M = I`` (spherical region).
-        tol: ``κ`` of the stopping rules ("krylov tol.", 0.1 in seed 002 Table 1).
+        tol: ``κ`` of the stopping rules ("krylov tol.", 0.1 in [P2] Table 1).
         theta: ``θ`` of the stopping rules (``1/2``).
         max_iters: Maximum number of products with ``H`` (default ``len(grad)``).
         stopping: ``"paper"`` (Eq. 52 residual test) or ``"model_decrease"`` (released code).

@@ -1,8 +1,8 @@
-r"""Seed 003's trust-region subproblem solver: GD inside the ball, then Riemannian GD on the sphere.
+r"""Liu et al.'s trust-region subproblem solver: GD in the ball, then Riemannian GD on the sphere.
 
-Liu, Lee & Hsieh, "Better Generalization by Efficient Trust Region Method" (seed 003), §3,
-Algorithm 2, for :math:`\min_{\lVert z\rVert \le 1} f(z) = \tfrac12 z^\top H z + g^\top z`
-(spec-papers §5.2)::
+Liu, Lee & Hsieh, "Better Generalization by Efficient Trust Region Method" ([P3]; source labels
+such as [P3], [C-TR] and [R]: docs/deviations.md), §3, Algorithm 2, for
+:math:`\min_{\lVert z\rVert \le 1} f(z) = \tfrac12 z^\top H z + g^\top z`::
 
      1  Initialize z_0 and η so that Assumption 1, 2 are met.
      2  boundary = false
@@ -35,22 +35,24 @@ How this implementation reads the algorithm:
 * Line 5 is the proximal (projected) gradient step of Theorem 3, ``z_{t+1} = Prox(z_t − η∇f)``,
   the projection onto the ball: phase-I iterates never leave the ball, and line 4 finds
   ``‖z_t‖ ≥ 1`` exactly when the projection was active, so phase II starts from the projected
-  point on the sphere (spec §5.2 [R]) and a ``z_{N1+1}`` returned by line 11 is feasible.
-* Radius ``r`` instead of 1 (spec §5.2): the algorithm runs on ``z`` with the ball / sphere of
-  radius ``r``, ``z_0 = −α r g/‖g‖``, tangent projector ``I − z zᵀ/r²`` and retraction
+  point on the sphere ([R]: the paper does not say) and a ``z_{N1+1}`` returned by line 11 is
+  feasible.
+* Radius ``r`` instead of 1 (Alg. 1 calls the unit-ball Alg. 2 with radius r_t): the algorithm
+  runs on ``z`` with the ball / sphere of radius ``r``, ``z_0 = −α r g/‖g‖``, tangent projector
+  ``I − z zᵀ/r²`` and retraction
   ``r (z + ξ)/‖z + ξ‖``. This is the unit-ball algorithm in ``u = z/r`` with step ``η/r²``, so
   Assumption 1 keeps the form ``η < 1/β`` in ``z``.
 * Loop bounds as printed: phase I makes at most ``N1 + 1`` steps, phase II continues the counter
   (``t' = t .. N2``, none when ``t > N2``). With the paper's ``N1 = N2 = 1`` this is the "1–2 inner
   iterations per subproblem" of §4.
-* Armijo constants are not given in the paper; the spec's [R] defaults are used: ``σ = 1e-4``,
+* Armijo constants are not given in the paper; curvlab's [R] defaults are used: ``σ = 1e-4``,
   initial ``α = η``, shrink factor 0.5, at most 20 backtracks. A line search that finds no
   acceptable step (round-off level gradients) ends phase II with status
   ``"line_search_failed"``.
 * Optional ``tol`` (default 0 = the paper's fixed ``N1``/``N2``): stop when the gradient (phase
   I) or the Riemannian gradient (phase II) has norm ``≤ tol·‖g‖``.
 
-``variant="code"`` is the released code's loop ([C-TR] ``iter_TR``, spec §5.4), which is not
+``variant="code"`` is the released code's loop ([C-TR] ``iter_TR``), which is not
 Algorithm 2: ``z = −η g``; then ``N1`` times ``z ← z − (η/2)(H z + g)`` and ``z ← r z/(‖z‖ +
 1e-9)`` (always projected onto the sphere; ``N1 = 0`` is a plain SGD step); ``N2`` is ignored.
 
@@ -114,7 +116,7 @@ def tr_gd_subproblem(
     variant: Variant = "paper",
     compute_model_decrease: bool = True,
 ) -> SolverResult:
-    """Approximately minimise ``gᵀz + ½ zᵀHz`` over ``‖z‖ ≤ radius`` (seed 003, Alg. 2).
+    """Approximately minimise ``gᵀz + ½ zᵀHz`` over ``‖z‖ ≤ radius`` ([P3] Alg. 2).
 
     Args:
         matvec: ``v ↦ H v`` with ``H`` symmetric (indefinite allowed; finite differences of

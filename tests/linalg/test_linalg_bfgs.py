@@ -1,5 +1,5 @@
 """Tests for curvlab.linalg.bfgs: BFGS / L-BFGS updates, Powell dampings, DD, D_P D_LM,
-Hessian-action BFGS (thesis ch.2 §2.3–2.4, ch.3 §3.3; spec §1.1–1.5)."""
+Hessian-action BFGS (thesis ch.2 §2.3–2.4, ch.3 §3.3)."""
 
 from __future__ import annotations
 

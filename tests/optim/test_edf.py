@@ -253,7 +253,7 @@ def test_output_space_order_one_is_the_released_code_formula() -> None:
     for k in (1, 2):
         xk = minres(lambda v: A_out @ v, ref.u, max_iters=k).solution
         expected[k] = ref.J.T @ xk  # d = Jᵀ x
-    # spec §2.6: k = 1 gives (FᵀA F / ‖A F‖²)·g
+    # [C-EDF] output space: k = 1 gives (FᵀA F / ‖A F‖²)·g
     Au = A_out @ ref.u
     torch.testing.assert_close(expected[1], float(ref.u @ Au / (Au @ Au)) * ref.g)
     for k in (1, 2):

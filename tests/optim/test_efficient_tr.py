@@ -246,7 +246,7 @@ def test_code_variant_is_the_released_fixed_radius_loop() -> None:
     objective = Objective(model, nn.MSELoss(), x, y)
     H, g = _dense_hessian_and_grad(model, objective)
     eta, radius = 0.1, 0.7
-    # [C-TR] iter_TR with max_inner = 1 (spec §5.4), with the exact Hessian.
+    # [C-TR] iter_TR with max_inner = 1 (docs/deviations.md), with the exact Hessian.
     z = -eta * g
     z = z - 0.5 * eta * (H @ z + g)
     z = radius * z / (z.norm() + 1e-9)

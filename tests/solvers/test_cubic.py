@@ -84,7 +84,7 @@ def test_step_beats_the_cauchy_point() -> None:
     H = symmetric_with_spectrum(torch.linspace(-2.0, 5.0, n, dtype=F64), gen)
     g = torch.randn(n, generator=gen, dtype=F64)
     g_norm = float(g.norm())
-    # Cauchy point s = −α g, α the positive root of σ‖g‖³α² + gᵀHg α − ‖g‖² = 0 (spec §4.5)
+    # Cauchy point s = −α g, α the positive root of σ‖g‖³α² + gᵀHg α − ‖g‖² = 0 (CGT 2011)
     a, b, c = sigma * g_norm**3, float(g @ H @ g), -(g_norm**2)
     alpha = (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)
     cauchy = -alpha * g
