@@ -7,6 +7,8 @@ Nothing in the library imports this package.
 * `specs.OPTIMIZERS`, `specs.PRESETS`: how to build each optimizer, its paper, tuned values;
 * `runner.run`: one timed run → `records.RunRecord` (JSON on disk);
 * `report.write_report`: Markdown table and PNG plots from a records directory;
+* `cost`: what a step or a product costs (``curvlab overhead | products | smw-cost``);
+* `reproduce`: reruns of the papers' experiments with a verdict per claim;
 * `cli.main`: ``curvlab list | bench | report | compare``.
 """
 

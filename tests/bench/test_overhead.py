@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from curvlab.bench.cli import main
-from curvlab.bench.floors import (
+from curvlab.bench.cost.floors import (
     FLOOR_TERMS,
     Decomposition,
     Gemm,
@@ -25,7 +25,7 @@ from curvlab.bench.floors import (
     state_bytes,
     storage_formula,
 )
-from curvlab.bench.overhead import (
+from curvlab.bench.cost.overhead import (
     DEFAULT_METHODS,
     Variant,
     default_variants,

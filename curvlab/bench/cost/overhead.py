@@ -22,7 +22,7 @@ Measurement (`measure_overhead`):
   turns of the turn mean, and the median over all its timed steps is reported next to it;
 * ratios are to sgd-m's time from the same run.
 
-Floor (`curvlab.bench.floors`): the time each method must spend beyond an SGD-m step — extra
+Floor (`curvlab.bench.cost.floors`): the time each method must spend beyond an SGD-m step — extra
 passes, statistics, preconditioning products, and its amortised decompositions — every
 operation timed at the shape where it occurs, decompositions timed on the method's own
 factors after the turns. The floor ratio is ``(t_sgd + extra floor) / t_sgd`` with the
@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab.bench.floors import (
+from curvlab.bench.cost.floors import (
     FLOOR_TERMS,
     Decomposition,
     FloorItem,
@@ -69,7 +69,7 @@ from curvlab.bench.floors import (
     state_bytes,
     storage_formula,
 )
-from curvlab.bench.floors import counted_flops as _counted_flops
+from curvlab.bench.cost.floors import counted_flops as _counted_flops
 from curvlab.bench.problems import Problem, get_problem
 from curvlab.bench.records import environment, to_jsonable
 from curvlab.bench.specs import get_optimizer, presets_for
@@ -367,7 +367,7 @@ def measure_overhead(
         seed: model initialisation, batch selection and the global RNG.
         variants: the methods (default `default_variants`); must include ``sgd-m``.
         progress: report progress on stderr.
-        floor_repeats: timing groups per floor operation (`curvlab.bench.floors.best_time`).
+        floor_repeats: timing groups per floor operation (`curvlab.bench.cost.floors.best_time`).
 
     Returns:
         ``{"config", "environment", "methods", "floor", "layers", "gemms", "ops",
