@@ -12,19 +12,11 @@ import torch
 from torch import nn
 
 from curvlab.bench.cli import main
-from curvlab.bench.cost.floors import (
-    FLOOR_TERMS,
-    Decomposition,
-    Gemm,
-    RowSum,
-    counted_flops,
-    floor_flops,
-    floor_items,
-    gram_gemms,
-    layer_geometry,
-    state_bytes,
-    storage_formula,
-)
+from curvlab.bench.cost.floor_model import FLOOR_TERMS, floor_flops
+from curvlab.bench.cost.floors import floor_items
+from curvlab.bench.cost.geometry import layer_geometry
+from curvlab.bench.cost.memory import state_bytes, storage_formula
+from curvlab.bench.cost.operations import Decomposition, Gemm, RowSum, counted_flops, gram_gemms
 from curvlab.bench.cost.overhead import (
     DEFAULT_METHODS,
     Variant,

@@ -22,7 +22,8 @@ Measurement (`measure_overhead`):
   turns of the turn mean, and the median over all its timed steps is reported next to it;
 * ratios are to sgd-m's time from the same run.
 
-Floor (`curvlab.bench.cost.floors`): the time each method must spend beyond an SGD-m step — extra
+Floor (`curvlab.bench.cost.floor_model`; each method's operations in
+`curvlab.bench.cost.floors`): the time each method must spend beyond an SGD-m step — extra
 passes, statistics, preconditioning products, and its amortised decompositions — every
 operation timed at the shape where it occurs, decompositions timed on the method's own
 factors after the turns. The floor ratio is ``(t_sgd + extra floor) / t_sgd`` with the
@@ -53,23 +54,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab.bench.cost.floors import (
-    FLOOR_TERMS,
-    Decomposition,
-    FloorItem,
-    FloorModel,
-    Gemm,
-    LayerGeometry,
-    RowSum,
-    floor_flops,
-    floor_items,
-    layer_geometry,
-    measure_floor_model,
-    real_factors,
-    state_bytes,
-    storage_formula,
-)
-from curvlab.bench.cost.floors import counted_flops as _counted_flops
+from curvlab.bench.cost.floor_model import FLOOR_TERMS, FloorItem, floor_flops, measure_floor_model
+from curvlab.bench.cost.floors import floor_items, real_factors
+from curvlab.bench.cost.geometry import LayerGeometry, layer_geometry
+from curvlab.bench.cost.memory import state_bytes, storage_formula
+from curvlab.bench.cost.operations import Decomposition, Gemm, RowSum, counted_flops
 from curvlab.bench.problems import Problem, get_problem
 from curvlab.bench.records import environment, to_jsonable
 from curvlab.bench.specs import get_optimizer, presets_for
@@ -81,21 +70,15 @@ from curvlab.optim.tensorwise import TensorwiseOptimizer
 
 __all__ = [
     "DEFAULT_METHODS",
-    "FLOOR_TERMS",
     "ISSUE3_TARGETS",
     "KFAC_TIMING_LR",
     "METHODS",
     "TARGET_PROBLEM",
     "TIMING_LR",
-    "FloorModel",
-    "Gemm",
-    "LayerGeometry",
     "Variant",
     "add_overhead_parser",
     "default_variants",
     "format_overhead",
-    "layer_geometry",
-    "measure_floor_model",
     "measure_overhead",
     "run_overhead_command",
 ]
@@ -367,7 +350,8 @@ def measure_overhead(
         seed: model initialisation, batch selection and the global RNG.
         variants: the methods (default `default_variants`); must include ``sgd-m``.
         progress: report progress on stderr.
-        floor_repeats: timing groups per floor operation (`curvlab.bench.cost.floors.best_time`).
+        floor_repeats: timing groups per floor operation
+            (`curvlab.bench.cost.operations.best_time`).
 
     Returns:
         ``{"config", "environment", "methods", "floor", "layers", "gemms", "ops",
@@ -484,7 +468,7 @@ def _measure(
             for _ in range(n):
                 _step(c, data, loss_fn, prob.batch_average)
 
-        counted[c.variant.name] = _counted_flops(period) / n
+        counted[c.variant.name] = counted_flops(period) / n
 
     x0 = data[0][0]
     geometry = layer_geometry(contenders[0].model, x0)
