@@ -240,7 +240,7 @@ def test_cli_runs_every_method_and_writes_json(
     assert [m["name"] for m in result["methods"]] == [v.name for v in want]
     assert methods["tnt"]["hyperparameters"]["inverse_every"] == 2
     assert methods["sgd-m"]["ratio"] == pytest.approx(1.0)
-    assert all(m["target"] is None for m in methods.values())  # the issues' bounds: AE only
+    assert all(m["target"] is None for m in methods.values())  # the targets: AE only
     for name, row in methods.items():
         assert _finite(row["mean_ms"]) and row["mean_ms"] > 0, name
         assert len(row["turn_means_ms"]) == 1 and row["skipped_steps"] == 0, name

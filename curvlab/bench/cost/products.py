@@ -1,8 +1,9 @@
-"""Cost of one curvature-vector product against one gradient (issue 4's targets).
+"""Cost of one curvature-vector product against one gradient: ``curvlab products``.
 
 `measure_products` answers: on a model and a mini-batch, how many gradients does one Hessian-
-vector product and one GGN-vector product of `curvlab.autodiff` cost? The issue's targets, on
-the thesis autoencoder at batch 1000: HVP ≤ 2.5×, GGN·v ≤ 2×.
+vector product and one GGN-vector product of `curvlab.autodiff` cost? The project's
+performance targets (`PRODUCT_TARGETS`), on the thesis autoencoder at batch 1000: HVP ≤ 2.5×,
+GGN·v ≤ 2×.
 
 Measurement:
 
@@ -57,7 +58,7 @@ __all__ = [
     "run_products_command",
 ]
 
-#: Issue 4's bounds on one product over one gradient (thesis autoencoder, batch 1000).
+#: The project's targets for one product over one gradient (thesis autoencoder, batch 1000).
 PRODUCT_TARGETS: dict[str, float] = {"hessian": 2.5, "ggn": 2.0}
 
 

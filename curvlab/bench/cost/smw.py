@@ -1,4 +1,4 @@
-"""Per-step cost of the chapter-5 methods (issue 5): ``curvlab smw-cost``.
+"""Per-step cost of the chapter-5 methods (SMW-GN, SMW-NG, Hessian-free): ``curvlab smw-cost``.
 
 Thesis §5.8 trains a 784-500-10 network with logistic hidden units on MNIST (here
 Fashion-MNIST) with N1 = 60 examples per gradient and N2 = 30 for the curvature. Its claims

@@ -91,8 +91,8 @@ __all__ = [
 ScaleName = Literal["smoke", "quick", "full"]
 SCALES: tuple[ScaleName, ...] = ("smoke", "quick", "full")
 
-#: Default wall-clock limit per experiment (seconds): quick is the issue's 30 minutes on a
-#: 2-core CPU; smoke is for tests; full has no limit.
+#: Default wall-clock limit per experiment (seconds): quick is the 30 minutes a reproduction may
+#: take on a 2-core CPU; smoke is for tests; full has no limit.
 DEFAULT_TIME_LIMIT_S: dict[str, float | None] = {"smoke": 300.0, "quick": 1800.0, "full": None}
 
 Status = Literal["held", "not held", "not testable"]
