@@ -18,6 +18,7 @@ from curvlab.bench.records import EpochRecord, RunRecord
 from curvlab.bench.reproduce import problems as P
 from curvlab.bench.reproduce.cli import EXPERIMENTS, main
 from curvlab.bench.reproduce.common import check_chain
+from curvlab.bench.reproduce.execution import TimeLimitReached, execute
 from curvlab.bench.reproduce.framework import (
     Claim,
     Context,
@@ -28,9 +29,7 @@ from curvlab.bench.reproduce.framework import (
     RunTask,
     Section,
     Task,
-    TimeLimitReached,
     comparison,
-    execute,
     held_if,
 )
 from curvlab.bench.reproduce.measures import (
