@@ -28,6 +28,7 @@ __all__ = [
     "load_records",
     "record_path",
     "to_jsonable",
+    "write_json",
 ]
 
 SCHEMA_VERSION = 1
@@ -102,10 +103,7 @@ class RunRecord:
 
     def save(self, out_dir: str | Path) -> Path:
         """Write ``out_dir/<problem>/<label>/seed<k>.json``; returns the path."""
-        path = record_path(out_dir, self.problem, self.label, self.seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
-        return path
+        return write_json(record_path(out_dir, self.problem, self.label, self.seed), self.to_dict())
 
 
 def _nan_if_none(value: Any) -> Any:
@@ -127,6 +125,15 @@ def to_jsonable(value: Any) -> Any:
     if hasattr(value, "item"):  # numpy scalars
         return to_jsonable(value.item())
     return str(value)
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data``, made JSON-safe by `to_jsonable`, to ``path`` (its folder created, one
+    space of indent, a final newline); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_jsonable(data), indent=1, allow_nan=False) + "\n")
+    return path
 
 
 def record_path(out_dir: str | Path, problem: str, label: str, seed: int) -> Path:

@@ -42,14 +42,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,7 +59,8 @@ from curvlab.bench.cost.geometry import LayerGeometry, layer_geometry
 from curvlab.bench.cost.memory import state_bytes, storage_formula
 from curvlab.bench.cost.operations import Decomposition, Gemm, RowSum, counted_flops
 from curvlab.bench.problems import Problem, get_problem
-from curvlab.bench.records import environment, to_jsonable
+from curvlab.bench.records import environment, to_jsonable, write_json
+from curvlab.bench.runner import RUNNER_KEYS
 from curvlab.bench.specs import get_optimizer, presets_for
 from curvlab.data import batches
 from curvlab.objective import Objective
@@ -85,8 +84,6 @@ __all__ = [
 ]
 
 BASELINE = "sgd-m"
-
-_RUNNER_KEYS = ("warm_start", "batch_size")
 
 
 # --------------------------------------------------------------------------- variants
@@ -226,7 +223,7 @@ def _hyperparameters(variant: Variant, problem: Problem) -> dict[str, Any]:
     merged: dict[str, Any] = dict(spec.defaults)
     preset = presets_for(spec.name, problem.name).get("thesis")
     if preset is not None:
-        merged.update({k: v for k, v in preset.hparams.items() if k not in _RUNNER_KEYS})
+        merged.update({k: v for k, v in preset.hparams.items() if k not in RUNNER_KEYS})
     merged.update(variant.hparams)
     return merged
 
@@ -746,8 +743,5 @@ def run_overhead_command(args: argparse.Namespace) -> int:
     )
     print(format_overhead(result))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
-        print(path)
+        print(write_json(args.json, result))
     return 0

@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,7 +45,7 @@ from curvlab.autodiff.functional import ParameterView
 from curvlab.autodiff.output_curvature import output_curvature
 from curvlab.autodiff.products import CurvatureOperator, curvature_operator
 from curvlab.bench.problems import get_problem
-from curvlab.bench.records import to_jsonable
+from curvlab.bench.records import write_json
 from curvlab.objective import Objective, preserved_buffers
 
 __all__ = [
@@ -327,8 +325,5 @@ def run_products_command(args: argparse.Namespace) -> int:
     result["config"].update(problem=problem.name, batch=m, threads=args.threads)
     print(format_products(result))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(to_jsonable(result), indent=1) + "\n")
-        print(path)
+        print(write_json(args.json, result))
     return 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from curvlab.bench.records import RunRecord, to_jsonable
+from curvlab.bench.records import RunRecord, write_json
 from curvlab.bench.reproduce.framework import (
     Context,
     MissingResult,
@@ -331,7 +331,7 @@ def write_report(ctx: Context) -> Path:
             for c, v in verdicts
         ],
     }
-    (ctx.root / "verdicts.json").write_text(json.dumps(to_jsonable(payload), indent=1) + "\n")
+    write_json(ctx.root / "verdicts.json", payload)
     write_summary(Path(ctx.options.out))
     return md
 
