@@ -24,6 +24,7 @@ __all__ = [
     "EpochRecord",
     "RunRecord",
     "environment",
+    "environment_line",
     "load_record",
     "load_records",
     "record_path",
@@ -196,3 +197,10 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "cuda_version": torch.version.cuda,
         "gpu": torch.cuda.get_device_name(dev) if cuda and dev.type == "cuda" else None,
     }
+
+
+def environment_line(env: dict[str, Any]) -> str:
+    """One line of an `environment` dict for a report: device, hardware, threads, torch."""
+    hardware = env.get("gpu") or env.get("cpu")
+    threads, torch_version = env.get("threads"), env.get("torch")
+    return f"{env.get('device')} · {hardware} · {threads} threads · torch {torch_version}"
