@@ -9,7 +9,8 @@ Nothing in the library imports this package.
 * `report.write_report`: Markdown table and PNG plots from a records directory;
 * `cost`: what a step or a product costs (``curvlab overhead | products | smw-cost``);
 * `reproduce`: reruns of the papers' experiments with a verdict per claim;
-* `cli.main`: ``curvlab list | bench | report | compare``.
+* `cli.main`: the ``curvlab`` command (``list``, ``bench``, ``report``, ``compare`` and the
+  commands of `cost` and `reproduce`).
 """
 
 from __future__ import annotations
