@@ -4,9 +4,10 @@ A method's *floor* is the time that the work it must do beyond an SGD-m step tak
 machine: every matrix product, matrix–vector product, reduction and triangular solve of that
 work at the shape where it really occurs, each timed on its own at the current thread count
 (no single peak number), plus the *measured* time of its amortised decompositions (inverses,
-inverse roots). A floor is a list of `FloorItem`\ s, an operation (`curvlab.bench.cost.
-operations.Op`) with the number of times it occurs per step (``1/T1`` for statistics, ``1/T2``
-for decompositions) and the term of the overhead table it belongs to (`FLOOR_TERMS`).
+inverse roots). A floor is a list of `FloorItem`\ s, an operation
+(`curvlab.bench.cost.operations.Op`) with the number of times it occurs per step (``1/T1`` for
+statistics, ``1/T2`` for decompositions) and the term of the overhead table it belongs to
+(`FLOOR_TERMS`).
 Elementwise work (EMAs, damping, the loss and its derivative, the activation functions'
 backward, the mirror copies of `curvlab.linalg.gram`) and Python overhead are not counted, so
 the floor is a lower bound of the method's extra time. Each method's items are listed in
