@@ -1,4 +1,4 @@
-"""Property-based fuzzing of every optimizer (issue 8, item 5).
+"""Property-based fuzzing of every optimizer.
 
 Random tiny architectures (MLPs with or without bias / BatchNorm, small CNNs with random
 stride, padding and dilation), losses (MSE, cross-entropy, BCE-with-logits), batch sizes,

@@ -33,7 +33,7 @@ Finite-difference Hessian ([P3] §4.2, [C-TR] ``Hv_approx2``)::
 
 Why these passes (matrix-product FLOPs counted with `torch.utils.flop_counter.FlopCounterMode`
 on the thesis autoencoder 784-1000-500-250-30-250-500-1000-784, BCE-with-logits, in units of
-one gradient = forward + backward; wall-clock ratios: `curvlab.bench.products`):
+one gradient = forward + backward; wall-clock ratios: `curvlab.bench.cost.products`):
 
 * GGN: the double-vjp R-op on the kept graph costs 1.27 per product (build 1.0). The
   `torch.func` alternatives recompute or re-trace the forward: ``jvp`` + a cached ``vjp_fn``

@@ -7,7 +7,10 @@ Nothing in the library imports this package.
 * `specs.OPTIMIZERS`, `specs.PRESETS`: how to build each optimizer, its paper, tuned values;
 * `runner.run`: one timed run → `records.RunRecord` (JSON on disk);
 * `report.write_report`: Markdown table and PNG plots from a records directory;
-* `cli.main`: ``curvlab list | bench | report | compare``.
+* `cost`: what a step or a product costs (``curvlab overhead | products | smw-cost``);
+* `reproduce`: reruns of the papers' experiments with a verdict per claim;
+* `cli.main`: the ``curvlab`` command (``list``, ``bench``, ``report``, ``compare`` and the
+  commands of `cost` and `reproduce`).
 """
 
 from __future__ import annotations

@@ -21,16 +21,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from curvlab.bench.cost.overhead import add_overhead_parser, run_overhead_command
+from curvlab.bench.cost.products import add_products_parser, run_products_command
+from curvlab.bench.cost.smw import add_smw_cost_parser, run_smw_cost_command
 from curvlab.bench.listing import catalog, format_catalog
-from curvlab.bench.overhead import add_overhead_parser, run_overhead_command
 from curvlab.bench.problems import get_problem
-from curvlab.bench.products import add_products_parser, run_products_command
-from curvlab.bench.records import environment, load_records, record_path, to_jsonable
+from curvlab.bench.records import environment, load_records, record_path, write_json
 from curvlab.bench.registry import UnknownNameError
 from curvlab.bench.report import markdown_table, summarize, write_report
 from curvlab.bench.reproduce import add_reproduce_parser, register, run_reproduce_command
 from curvlab.bench.runner import Budget, resolve_device, run
-from curvlab.bench.smw_cost import add_smw_cost_parser, run_smw_cost_command
 from curvlab.bench.specs import COMPARE_DEFAULT, get_optimizer, presets_for
 from curvlab.distributed import (
     DEFAULT_TIMEOUT_S,
@@ -262,9 +262,7 @@ def _without_nproc(argv: Sequence[str]) -> list[str]:
 
 
 def _write_environment(out: str | Path, device: str) -> None:
-    path = Path(out) / "environment.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_jsonable(environment(device)), indent=1) + "\n")
+    write_json(Path(out) / "environment.json", environment(device))
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -24,10 +24,12 @@ __all__ = [
     "EpochRecord",
     "RunRecord",
     "environment",
+    "environment_line",
     "load_record",
     "load_records",
     "record_path",
     "to_jsonable",
+    "write_json",
 ]
 
 SCHEMA_VERSION = 1
@@ -102,10 +104,7 @@ class RunRecord:
 
     def save(self, out_dir: str | Path) -> Path:
         """Write ``out_dir/<problem>/<label>/seed<k>.json``; returns the path."""
-        path = record_path(out_dir, self.problem, self.label, self.seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
-        return path
+        return write_json(record_path(out_dir, self.problem, self.label, self.seed), self.to_dict())
 
 
 def _nan_if_none(value: Any) -> Any:
@@ -127,6 +126,15 @@ def to_jsonable(value: Any) -> Any:
     if hasattr(value, "item"):  # numpy scalars
         return to_jsonable(value.item())
     return str(value)
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data``, made JSON-safe by `to_jsonable`, to ``path`` (its folder created, one
+    space of indent, a final newline); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_jsonable(data), indent=1, allow_nan=False) + "\n")
+    return path
 
 
 def record_path(out_dir: str | Path, problem: str, label: str, seed: int) -> Path:
@@ -189,3 +197,10 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "cuda_version": torch.version.cuda,
         "gpu": torch.cuda.get_device_name(dev) if cuda and dev.type == "cuda" else None,
     }
+
+
+def environment_line(env: dict[str, Any]) -> str:
+    """One line of an `environment` dict for a report: device, hardware, threads, torch."""
+    hardware = env.get("gpu") or env.get("cpu")
+    threads, torch_version = env.get("threads"), env.get("torch")
+    return f"{env.get('device')} · {hardware} · {threads} threads · torch {torch_version}"

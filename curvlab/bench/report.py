@@ -13,9 +13,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from curvlab.bench.records import RunRecord, load_records
+from curvlab.bench.records import RunRecord, environment_line, load_records
 
 __all__ = ["Row", "markdown_table", "plot_problem", "summarize", "time_to_target", "write_report"]
 
@@ -213,14 +212,8 @@ def plot_problem(problem: str, records: Sequence[RunRecord], path: str | Path) -
     return out
 
 
-def _environment_line(env: dict[str, Any]) -> str:
-    hardware = env.get("gpu") or env.get("cpu")
-    threads, torch_version = env.get("threads"), env.get("torch")
-    return f"{env.get('device')} · {hardware} · {threads} threads · torch {torch_version}"
-
-
 def _environment_note(records: Sequence[RunRecord]) -> str:
-    envs = sorted({_environment_line(r.environment) for r in records})
+    envs = sorted({environment_line(r.environment) for r in records})
     note = "Environment: " + "; ".join(envs) + "."
     if len(envs) > 1:
         note += " Runs come from different environments: time ratios are not comparable."

@@ -118,7 +118,7 @@ class FactorBuffers:
         self._buffers: dict[str, tuple[Tensor, Tensor]] = {}
 
     def tensors(self) -> list[Tensor]:
-        """Every buffer held (for memory accounting, `curvlab.bench.floors.state_bytes`)."""
+        """Every buffer held (for memory accounting, `curvlab.bench.cost.memory.state_bytes`)."""
         return [t for pair in self._buffers.values() for t in pair]
 
     def __call__(self, name: str, like: Tensor) -> tuple[Tensor, Tensor]:

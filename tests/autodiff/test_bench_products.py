@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from curvlab.bench.products import PRODUCT_TARGETS, format_products, measure_products
+from curvlab.bench.cost.products import PRODUCT_TARGETS, format_products, measure_products
 from curvlab.objective import Objective
 from curvlab.testing.models import tiny_cnn, tiny_mlp
 

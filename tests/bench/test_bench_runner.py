@@ -229,7 +229,7 @@ def test_every_problem_builds_deterministically(name: str) -> None:
 def test_resumed_run_continues_exactly_like_the_uninterrupted_one(
     optimizer: str, tmp_path: Path
 ) -> None:
-    """Issue 8 item 1: a run stopped mid-epoch resumes from its last epoch-end checkpoint and
+    """A run stopped mid-epoch resumes from its last epoch-end checkpoint and
     then takes exactly the uninterrupted run's steps (batches, sampled labels, switch)."""
     hp = {"lr": 0.05, "patience": 1} if optimizer == "tso-alra" else {"lr": 0.05}
     whole = run("synthetic-mlp", optimizer, hp, budget=Budget(epochs=3))

@@ -12,20 +12,12 @@ import torch
 from torch import nn
 
 from curvlab.bench.cli import main
-from curvlab.bench.floors import (
-    FLOOR_TERMS,
-    Decomposition,
-    Gemm,
-    RowSum,
-    counted_flops,
-    floor_flops,
-    floor_items,
-    gram_gemms,
-    layer_geometry,
-    state_bytes,
-    storage_formula,
-)
-from curvlab.bench.overhead import (
+from curvlab.bench.cost.floor_model import FLOOR_TERMS, floor_flops
+from curvlab.bench.cost.floors import floor_items
+from curvlab.bench.cost.geometry import layer_geometry
+from curvlab.bench.cost.memory import state_bytes, storage_formula
+from curvlab.bench.cost.operations import Decomposition, Gemm, RowSum, counted_flops, gram_gemms
+from curvlab.bench.cost.overhead import (
     DEFAULT_METHODS,
     Variant,
     default_variants,
@@ -248,7 +240,7 @@ def test_cli_runs_every_method_and_writes_json(
     assert [m["name"] for m in result["methods"]] == [v.name for v in want]
     assert methods["tnt"]["hyperparameters"]["inverse_every"] == 2
     assert methods["sgd-m"]["ratio"] == pytest.approx(1.0)
-    assert all(m["target"] is None for m in methods.values())  # the issues' bounds: AE only
+    assert all(m["target"] is None for m in methods.values())  # the targets: AE only
     for name, row in methods.items():
         assert _finite(row["mean_ms"]) and row["mean_ms"] > 0, name
         assert len(row["turn_means_ms"]) == 1 and row["skipped_steps"] == 0, name

@@ -11,13 +11,12 @@ from typing import Any
 import pytest
 import torch
 
-from curvlab.bench import problems as bench_problems
-from curvlab.bench import specs
 from curvlab.bench.problems import get_problem
 from curvlab.bench.records import EpochRecord, RunRecord
 from curvlab.bench.reproduce import problems as P
 from curvlab.bench.reproduce.cli import EXPERIMENTS, main
 from curvlab.bench.reproduce.common import check_chain
+from curvlab.bench.reproduce.execution import TimeLimitReached, execute
 from curvlab.bench.reproduce.framework import (
     Claim,
     Context,
@@ -28,9 +27,7 @@ from curvlab.bench.reproduce.framework import (
     RunTask,
     Section,
     Task,
-    TimeLimitReached,
     comparison,
-    execute,
     held_if,
 )
 from curvlab.bench.reproduce.measures import (
@@ -44,17 +41,14 @@ from curvlab.bench.reproduce.schedule import MultiStepEpochs
 from curvlab.bench.reproduce.thesis_ch2 import dd_fractions
 from curvlab.bench.reproduce.tso_alra import scaled_epoch
 from curvlab.bench.runner import Budget
+from tests.bench._reproduce import restored_registries
 
 
 @pytest.fixture(autouse=True)
 def _restore_registries() -> Iterator[None]:
     """`execute` registers the reproductions' problems and ``multistep``: undo it."""
-    problems, optimizers = dict(bench_problems.PROBLEMS), dict(specs.OPTIMIZERS)
-    yield
-    bench_problems.PROBLEMS.clear()
-    bench_problems.PROBLEMS.update(problems)
-    specs.OPTIMIZERS.clear()
-    specs.OPTIMIZERS.update(optimizers)
+    with restored_registries():
+        yield
 
 
 # --------------------------------------------------------------------------- bad input

@@ -18,7 +18,7 @@ from curvlab.bench.reproduce.cli import EXPERIMENTS
 from curvlab.bench.reproduce.framework import Context, Options, RunTask, StagedTask
 from curvlab.bench.reproduce.thesis_ch4 import block_fisher_statistics
 from curvlab.data import load_fashion_mnist
-from curvlab.testing.reproduce import restored_registries
+from tests.bench._reproduce import restored_registries
 
 
 @pytest.fixture(autouse=True)

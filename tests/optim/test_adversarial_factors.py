@@ -1,4 +1,4 @@
-"""Decomposition failures (issue 8, item 3): every method that inverts or roots curvature
+"""Decomposition failures: every method that inverts or roots curvature
 statistics survives adversarial statistics — exact zeros, rank one, a huge dynamic range,
 denormals, a slightly indefinite matrix, NaN — with finite parameters: the decomposition is
 retried in float64 with more damping, and if that fails too the previous inverse is kept."""

@@ -486,7 +486,7 @@ _SCHEDULE = {"stage", "switch", "second"}
 @pytest.mark.parametrize("fault", ["nan-loss", "nan-gradient"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_non_finite_step_is_skipped_and_changes_nothing(case: Case, fault: str) -> None:
-    """Issue 8 item 2: a NaN loss, or a NaN gradient with a finite loss, skips the step:
+    """A NaN loss, or a NaN gradient with a finite loss, skips the step:
     parameters and every piece of optimizer state stay exactly as they were (the skip
     counters and the step report aside), the label sampler's random state included."""
     fault_module = _Fault()

@@ -1,4 +1,4 @@
-"""Unusual inputs for every optimizer (issue 8, item 4): a plain closure, frozen parameters,
+"""Unusual inputs for every optimizer: a plain closure, frozen parameters,
 parameters that get no gradient, a layer used twice (tied weights), several parameter groups.
 Each gets a clear error or its documented behaviour."""
 

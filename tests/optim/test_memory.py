@@ -1,5 +1,5 @@
-"""No leaked autograd graphs (issue 4): over 200 steps of each model-wide method, the number of
-live tensors and autograd nodes reachable by the garbage collector stays flat."""
+"""No leaked autograd graphs: over 200 steps of each model-wide method, the number of live
+tensors and autograd nodes reachable by the garbage collector stays flat."""
 
 from __future__ import annotations
 

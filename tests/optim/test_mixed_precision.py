@@ -1,5 +1,5 @@
-"""Mixed precision (issue 8, item 6): under bf16 autocast on CPU every optimizer keeps its
-curvature state in float32 and still decreases the loss."""
+"""Mixed precision: under bf16 autocast on CPU every optimizer keeps its curvature state in
+float32 and still decreases the loss."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from curvlab.bench.reproduce.cli import (
     get_experiment,
     run_reproduce_command,
 )
+from curvlab.bench.reproduce.execution import execute
 from curvlab.bench.reproduce.framework import (
     SCALES,
     Claim,
@@ -22,7 +23,6 @@ from curvlab.bench.reproduce.framework import (
     Experiment,
     Options,
     Verdict,
-    execute,
 )
 from curvlab.bench.reproduce.problems import register
 

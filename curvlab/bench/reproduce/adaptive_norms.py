@@ -3,8 +3,8 @@
 Kohler, Adolphs & Lucchi (seed 002; spec-papers §4.7–4.8): the stochastic trust region with a
 spherical (uniform), Adagrad or RMSProp ellipsoid (Table 1 defaults, S = 512, exact Hessian,
 Steihaug-CG), against SGD, Adagrad and RMSprop at batch 32 with grid-searched step sizes (and
-Adam here, as issue 6 asks). Metrics: full training loss against backpropagations, epochs and
-wall time. Backpropagations are counted as the released code does: a TR step costs its CG
+Adam, added here). Metrics: full training loss against backpropagations, epochs and wall
+time. Backpropagations are counted as the released code does: a TR step costs its CG
 iterations (at least 1), a first-order step 1, batch sizes not normalised.
 
 Problems: the Fashion-MNIST MLP 784-128-10 (tanh, the released code's) and the Fashion-MNIST

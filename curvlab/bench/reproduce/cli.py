@@ -30,16 +30,16 @@ from curvlab.bench.reproduce import (
     thesis_ch5,
     tso_alra,
 )
+from curvlab.bench.reproduce.execution import BudgetTooSmall, TimeLimitReached, execute
 from curvlab.bench.reproduce.framework import (
     SCALES,
-    BudgetTooSmall,
+    Context,
     DatasetMissing,
     Experiment,
     Options,
-    TimeLimitReached,
-    execute,
     plan_summary,
 )
+from curvlab.bench.reproduce.problems import register
 
 __all__ = ["EXPERIMENTS", "add_reproduce_parser", "get_experiment", "main", "run_reproduce_command"]
 
@@ -151,9 +151,6 @@ def _selected(args: argparse.Namespace) -> list[Experiment]:
 
 
 def _print_plan(exp: Experiment, options: Options) -> None:
-    from curvlab.bench.reproduce.framework import Context
-    from curvlab.bench.reproduce.problems import register
-
     register()
     ctx = Context(exp, options)
     tasks, remaining = plan_summary(ctx)

@@ -38,8 +38,6 @@ import json
 import math
 import os
 import re
-import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +54,6 @@ from curvlab.bench.specs import OPTIMIZERS
 __all__ = [
     "DEFAULT_TIME_LIMIT_S",
     "SCALES",
-    "BudgetTooSmall",
     "Claim",
     "Comparison",
     "Context",
@@ -74,15 +71,14 @@ __all__ = [
     "Stage",
     "StagedTask",
     "Task",
-    "TimeLimitReached",
     "Verdict",
     "comparison",
     "estimate_run",
     "evaluate_claims",
-    "execute",
     "held_if",
     "lr_factors",
     "not_testable",
+    "pending_tasks",
     "pick",
     "plan_summary",
     "slug",
@@ -91,8 +87,8 @@ __all__ = [
 ScaleName = Literal["smoke", "quick", "full"]
 SCALES: tuple[ScaleName, ...] = ("smoke", "quick", "full")
 
-#: Default wall-clock limit per experiment (seconds): quick is the issue's 30 minutes on a
-#: 2-core CPU; smoke is for tests; full has no limit.
+#: Default wall-clock limit per experiment (seconds): quick is the 30 minutes a reproduction may
+#: take on a 2-core CPU; smoke is for tests; full has no limit.
 DEFAULT_TIME_LIMIT_S: dict[str, float | None] = {"smoke": 300.0, "quick": 1800.0, "full": None}
 
 Status = Literal["held", "not held", "not testable"]
@@ -137,14 +133,6 @@ class MissingResult(LookupError):
 
 class DatasetMissing(FileNotFoundError):
     """A data set the experiment needs is not installed (nothing is downloaded)."""
-
-
-class BudgetTooSmall(RuntimeError):
-    """The estimated time of the remaining runs exceeds the time limit."""
-
-
-class TimeLimitReached(RuntimeError):
-    """The time limit ran out before every run finished (finished runs are kept)."""
 
 
 # --------------------------------------------------------------------------- options
@@ -828,22 +816,7 @@ class Experiment:
     data: Callable[[Context], list[DataNeed]]
 
 
-def _check_data(ctx: Context) -> None:
-    for need in ctx.experiment.data(ctx):
-        try:
-            need.load()
-        except FileNotFoundError as err:
-            raise DatasetMissing(
-                f"{ctx.experiment.name}: data set {need.name} is needed at scale "
-                f"{ctx.scale!r} but is not available: {err}"
-            ) from None
-
-
-def _format_s(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
-
-
-def _pending(ctx: Context, tasks: Sequence[Task]) -> tuple[list[Task], list[Task]]:
+def pending_tasks(ctx: Context, tasks: Sequence[Task]) -> tuple[list[Task], list[Task]]:
     """(tasks to run or estimate, tasks skipped because a method is missing)."""
     pending: list[Task] = []
     skipped: list[Task] = []
@@ -860,66 +833,5 @@ def _pending(ctx: Context, tasks: Sequence[Task]) -> tuple[list[Task], list[Task
 def plan_summary(ctx: Context) -> tuple[list[Task], float]:
     """(every planned task, estimated seconds of those still to run)."""
     tasks = ctx.experiment.plan(ctx)
-    pending, _ = _pending(ctx, tasks)
+    pending, _ = pending_tasks(ctx, tasks)
     return tasks, sum(t.estimate_s for t in pending)
-
-
-def execute(
-    experiment: Experiment, options: Options, log: Callable[[str], None] | None = None
-) -> Context:
-    """Run what is missing of ``experiment`` at ``options.scale`` and write its report.
-
-    Raises:
-        DatasetMissing: a needed data set is not installed (before anything runs).
-        BudgetTooSmall: the estimate of the remaining runs exceeds the time limit (before
-            anything runs).
-        TimeLimitReached: the limit ran out mid-way; finished runs are kept, the report is
-            written from them, and a rerun resumes.
-    """
-    from curvlab.bench.reproduce.problems import register
-    from curvlab.bench.reproduce.report import write_report
-
-    say = log or (lambda text: print(text, file=sys.stderr))
-    register()
-    ctx = Context(experiment, options)
-    if options.report_only:
-        write_report(ctx)
-        return ctx
-    _check_data(ctx)
-    if options.threads is not None:
-        torch.set_num_threads(options.threads)  # measurements too, not only bench runs
-    _, estimate = plan_summary(ctx)
-    limit = options.limit_s
-    if options.dry_run:
-        return ctx
-    if limit is not None and estimate > limit:
-        raise BudgetTooSmall(
-            f"{experiment.name}: the {ctx.scale} runs still to do need about "
-            f"{_format_s(estimate)}, more than the time limit of {_format_s(limit)}. Raise "
-            "--time-limit, use fewer --seeds, or a smaller --scale."
-        )
-    start = time.monotonic()
-    done_keys: set[str] = set()
-    while True:
-        pending, _ = _pending(ctx, experiment.plan(ctx))
-        runnable = [t for t in pending if not t.provisional and t.key not in done_keys]
-        if not runnable:
-            break
-        for task in runnable:
-            elapsed = time.monotonic() - start
-            if limit is not None and elapsed > limit:
-                write_report(ctx)
-                raise TimeLimitReached(
-                    f"{experiment.name}: time limit of {_format_s(limit)} reached after "
-                    f"{_format_s(elapsed)}; finished runs are kept under {ctx.records}. Rerun "
-                    "the same command to resume."
-                )
-            say(f"[{experiment.name}] {task.key}")
-            try:
-                task.execute(ctx)
-            except (ValueError, RuntimeError) as err:
-                ctx.failed[task.key] = f"{type(err).__name__}: {err}"
-                say(f"[{experiment.name}] {task.key} failed: {err}")
-            done_keys.add(task.key)
-    write_report(ctx)
-    return ctx

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from curvlab.bench.records import RunRecord, to_jsonable
+from curvlab.bench.records import RunRecord, environment_line, write_json
 from curvlab.bench.reproduce.framework import (
     Context,
     MissingResult,
@@ -243,11 +243,7 @@ def _environment(ctx: Context) -> str:
             continue
         env = (data.get("record") or {}).get("environment") if isinstance(data, dict) else None
         if isinstance(env, dict):
-            hw = env.get("gpu") or env.get("cpu")
-            envs.add(
-                f"{env.get('device')} · {hw} · {env.get('threads')} threads · "
-                f"torch {env.get('torch')}"
-            )
+            envs.add(environment_line(env))
     return "; ".join(sorted(envs)) or "no runs recorded"
 
 
@@ -331,7 +327,7 @@ def write_report(ctx: Context) -> Path:
             for c, v in verdicts
         ],
     }
-    (ctx.root / "verdicts.json").write_text(json.dumps(to_jsonable(payload), indent=1) + "\n")
+    write_json(ctx.root / "verdicts.json", payload)
     write_summary(Path(ctx.options.out))
     return md
 

@@ -78,7 +78,8 @@ LR_GRID = [3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0]
 DAMPING_GRID = [0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0]
 EPS_GRID = [1e-8, 1e-4, 1e-3, 0.01, 0.1]
 
-#: The claim of issue 6: K-FAC ≈ K-BFGS(L) ≤ K-BFGS < Adam < SGD-m (training loss, equal time).
+#: The ordering the Table 3.3 claims test: K-FAC ≈ K-BFGS(L) ≤ K-BFGS < Adam < SGD-m (training
+#: loss at equal training time).
 CHAIN = (
     ("KFAC", "≈", "K-BFGS(L)"),
     ("K-BFGS(L)", "≤", "K-BFGS"),

@@ -1,4 +1,4 @@
-"""Per-step cost of the chapter-5 methods (issue 5): ``curvlab smw-cost``.
+"""Per-step cost of the chapter-5 methods (SMW-GN, SMW-NG, Hessian-free): ``curvlab smw-cost``.
 
 Thesis §5.8 trains a 784-500-10 network with logistic hidden units on MNIST (here
 Fashion-MNIST) with N1 = 60 examples per gradient and N2 = 30 for the curvature. Its claims
@@ -17,11 +17,9 @@ depends on its CG iterations, so their mean is reported with it.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +27,7 @@ from torch import nn
 
 from curvlab.bench.models import mlp
 from curvlab.bench.problems import get_problem
+from curvlab.bench.records import write_json
 from curvlab.bench.specs import get_optimizer
 from curvlab.data import batches
 from curvlab.objective import Objective
@@ -222,8 +221,5 @@ def run_smw_cost_command(args: argparse.Namespace) -> int:
     )
     print(format_smw_cost(result))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1) + "\n")
-        print(path)
+        print(write_json(args.json, result))
     return 0

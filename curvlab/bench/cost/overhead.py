@@ -1,11 +1,12 @@
 """Per-step time of the curvature methods against SGD with momentum, next to their floors.
 
-``curvlab overhead`` answers two questions of the project issues: how many times an SGD-m step
-does a step of K-FAC (issue 2), K-BFGS, K-BFGS(L), TNT or Shampoo (issue 3) cost on a problem
-(by default the Fashion-MNIST autoencoder, batch 1000, float32, 2 threads, curvature
-statistics every step and inverses / roots every 20 steps), and how far is that from what the
-method's extra arithmetic alone must cost on this machine? It also reports each method's
-memory beyond SGD-m next to the thesis's storage formula (Tables 3.1, 4.1).
+``curvlab overhead`` answers two questions: how many times an SGD-m step does a step of
+K-FAC, K-BFGS, K-BFGS(L), TNT or Shampoo cost on a problem (by default the Fashion-MNIST
+autoencoder, batch 1000, float32, 2 threads, curvature statistics every step and inverses /
+roots every 20 steps), and how far is that from what the method's extra arithmetic alone must
+cost on this machine? It also reports each method's memory beyond SGD-m next to the thesis's
+storage formula (Tables 3.1, 4.1), and each method's ratio next to the project's performance
+target for it (`STEP_TARGETS`).
 
 Measurement (`measure_overhead`):
 
@@ -22,7 +23,8 @@ Measurement (`measure_overhead`):
   turns of the turn mean, and the median over all its timed steps is reported next to it;
 * ratios are to sgd-m's time from the same run.
 
-Floor (`curvlab.bench.floors`): the time each method must spend beyond an SGD-m step — extra
+Floor (`curvlab.bench.cost.floor_model`; each method's operations in
+`curvlab.bench.cost.floors`): the time each method must spend beyond an SGD-m step — extra
 passes, statistics, preconditioning products, and its amortised decompositions — every
 operation timed at the shape where it occurs, decompositions timed on the method's own
 factors after the turns. The floor ratio is ``(t_sgd + extra floor) / t_sgd`` with the
@@ -40,38 +42,25 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from curvlab.bench.floors import (
-    FLOOR_TERMS,
-    Decomposition,
-    FloorItem,
-    FloorModel,
-    Gemm,
-    LayerGeometry,
-    RowSum,
-    floor_flops,
-    floor_items,
-    layer_geometry,
-    measure_floor_model,
-    real_factors,
-    state_bytes,
-    storage_formula,
-)
-from curvlab.bench.floors import counted_flops as _counted_flops
+from curvlab.bench.cost.floor_model import FLOOR_TERMS, FloorItem, floor_flops, measure_floor_model
+from curvlab.bench.cost.floors import floor_items, real_factors
+from curvlab.bench.cost.geometry import LayerGeometry, layer_geometry
+from curvlab.bench.cost.memory import state_bytes, storage_formula
+from curvlab.bench.cost.operations import Decomposition, Gemm, RowSum, counted_flops
 from curvlab.bench.problems import Problem, get_problem
-from curvlab.bench.records import environment, to_jsonable
+from curvlab.bench.records import environment, to_jsonable, write_json
+from curvlab.bench.runner import RUNNER_KEYS
 from curvlab.bench.specs import get_optimizer, presets_for
 from curvlab.data import batches
 from curvlab.objective import Objective
@@ -81,63 +70,38 @@ from curvlab.optim.tensorwise import TensorwiseOptimizer
 
 __all__ = [
     "DEFAULT_METHODS",
-    "FLOOR_TERMS",
-    "ISSUE3_TARGETS",
     "KFAC_TIMING_LR",
     "METHODS",
+    "STEP_TARGETS",
     "TARGET_PROBLEM",
     "TIMING_LR",
-    "FloorModel",
-    "Gemm",
-    "LayerGeometry",
     "Variant",
     "add_overhead_parser",
     "default_variants",
     "format_overhead",
-    "layer_geometry",
-    "measure_floor_model",
     "measure_overhead",
     "run_overhead_command",
 ]
 
 BASELINE = "sgd-m"
 
-_KFAC_DEFAULTS: dict[str, Any] = {
-    "fisher": "true",
-    "statistics": "after_step",
-    "curvature_every": 1,
-    "inverse_every": 20,
-}
-_RUNNER_KEYS = ("warm_start", "batch_size")
-
 
 # --------------------------------------------------------------------------- variants
 @dataclass(frozen=True)
 class Variant:
-    """One timed method: a registered optimizer, hyperparameter overrides, the issue's target.
+    """One timed method: a registered optimizer, hyperparameter overrides, its target.
 
     Attributes:
         name: the table label.
         optimizer: a key of `curvlab.bench.specs.OPTIMIZERS`.
         hparams: overrides over the spec's defaults and its ``thesis`` preset for the problem.
-        target: the issue's bound on the ratio to sgd-m, if it sets one.
+        target: the bound on its ratio to sgd-m (`STEP_TARGETS`), if it has one.
     """
 
     name: str
     optimizer: str
     hparams: Mapping[str, Any] = field(default_factory=dict)
     target: float | None = None
-
-    @property
-    def is_kfac(self) -> bool:
-        """Whether this is a K-FAC variant."""
-        return self.optimizer in ("kfac", "kfac-ef")
-
-    def kfac_setting(self, key: str) -> Any:
-        """A K-FAC option as this variant uses it (the KFAC default when not overridden)."""
-        if key == "fisher" and self.optimizer == "kfac-ef" and key not in self.hparams:
-            return "empirical"
-        return self.hparams.get(key, _KFAC_DEFAULTS[key])
 
 
 #: K-FAC's learning rate in the timing runs. The thesis preset (0.03 with momentum 0.9, tuned on
@@ -146,8 +110,9 @@ class Variant:
 #: finite for hundreds of steps there. The learning rate does not change the cost of a step.
 KFAC_TIMING_LR = 0.003
 
-#: The issue-3 methods' learning rates in the timing runs: a tenth of the thesis presets for the
-#: autoencoders (Tables 3.5, 4.3, 4.5), as for K-FAC, so that no run diverges into skipped steps.
+#: K-BFGS', K-BFGS(L)'s, TNT's and Shampoo's learning rates in the timing runs: a tenth of the
+#: thesis presets for the autoencoders (Tables 3.5, 4.3, 4.5), as for K-FAC, so that no run
+#: diverges into skipped steps.
 TIMING_LR: dict[str, float] = {
     "kbfgs": 0.003,
     "kbfgs-l": 0.003,
@@ -156,10 +121,24 @@ TIMING_LR: dict[str, float] = {
     "shampoo": 3e-5,
 }
 
-#: Issue 3's bounds on the per-step time over SGD-m (`TARGET_PROBLEM`).
-ISSUE3_TARGETS: dict[str, float] = {"shampoo": 2.3, "kbfgs": 2.8, "kbfgs-l": 2.9, "tnt": 3.0}
+#: The project's performance targets: the per-step time over SGD-m that each variant of
+#: `default_variants` is to stay within on `TARGET_PROBLEM` (K-FAC with the true Fisher and
+#: factors every step at either statistics point ≤ 2.8×, K-FAC-EF ≤ 2.3×, factors every 10
+#: steps ≤ 1.9×; K-BFGS ≤ 2.8×, K-BFGS(L) with p = 100 ≤ 2.9×, TNT ≤ 3.0×, Shampoo with eigh
+#: roots ≤ 2.3×; Adam and TNT-EF have none).
+STEP_TARGETS: dict[str, float] = {
+    "kfac": 2.8,
+    "kfac/before": 2.8,
+    "kfac-ef/before": 2.3,
+    "kfac/T1=10": 1.9,
+    "kfac/T1=10/before": 1.9,
+    "kbfgs": 2.8,
+    "kbfgs-l": 2.9,
+    "tnt": 3.0,
+    "shampoo": 2.3,
+}
 
-#: The problem the issues' targets were set for (batch 1000, float32, 2 threads).
+#: The problem the targets were set for (batch 1000, float32, 2 threads).
 TARGET_PROBLEM = "fmnist-autoencoder"
 
 #: Method groups of ``--methods``: sgd-m is always timed (the baseline).
@@ -175,19 +154,19 @@ def default_variants(
     methods: Sequence[str] = DEFAULT_METHODS,
     lrs: Mapping[str, float] | None = None,
 ) -> list[Variant]:
-    """sgd-m and the chosen method groups (`METHODS`), with the issues' targets.
+    """sgd-m and the chosen method groups (`METHODS`), with their targets (`STEP_TARGETS`).
 
-    Groups: ``adam``; ``kfac``, the five K-FAC variants of issue 2 (true Fisher with factors
-    every step ≤ 2.8× at both statistics points, empirical Fisher ≤ 2.3×, true Fisher with
-    factors every 10 steps ≤ 1.9×); ``kbfgs`` (≤ 2.8×), ``kbfgs-l`` (p = 100, ≤ 2.9×), ``tnt``
-    (≤ 3.0×), ``tnt-ef`` and ``shampoo`` (eigh roots, ≤ 2.3×) of issue 3, with statistics every
-    step and inverses / roots every ``inverse_every`` steps on the printed schedule
-    (``inverse_warmup=False``; the refresh warm-up only changes the first T2 steps).
+    Groups: ``adam``; ``kfac``, five K-FAC variants (true Fisher with factors every step at
+    both statistics points, empirical Fisher, true Fisher with factors every 10 steps at both
+    statistics points); ``kbfgs``, ``kbfgs-l`` (p = 100), ``tnt``, ``tnt-ef`` and ``shampoo``
+    (eigh roots), with statistics every step and inverses / roots every ``inverse_every``
+    steps on the printed schedule (``inverse_warmup=False``; the refresh warm-up only changes
+    the first T2 steps).
 
     Args:
         inverse_every: T2 of K-FAC, TNT and Shampoo.
         kfac_lr: K-FAC's learning rate.
-        targets: attach the issues' bounds (they hold for `TARGET_PROBLEM` only).
+        targets: attach the bounds of `STEP_TARGETS` (they hold for `TARGET_PROBLEM` only).
         methods: method groups, in table order.
         lrs: learning rates by method group or variant name, over `TIMING_LR` / ``kfac_lr``.
     """
@@ -196,8 +175,8 @@ def default_variants(
         raise ValueError(f"methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     lrs = dict(lrs or {})
 
-    def bound(value: float | None) -> float | None:
-        return value if targets else None
+    def bound(name: str) -> float | None:
+        return STEP_TARGETS.get(name) if targets else None
 
     def lr(name: str, default: float) -> float:
         return float(lrs.get(name, default))
@@ -212,15 +191,18 @@ def default_variants(
             ef = {**base, **before, "fisher": "empirical"}
             every10 = {**base, "curvature_every": 10}
             out += [
-                Variant("kfac", "kfac", {**base}, bound(2.8)),
-                Variant("kfac/before", "kfac", {**base, **before}, bound(2.8)),
-                Variant("kfac-ef/before", "kfac", ef, bound(2.3)),
-                Variant("kfac/T1=10", "kfac", every10, bound(1.9)),
-                Variant("kfac/T1=10/before", "kfac", {**every10, **before}, bound(1.9)),
+                Variant(name, "kfac", hp, bound(name))
+                for name, hp in (
+                    ("kfac", {**base}),
+                    ("kfac/before", {**base, **before}),
+                    ("kfac-ef/before", ef),
+                    ("kfac/T1=10", every10),
+                    ("kfac/T1=10/before", {**every10, **before}),
+                )
             ]
         elif method in ("kbfgs", "kbfgs-l"):
             hp = {"lr": lr(method, TIMING_LR[method]), "curvature_every": 1}
-            out.append(Variant(method, method, hp, bound(ISSUE3_TARGETS[method])))
+            out.append(Variant(method, method, hp, bound(method)))
         else:  # tnt, tnt-ef, shampoo
             hp = {
                 "lr": lr(method, TIMING_LR[method]),
@@ -228,7 +210,7 @@ def default_variants(
                 "inverse_every": inverse_every,
                 "inverse_warmup": False,
             }
-            out.append(Variant(method, method, hp, bound(ISSUE3_TARGETS.get(method))))
+            out.append(Variant(method, method, hp, bound(method)))
     for key in lrs:
         if key not in METHODS and all(v.name != key for v in out):
             raise ValueError(f"lr: no timed method is called {key!r}")
@@ -241,7 +223,7 @@ def _hyperparameters(variant: Variant, problem: Problem) -> dict[str, Any]:
     merged: dict[str, Any] = dict(spec.defaults)
     preset = presets_for(spec.name, problem.name).get("thesis")
     if preset is not None:
-        merged.update({k: v for k, v in preset.hparams.items() if k not in _RUNNER_KEYS})
+        merged.update({k: v for k, v in preset.hparams.items() if k not in RUNNER_KEYS})
     merged.update(variant.hparams)
     return merged
 
@@ -367,7 +349,8 @@ def measure_overhead(
         seed: model initialisation, batch selection and the global RNG.
         variants: the methods (default `default_variants`); must include ``sgd-m``.
         progress: report progress on stderr.
-        floor_repeats: timing groups per floor operation (`curvlab.bench.floors.best_time`).
+        floor_repeats: timing groups per floor operation
+            (`curvlab.bench.cost.operations.best_time`).
 
     Returns:
         ``{"config", "environment", "methods", "floor", "layers", "gemms", "ops",
@@ -484,7 +467,7 @@ def _measure(
             for _ in range(n):
                 _step(c, data, loss_fn, prob.batch_average)
 
-        counted[c.variant.name] = _counted_flops(period) / n
+        counted[c.variant.name] = counted_flops(period) / n
 
     x0 = data[0][0]
     geometry = layer_geometry(contenders[0].model, x0)
@@ -760,8 +743,5 @@ def run_overhead_command(args: argparse.Namespace) -> int:
     )
     print(format_overhead(result))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
-        print(path)
+        print(write_json(args.json, result))
     return 0
