@@ -1,6 +1,6 @@
 """The networks of the benchmark problems, built from layer widths.
 
-Initialisation is PyTorch's default: the thesis never states one (spec-thesis A17).
+Initialisation is PyTorch's default: the thesis never states one (thesis A17, docs/deviations.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Benchmark problems: a model, a loss, a data set and a test metric, built from a seed.
 
 Adding a problem is one `Problem` entry in `PROBLEMS`. Data comes from local files or is
-generated; nothing is downloaded (style anchors §L7). Data sets load lazily, on the first run
+generated; nothing is downloaded. Data sets load lazily, on the first run
 that needs them, and are cached for the rest of the process.
 """
 

@@ -1,6 +1,6 @@
 """Run one (problem, optimizer, hyperparameters, seed, budget) and return a `RunRecord`.
 
-Timing protocol (style anchors §L7; the thesis's autoencoder protocol, spec-thesis §8):
+Timing protocol (the thesis's autoencoder protocol, §2.8.1 and §3.7.2):
 
 * The wall clock counts only ``optimizer.step(objective)`` calls: each is timed with
   ``time.perf_counter`` between ``torch.cuda.synchronize()`` calls on CUDA. Batch slicing,

@@ -491,7 +491,7 @@ COMPARE_DEFAULT: tuple[str, ...] = (
 _T35 = "thesis Table 3.5 / Table 4.3 (ch.3/ch.4, m = 1000)"
 _T25 = (
     "thesis Table 2.5 (ch.2, m = 1000, β = 0.9). Deviation: torch's RMSprop has no "
-    "first-moment EMA, the thesis's has one (spec-thesis A12)"
+    "first-moment EMA, the thesis's has one (thesis A12, docs/deviations.md)"
 )
 _ON_FMNIST = (
     "; tuned on MNIST, used here on Fashion-MNIST as they are (most curvature methods' values "

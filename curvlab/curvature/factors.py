@@ -11,7 +11,8 @@ Autograd gives ``ĝ = ∂L/∂h`` of the *batch* loss ``L = c · Σ_n l_n`` (see
 `curvlab.Objective.loss_scale`), i.e. ``ĝ = c · Dh``. The curvature of L itself is
 ``c·m · (A ⊗ G)``, and we return the factors of that (so damping acts on the objective's own
 scale): ``A = (1/m) Σ ā āᵀ`` and ``G = (1/(c·|T|)) Σ ĝ ĝᵀ``. For a batch-mean loss (c = 1/m)
-this is thesis A1: per-example gradients are m·ĝ and G is their mean outer product.
+this is thesis A1 (docs/deviations.md): per-example gradients are m·ĝ and G is their mean
+outer product.
 
 Both functions take an optional ``out`` buffer. An optimizer that recomputes the factors every
 step should pass the same buffers each time: a fresh (d, d) result is fresh memory, and on CPU

@@ -1,14 +1,16 @@
 """Layers with Kronecker structure: `nn.Linear` and `nn.Conv2d` in "matrix form".
 
 A supported layer computes ``h = W ā`` per location, with the weight matrix
-``W ∈ R^{d_out × d_a}`` whose last column is the bias when there is one (thesis §0, §1.8):
+``W ∈ R^{d_out × d_a}`` whose last column is the bias when there is one (thesis §2.2, Alg 1;
+§3.2.2):
 
 * Linear: ``ā = (a, 1)``; inputs of shape (m, ..., d_in) are flattened to rows, so the extra
   dimensions play the part of the spatial locations T of a conv layer.
 * Conv2d (thesis §3.2, Theorem 3; Grosse & Martens 2016): ``ā_t`` is the unfolded input patch
   at output location t, ordered (channel, kh, kw) as ``weight.view(d_out, -1)``, plus the
   homogeneous 1. Any stride, padding (numbers, "same", "valid", every ``padding_mode``) and
-  dilation; ``groups`` must be 1. Thesis A4: |T| is the number of output locations.
+  dilation; ``groups`` must be 1. Thesis A4 (docs/deviations.md): |T| is the number of output
+  locations.
 
 Rows of the matrix forms are ordered (example, location).
 """

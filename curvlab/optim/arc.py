@@ -4,7 +4,7 @@ Seed 002 gives no ARC algorithm; it only says that "the use of matrix induced no
 be transferred to the cubic regularization framework" (§4, footnote 5). This is therefore a
 reconstruction, not the paper's method: Cartis, Gould & Toint's adaptive cubic regularisation
 (ARC, Math. Prog. 127, 2011) with the cubic term measured in the A_t-norm, the update rule and
-defaults of the same group's sub-sampled cubic regularisation code ([C-SCR] below:
+defaults of the same group's sub-sampled cubic regularisation code ([C-SCR], docs/deviations.md:
 github.com/dalab/subsampled_cubic_regularization, ``scr.py``)::
 
     1  Input θ_0, σ_0 > 0, 0 ≤ η₁ ≤ η₂ < 1, γ₁ ≥ 1, γ₂ ≥ 1, σ_min

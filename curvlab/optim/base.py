@@ -4,8 +4,9 @@ A block method (K-FAC, TSO-ALRA, TNT, Shampoo, K-BFGS) preconditions each parame
 its own curvature block (`curvlab.curvature.blocks`): a layer's weight and bias (Kronecker
 blocks), or one parameter tensor (tensor blocks). Trainable parameters that no block covers
 (e.g. BatchNorm's scale and shift under K-FAC) get the *fallback update*: the method's own
-momentum and weight decay on the plain gradient, same learning rate (thesis §6.2, "exactly as
-in KFAC-Pytorch"); a one-time warning names them.
+momentum and weight decay on the plain gradient, same learning rate (thesis §3.7.2 and
+§4.7.2, "exactly as in KFAC-Pytorch"; deviation A11, docs/deviations.md); a one-time warning
+names them.
 
 The step, in one place (`BlockOptimizer.step`; an algorithm file supplies the hooks in
 brackets)::
@@ -21,7 +22,7 @@ brackets)::
     momentum               on the raw gradient, heavy ball ĝ ← βĝ + g (thesis ch.3/ch.4) or
                            EMA ĝ ← βĝ + (1−β)g (ch.2)
     precondition           every block's direction, formed before any is applied
-    apply, all or nothing  W ← W − α (P(ĝ) + γ W), decoupled weight decay (thesis §0); a
+    apply, all or nothing  W ← W − α (P(ĝ) + γ W), decoupled weight decay (thesis §3.7.2); a
                            non-finite direction withholds the whole update (reported)
     [after step]           K-FAC's printed-order statistics pass, K-BFGS's second pass
     step information       ``last_step_info``
@@ -301,7 +302,8 @@ class BlockOptimizer(SampledLabels, DataParallelBlocks, Optimizer):
         )
 
     def momentum(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
-        """ĝ ← βĝ + g (heavy ball) or ĝ ← βĝ + (1−β)g (EMA), from ĝ = 0 (thesis §0)."""
+        """ĝ ← βĝ + g (heavy ball: Alg 9 line 8, Alg 12 line 7) or ĝ ← βĝ + (1−β)g (EMA: Alg 4
+        line 8), from ĝ = 0."""
         beta = group["momentum"]
         if beta == 0:
             return grad
@@ -314,7 +316,8 @@ class BlockOptimizer(SampledLabels, DataParallelBlocks, Optimizer):
 
     @staticmethod
     def apply(p: Tensor, direction: Tensor, group: dict[str, Any]) -> None:
-        """W ← W − α (p + γ W): decoupled weight decay after preconditioning (thesis §0)."""
+        """W ← W − α (p + γ W): decoupled weight decay after preconditioning (thesis §3.7.2;
+        Alg 15 line 19, Alg 16 line 15)."""
         if group["weight_decay"] != 0:
             direction = direction.add(p, alpha=group["weight_decay"])
         p.add_(direction, alpha=-group["lr"])

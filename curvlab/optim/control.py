@@ -21,7 +21,7 @@ increased whenever ρ exceeds the very successful threshold η₂", App. F.1)::
 
 The comparisons are ``≥`` as in the released code ([C-AN] ``Ellipsoidal_TR.step_quality``,
 [C-SCR] ``scr.py``). [C-AN] is seed 002's code (github.com/jonaskohler/AdaptiveNormsNewton),
-[C-SCR] the same group's sub-sampled cubic regularisation code
+[C-SCR] the same group's sub-sampled cubic regularisation code (docs/deviations.md)
 (github.com/dalab/subsampled_cubic_regularization).
 """
 

@@ -20,7 +20,7 @@ faster than HF", cost n_HF × O(N2 n), §5.7). With α = ``lr``, λ_t = λ_LM + 
 
 Defaults are the thesis's ch.5 settings (§5.8, "same as in Kiros"): λ_LM(0) = 1, boost =
 1.01, drop = 0.99, ε = 1/4, τ = 0.001, α = 0.1 (MNIST; 0.01 CIFAR-10, 0.05 webspam).
-The thesis gives no CG settings (A24); those below follow Martens (2010):
+The thesis gives no CG settings (A24, docs/deviations.md); those below follow Martens (2010):
 
 * warm start x₀ = ζ p_{t−1} with ζ = ``warm_start_decay`` = 0.95 (``0`` starts from zero);
   p_{t−1} is the previous CG solution (the direction, before α), kept in ``state``;

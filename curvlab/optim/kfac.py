@@ -66,7 +66,8 @@ Factors = dict[str, tuple[Tensor, Tensor]]
 
 class KFAC(BlockOptimizer):
     """Kronecker-factored approximate curvature (Martens & Grosse 2015; KFC for conv layers,
-    Grosse & Martens 2016) as in thesis Alg 12 (and Alg 7 with the options noted there).
+    Grosse & Martens 2016) as in thesis Alg 12 (§3.7.2, reused in §4.7.2; Alg 7 with the options
+    noted there).
 
     Args:
         model: the network (Linear and Conv2d layers get Kronecker blocks).

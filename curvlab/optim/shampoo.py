@@ -22,10 +22,10 @@ T1 = ``curvature_every``, T2 = ``inverse_every``::
     15      p_l = p_l + γ W_l
     16      W_l = W_l − α_t p_l
 
-(Line 2's "∇̄ = 0" and line 14's "×_k" are the garbles fixed in spec §11 item 5.) The
+(Line 2's printed "∇̄ = 0" is read as ∇̂ = 0 and line 14's "×_k" as ×_{k_l}: misprints.) The
 statistics are contractions of the raw mini-batch gradient, not of the momentum buffer, and
-there is no extra pass (Shampoo uses the empirical Fisher). Thesis §4.7.2 and spec §6.4: an
-EMA (β) instead of the AdaGrad sum; coupled Newton (100 iterations, tolerance 1e-6; spec §1.6)
+there is no extra pass (Shampoo uses the empirical Fisher). Thesis §4.7.2: an
+EMA (β) instead of the AdaGrad sum; coupled Newton (100 iterations, tolerance 1e-6; §4.7.2)
 instead of an SVD; same tensor shapes as TNT (conv weights 3-way, root −1/6; matrices −1/4;
 vectors −1/2). Not included, as in the thesis: ε scaled by λ_max, the diagonal variant,
 blocking of large tensors, grafting.
@@ -36,10 +36,10 @@ Options:
   On CPU it is much cheaper than coupled Newton, whose every iteration costs about 4 d×d matrix
   products (``N^{2k}`` by repeated squaring plus two more) for each factor of size d.
 * ``inverse_warmup`` and the statistics of the first mini-batch without `warm_start`: see
-  `curvlab.optim.tensorwise` (deviation A9).
+  `curvlab.optim.tensorwise` (deviation A9, docs/deviations.md).
 
 ``step`` accepts a plain closure (or `curvlab.Objective`), or ``None`` when the gradients are
-already computed. Why this is not a `LayerwiseOptimizer`: see `curvlab.optim.tensorwise`.
+already computed. Blocks and step: `curvlab.optim.tensorwise`.
 """
 
 from __future__ import annotations

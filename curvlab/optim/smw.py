@@ -13,7 +13,8 @@ Thesis Alg 23 (§5.5), with α = ``lr``, N2 = ``curvature_batch_size``, the LM r
     7      θ_{t+1} = θ_t + α p_t
 
 Curvature B_t = (1/N2) Σ_{i∈S2} J_iᵀ H_i J_i (GN, eq. 5.2 subsampled; J_i = ∂ŷ_i/∂θ with ŷ
-the model outputs, i.e. the logits when softmax/sigmoid live in the loss, A20), or
+the model outputs, i.e. the logits when softmax/sigmoid live in the loss, A20 in
+docs/deviations.md), or
 B_t = (1/N2) Σ_{i∈S2} ∇f_i ∇f_iᵀ (NG, eq. 5.3: the *empirical* Fisher, true labels, A22).
 SMW (5.6): G⁻¹ = (1/λ)(I − (1/N2) Jᵀ D⁻¹ J), D = λH⁻¹ + (1/N2) JJᵀ; (5.7) when H is singular
 (softmax + cross-entropy): G⁻¹ = (1/λ)(I − (1/N2) JᵀH D⁻¹ J), D = λI + (1/N2) JJᵀH (LU).

@@ -4,8 +4,8 @@ TNT (thesis Alg 15) and the thesis's Shampoo (Alg 16) precondition each paramete
 a Kronecker product of one factor per tensor mode (`curvlab.curvature.blocks.TensorBlock`).
 Their blocks are tensor variables, not layers: a Linear or conv layer gives two blocks (weight
 and bias), a BatchNorm layer two 1-way blocks, any other parameter its own block (thesis
-§4.3.1), and there is no fallback update. What both share, on `BlockOptimizer`'s step
-(T1 = ``curvature_every``, T2 = ``inverse_every``)::
+§4.3.1, §4.3.4 (ii); deviation A11), and there is no fallback update. What both share, on
+`BlockOptimizer`'s step (T1 = ``curvature_every``, T2 = ``inverse_every``)::
 
     gradient pass on M_t (TNT: + the sampled-label backward when t ≡ 0 mod T1) → ∇̄_l, Ḡ_l
     if t ≡ 0 (mod T1):  Ĝ_l^{(i)} = β Ĝ_l^{(i)} + (1−β) Ḡ_l^{(i)}        (statistics)
@@ -13,7 +13,7 @@ and bias), a BatchNorm layer two 1-way blocks, any other parameter its own block
     ∇̂_l = μ ∇̂_l + ∇̄_l;  p_l = ∇̂_l ×_1 P_1 ⋯ ×_k P_k;  W_l = W_l − α (p_l + γ W_l)
 
 Statistics and inverses are refreshed *before* the step, from the current mini-batch. Shared
-deviations (deviation A9 in docs/deviations.md):
+deviations (A9 in docs/deviations.md):
 
 * without `warm_start` (Alg 15/16 line 2) the statistics are initialised from the first
   mini-batch, whatever T1, and the preconditioners computed at once, because line 18 / 14

@@ -30,11 +30,12 @@ T1 = ``curvature_every``, T2 = ``inverse_every``::
 
 Line 7 is one extra backward pass through the forward graph of line 5 (no extra forward; it
 runs first, then the true-label backward). The statistic is the contraction of the
-*mini-batch-mean* sampled gradient, which estimates Fisher/m (spec §4.3, A10); the thesis's
-ε and learning rates (Tables 4.3–4.7) are on that scale. Tensor shapes as thesis §4.2: a conv
-weight is the 3-way ``(I, J, kh·kw)``, every bias and BatchNorm parameter a 1-way tensor with a
-full d×d factor (`curvlab.curvature.tensor_blocks`). Why this is not a `LayerwiseOptimizer`:
-see `curvlab.optim.tensorwise`.
+*mini-batch-mean* sampled gradient, which estimates Fisher/m (thesis §4.5; deviation A10,
+docs/deviations.md); the thesis's
+ε and learning rates (Tables 4.3–4.7) are on that scale. Tensor shapes as thesis §4.3.4 (ii):
+a conv weight is the 3-way ``(I, J, kh·kw)``, every bias and BatchNorm parameter a 1-way tensor
+with a full d×d factor (`curvlab.linalg.modes.tensor_shape`). The step is
+`curvlab.optim.base.BlockOptimizer.step` with the hooks of `curvlab.optim.tensorwise`.
 
 Options and deviations:
 

@@ -1,7 +1,7 @@
 r"""Ellipsoidal trust region with uniform / Adagrad / RMSProp norms (seed 002).
 
 Kohler, Adolphs & Lucchi, "Adaptive norms for deep learning with regularized Newton methods"
-(seed 002, arXiv 1905.09201); [C-AN] below is the authors' released code
+(seed 002, arXiv 1905.09201); [C-AN] below (docs/deviations.md) is the authors' released code
 (github.com/jonaskohler/AdaptiveNormsNewton: ``trust_region.py``, ``stcg.py``, the parameter
 files). The step minimises the second-order model in an ellipsoid shaped by an
 adaptive-gradient preconditioner (eq. 7)::

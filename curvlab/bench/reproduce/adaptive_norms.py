@@ -1,6 +1,7 @@
 """``curvlab reproduce adaptive-norms``: seed 002, ellipsoidal trust regions.
 
-Kohler, Adolphs & Lucchi (seed 002; spec-papers §4.7–4.8): the stochastic trust region with a
+Kohler, Adolphs & Lucchi (seed 002; §5, App. I–J; labels: docs/deviations.md): the stochastic
+trust region with a
 spherical (uniform), Adagrad or RMSProp ellipsoid (Table 1 defaults, S = 512, exact Hessian,
 Steihaug-CG), against SGD, Adagrad and RMSprop at batch 32 with grid-searched step sizes (and
 Adam, added here). Metrics: full training loss against backpropagations, epochs and wall

@@ -1,6 +1,6 @@
 """``curvlab reproduce edf``: seed 000, Exponentially Decaying Flows.
 
-Paper (spec-papers §2.8–2.9):
+Paper ([P0] §6.1–6.3, App. B–D; labels: docs/deviations.md):
 
 * §6.1, full-batch data fitting with a CNN (2 conv layers with ReLU and max-pool, 2 Linear
   layers): Fig 1 left, EDF-G for several Krylov orders k ("k interpolates between gradient

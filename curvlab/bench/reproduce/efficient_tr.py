@@ -1,6 +1,6 @@
 """``curvlab reproduce efficient-tr``: seed 003, the efficient trust region, Hybrid and tracks.
 
-Liu, Lee & Hsieh (seed 003; spec-papers §5.5–5.8): VGG16 (BatchNorm, SReLU, average pooling,
+Liu, Lee & Hsieh (seed 003; §4 and App. B): VGG16 (BatchNorm, SReLU, average pooling,
 N(0, 0.02) init) on CIFAR-10 without augmentation; plain SGD at lr 0.1; the trust region of
 Alg 1–2; Hybrid = TR until the accuracy stops increasing, then SGD. Measured here:
 

@@ -96,7 +96,8 @@ def neg_best_accuracy(rec: RunRecord) -> float:
 
 
 def backprops_per_step(rec: RunRecord, mode: Literal["code", "raw"] = "code") -> list[float]:
-    """Backpropagations of every step (seed 002's accounting, spec-papers §4.7).
+    """Backpropagations of every step (seed 002 §5's "number of backpropagations", counted as
+    its released code does).
 
     ``code``: a step of a method with a Krylov solver counts its solver iterations (at least 1),
     any other step 1 (the released code's counter; batch size not normalised). ``raw``: 1

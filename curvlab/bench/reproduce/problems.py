@@ -198,7 +198,8 @@ def cnn2fc(
 
 def vgg_srelu(in_channels: int, num_classes: int, side: int, width: int = 16) -> nn.Sequential:
     """A 4-conv VGG-style stand-in for seed 003's VGG16: Conv3×3 → BN → SReLU blocks, average
-    pooling, one Linear classifier, N(0, 0.02) weights (spec-papers §6 item 13)."""
+    pooling, one Linear classifier, N(0, 0.02) weights (seed 003 §4.2; the init of its code's
+    models/net.py)."""
     layers: list[nn.Module] = []
     channels = in_channels
     for block, out in enumerate((width, 2 * width)):

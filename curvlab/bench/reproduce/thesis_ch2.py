@@ -1,6 +1,6 @@
 """``curvlab reproduce thesis-ch2``: thesis ch.2 (K-BFGS-20, K-BFGS(L)-20) on the autoencoders.
 
-Thesis §2.8 (spec-thesis §8.1): K-BFGS and K-BFGS(L) (Alg 4; "-20" in ch.3's naming) against
+Thesis §2.8 (§2.8.1–2.8.3): K-BFGS and K-BFGS(L) (Alg 4; "-20" in ch.3's naming) against
 KFAC (Alg 7), Adam, RMSprop and SGD-m on the MNIST / FACES / CURVES autoencoders, m = 1000,
 equal CPU time (500 s MNIST and CURVES), hyperparameters by grid search (selection: lowest
 full-training-set loss at an epoch end), 20 seeds. Measured here:
@@ -97,7 +97,7 @@ def methods(problem: str) -> list[Method]:
             hp.update({"betas": [0.9, 0.9]} if name == "Adam" else {"alpha": 0.9})
             grid: dict[str, list[Any]] = {"lr": LR_GRID, "eps": EPS_GRID}
         elif name == "SGD-m":
-            # ch.2's (1 − β) gradient EMA (spec A13) is torch's dampening = β.
+            # ch.2's (1 − β) gradient EMA (thesis A13, docs/deviations.md) is torch's dampening = β.
             hp = {"lr": lr, "momentum": 0.9, "dampening": 0.9}
             grid = {"lr": LR_GRID}
         else:
@@ -510,7 +510,8 @@ def notes(ctx: Context) -> list[str]:
     out = [
         "MNIST → Fashion-MNIST; CURVES → generated curves; FACES not run.",
         "No η = 1e-5 L2 term in the loss (the runner has none); ch.3/4 drop it too.",
-        "RMSprop is torch's (no first-moment EMA, no warm start of ∇f⊙∇f): spec-thesis A12.",
+        "RMSprop is torch's (no first-moment EMA, no warm start of ∇f⊙∇f): "
+        "thesis A12 (docs/deviations.md).",
         f"Equal time per run: {ctx.pick(smoke='3 steps', quick='20 s', full='500 s')}; seeds: "
         f"{len(ctx.seeds(1, 2, 20))} (the thesis: 20).",
     ]

@@ -1,6 +1,6 @@
 """``curvlab reproduce thesis-ch3``: thesis ch.3 Table 3.3, the autoencoders at equal time.
 
-Thesis §3.7.1 (spec-thesis §8.2): K-BFGS, K-BFGS† (T = 20), K-BFGS(L), K-BFGS-20,
+Thesis §3.7.1 (and §3.7.2): K-BFGS, K-BFGS† (T = 20), K-BFGS(L), K-BFGS-20,
 K-BFGS(L)-20, KFAC, Adam and SGD-m train the MNIST / FACES / CURVES autoencoders with m = 1000
 for the same CPU time (500 s MNIST and CURVES); the table is the average training loss of 5
 seeds with the best hyperparameters of a grid search (selection: smallest training loss).

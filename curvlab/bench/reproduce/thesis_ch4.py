@@ -1,10 +1,10 @@
 """``curvlab reproduce thesis-ch4``: thesis ch.4 (TNT): Table 4.2 on a small CNN and Fig 4.1.
 
-* Table 4.2 (spec-thesis §8.3): validation accuracy of TNT, KFAC, Shampoo, Adam and SGD-m
+* Table 4.2 (thesis §4.7.1): validation accuracy of TNT, KFAC, Shampoo, Adam and SGD-m
   (T1 = 10, T2 = 100 for the second-order methods, m = 128), here on a small CNN (two
   Conv-BN-ReLU-MaxPool blocks and a Linear layer) for VGG16 / ResNet32, on Fashion-MNIST, or
   CIFAR-10 when ``--data-root`` holds a copy. Selection: the best validation accuracy.
-* Fig 4.1 (thesis §4.7.1, spec §6.6): along the trajectory of a block-Fisher method (each
+* Fig 4.1 (thesis §4.7.1): along the trajectory of a block-Fisher method (each
   layer's exact Fisher block; gradient and blocks as moving averages with decay 0.9), the
   cosine similarity between each method's direction and the block-Fisher direction, on the
   256-20-20-20-20-10 network with 16×16 down-scaled images. Every method updates its own
@@ -93,7 +93,7 @@ GRIDS: dict[str, dict[str, list[float]]] = {
     "SGD-m": {"lr": [3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3]},
 }
 
-#: Fig 4.1 methods with thesis Table 4.3's MNIST values (spec §8.3), T1 = 1, T2 = 20.
+#: Fig 4.1 methods with thesis Table 4.3's MNIST values (thesis §4.7.2), T1 = 1, T2 = 20.
 FIG41_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "TNT": ("tnt", {"lr": 1e-4, "damping": 0.1}),
     "KFAC": ("kfac", {"lr": 0.03, "damping": 1.0}),

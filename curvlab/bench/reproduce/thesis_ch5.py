@@ -1,6 +1,7 @@
 """``curvlab reproduce thesis-ch5``: thesis ch.5, subsampled GN / NG with the Woodbury identity.
 
-Thesis §5.8 (spec-thesis §8.4), the MNIST problem: the 784-500-10 classifier with logistic
+Thesis §5.8, the MNIST problem (deviations: docs/deviations.md): the 784-500-10 classifier with
+logistic
 hidden units and softmax cross-entropy, inputs scaled to zero mean and unit variance, N1 = 60,
 N2 = 30, 10 epochs. SMW-GN, SMW-NG, SMW-NG-BD, KFAC (block-diagonal, no momentum, no
 re-scaling) and Hessian-free (HF) use lr 0.1 untuned; SGD's lr was tuned from {0.01, 0.05,

@@ -1,6 +1,6 @@
 """``curvlab reproduce tso-alra``: seed 001, TSO-ALRA against SGD, Adam and AMSGrad.
 
-Ida & Fujiwara (seed 001) §V (spec-papers §3.2–3.4): AlexNet and VGG on SVHN, Fashion-MNIST,
+Ida & Fujiwara (seed 001) §V-A–V-B: AlexNet and VGG on SVHN, Fashion-MNIST,
 CIFAR-10 and CIFAR-100; batch 128, 164 epochs, every learning rate ÷ 10 at epochs 81 and 122;
 TSO-ALRA lr 1e-2 and a tuned switch epoch (Fashion-MNIST: AlexNet 70, VGG 25; CIFAR-10: 15,
 10); SGD lr 0.1 (VGG, AlexNet / Fashion-MNIST), Adam and AMSGrad lr 1e-3 with "momentum"

@@ -11,7 +11,7 @@ with r = 1 for K-FAC, r = 2 for TSO-ALRA's F^{-1/2}. Row-major vec:
 
 How the damping λ is split between the factors (``split``):
 
-* ``"pi"``: the trace-norm π of Martens & Grosse (2015, §6.3), thesis Alg 12 line 19:
+* ``"pi"``: the trace-norm π of Martens & Grosse (2015, sec. 6.3), thesis Alg 12 line 19:
   λ_A = π√λ, λ_G = √λ/π (`curvlab.linalg.pi_damping`);
 * ``"sqrt"``: π = 1, λ_A = λ_G = √λ (thesis Alg 7);
 * ``"each"``: λ added to each factor's eigenvalues, λ_A = λ_G = λ (TSO-ALRA, seed 001 §III-A).
