@@ -49,9 +49,9 @@ from curvlab.curvature.blocks import CurvatureBlock
 from curvlab.curvature.layers import KroneckerLayer
 from curvlab.distributed import BlockParallel
 from curvlab.linalg import all_finite
-from curvlab.objective import AutocastState, Objective
+from curvlab.objective import Objective, preserved_buffers
 from curvlab.optim.data_parallel import DataParallelBlocks
-from curvlab.optim.guard import SampledLabels, StepGuard, step_guard
+from curvlab.optim.guard import SampledLabels, StepGuard, full_precision, step_guard
 from curvlab.optim.validation import LAYERWISE_RULES, Rule, check_hyperparameters
 
 __all__ = ["BlockOptimizer", "MomentumStyle", "Refreshed"]
@@ -387,19 +387,58 @@ class BlockOptimizer(SampledLabels, DataParallelBlocks, Optimizer):
         return int(state["withheld_updates"])
 
     # -------------------------------------------------------------- warm start
-    def batch_objective(
+    @torch.no_grad()
+    def warm_start(
         self,
+        batches: Iterable[tuple[Tensor, Tensor]],
         loss_fn: Callable[[Tensor, Tensor], Tensor],
-        inputs: Tensor,
-        targets: Tensor,
-        batch_average: bool,
-        autocast: AutocastState,
-    ) -> Objective:
-        """An `Objective` for a pass the optimizer makes itself (a warm start's batches), in
-        the caller's precision ``autocast``."""
-        return Objective(
-            self.model, loss_fn, inputs, targets, batch_average=batch_average, autocast=autocast
-        )
+        *,
+        batch_average: bool = False,
+    ) -> int:
+        """The initial statistics "over the whole dataset" (thesis Alg 12 line 2, Alg 15/16
+        line 2): each block's statistics are set to their mean over ``batches`` (e.g. one
+        epoch) at the current parameters, then refreshed. Batches whose statistics are not
+        finite are skipped; BatchNorm buffers are left as they were. Returns the number of
+        batches used."""
+        sums: dict[str, list[Tensor]] = {}
+        counts: dict[str, int] = {}
+        used = 0
+        with full_precision() as autocast:
+            for inputs, targets in batches:
+                objective = Objective(
+                    self.model, loss_fn, inputs, targets, batch_average=batch_average,
+                    autocast=autocast,
+                )  # fmt: skip
+                with preserved_buffers(self.model):
+                    found = self.warm_start_statistics(objective)
+                if found is None:
+                    continue
+                statistics, weight = found
+                if not all_finite([t for value in statistics.values() for t in value]):
+                    continue
+                used += 1
+                for name, value in statistics.items():
+                    counts[name] = counts.get(name, 0) + 1
+                    if name in sums:
+                        for total, t in zip(sums[name], value, strict=True):
+                            total.add_(t, alpha=weight)
+                    else:
+                        sums[name] = [t * weight for t in value]
+            if used == 0:
+                raise ValueError("batches: no batch gave finite statistics for the warm start")
+            for name, totals in sums.items():
+                state, block = self.block_state(name), self.blocks[name]
+                block.drop_statistics(state)
+                block.update(state, [t / counts[name] for t in totals], 0.0)
+            self.refresh(list(self.blocks))
+        return used
+
+    def warm_start_statistics(
+        self, objective: Objective
+    ) -> tuple[Mapping[str, Sequence[Tensor]], float] | None:
+        """One batch's statistics per block for `warm_start`, and the weight they are summed
+        with (None: skip the batch)."""
+        raise NotImplementedError(f"{type(self).__name__} has no warm start")
 
 
 def _tensors(value: Any) -> list[Tensor]:

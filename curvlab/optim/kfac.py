@@ -41,7 +41,7 @@ Options where the thesis, its code and practice differ (docs/deviations.md):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
@@ -54,7 +54,7 @@ from curvlab.curvature.layers import find_layers
 from curvlab.linalg import all_finite
 from curvlab.objective import Objective, preserved_buffers
 from curvlab.optim.base import BlockOptimizer, MomentumStyle, Refreshed
-from curvlab.optim.guard import StepGuard, full_precision, require_objective
+from curvlab.optim.guard import StepGuard, require_objective
 from curvlab.optim.validation import check_choice, check_hyperparameters
 
 __all__ = ["KFAC"]
@@ -227,37 +227,6 @@ class KFAC(BlockOptimizer):
         m, scale = objective.batch_size, objective.loss_scale(outputs)
         return layer_factors(self.layers, cap, phase, m, scale, self._factor_buffers)
 
-    @torch.no_grad()
-    def warm_start(
-        self,
-        batches: Iterable[tuple[Tensor, Tensor]],
-        loss_fn: Callable[[Tensor, Tensor], Tensor],
-        *,
-        batch_average: bool = False,
-    ) -> int:
-        """Line 2: set Ω, Γ to their averages over ``batches`` (e.g. one epoch) at the current
-        parameters, then compute the inverses. Returns the number of batches used."""
-        sums: dict[str, list[Tensor]] = {}
-        count = 0
-        with full_precision() as autocast:
-            for inputs, targets in batches:
-                objective = self.batch_objective(loss_fn, inputs, targets, batch_average, autocast)
-                factors = self._statistics_pass(objective)
-                if not all_finite([t for pair in factors.values() for t in pair]):
-                    continue
-                count += 1
-                for name, (A, G) in factors.items():
-                    if name in sums:
-                        sums[name][0].add_(A)
-                        sums[name][1].add_(G)
-                    else:
-                        sums[name] = [A.clone(), G.clone()]
-            if count == 0:
-                raise ValueError("batches: no batch gave finite statistics for the warm start")
-            for name, (A, G) in sums.items():
-                state = self.block_state(name)
-                state.pop("A", None)
-                state.pop("G", None)
-                self.blocks[name].update(state, (A / count, G / count), 0.0)
-            self.refresh(list(self.blocks))
-        return count
+    def warm_start_statistics(self, objective: Objective) -> tuple[Factors, float]:
+        """Line 2: one batch's Ω, Γ for `warm_start` (the statistics pass of line 12)."""
+        return self._statistics_pass(objective), 1.0

@@ -45,9 +45,8 @@ from torch import Tensor, nn
 from curvlab.curvature.blocks import RootMethod, TensorBlock
 from curvlab.linalg import all_finite, contractions_bounded
 from curvlab.linalg.modes import tensor_shape
-from curvlab.objective import Objective, preserved_buffers
+from curvlab.objective import Objective
 from curvlab.optim.base import BlockOptimizer, Refreshed
-from curvlab.optim.guard import full_precision
 
 __all__ = ["GradientStatistics", "TensorwiseOptimizer", "check_bool"]
 
@@ -264,59 +263,24 @@ class TensorwiseOptimizer(BlockOptimizer):
         self._buffers.clear()  # not needed while the fused path holds
         return True
 
-    # -------------------------------------------------------------- warm start
-    @torch.no_grad()
-    def warm_start(
-        self,
-        batches: Iterable[tuple[Tensor, Tensor]],
-        loss_fn: Callable[[Tensor, Tensor], Tensor],
-        *,
-        batch_average: bool = False,
-    ) -> int:
-        """Alg 15/16 line 2: ``Ĝ_l^{(i)}`` = the average over ``batches`` (e.g. one epoch) of
-        the contractions of each mini-batch's statistics gradient, at the current parameters
-        (the authors' running mean, deviation A10); then the preconditioners. BatchNorm
-        buffers are restored. Returns the number of batches used (batches with non-finite
-        values are skipped)."""
-        sums: dict[str, list[Tensor]] = {}
-        counts: dict[str, int] = {}
-        count = 0
+    def warm_start_statistics(
+        self, objective: Objective
+    ) -> tuple[dict[str, list[Tensor]], float] | None:
+        """Alg 15/16 line 2: one batch's contractions of the statistics gradient (the
+        authors' running mean over the data, deviation A10), weighted by its scale."""
         params = [p for p in self.params if p.requires_grad]
-        with full_precision() as autocast:
-            for inputs, targets in batches:
-                objective = self.batch_objective(loss_fn, inputs, targets, batch_average, autocast)
-                with preserved_buffers(self.model), torch.enable_grad():
-                    outputs, loss = objective.forward()
-                    mean = self.parallel.synchronize_gradients(loss.detach(), ())  # over ranks
-                    if not bool(torch.isfinite(torch.as_tensor(mean))):
-                        continue
-                    extra = self.statistics_loss(objective, outputs, loss)
-                    grads = torch.autograd.grad(extra, params, allow_unused=True)
-                self.average_statistics([g for g in grads if g is not None])  # over ranks
-                scale = self.statistics_scale(objective, outputs.detach())
-                stats = {
-                    self._name_of[id(p)]: self.tensor_block(self._name_of[id(p)]).statistics(g)
-                    for p, g in zip(params, grads, strict=True)
-                    if g is not None and p.numel() > 0
-                }
-                if not all_finite([s for ss in stats.values() for s in ss]):
-                    continue
-                count += 1
-                for name, ss in stats.items():
-                    counts[name] = counts.get(name, 0) + 1
-                    if name in sums:
-                        for total, s in zip(sums[name], ss, strict=True):
-                            total.add_(s, alpha=scale)
-                    else:
-                        sums[name] = [s.mul_(scale) for s in ss]
-            if count == 0:
-                raise ValueError("batches: no batch gave finite statistics for the warm start")
-            for name in self.blocks:
-                if name not in sums:
-                    continue
-                state = self.block_state(name)
-                state.pop("statistics", None)
-                block = self.tensor_block(name)
-                block.update(state, [s / counts[name] for s in sums[name]], 0.0)
-                block.refresh(state, self.group(name)["damping"])
-        return count
+        with torch.enable_grad():
+            outputs, loss = objective.forward()
+            mean = self.parallel.synchronize_gradients(loss.detach(), ())  # over ranks
+            if not bool(torch.isfinite(torch.as_tensor(mean))):
+                return None
+            extra = self.statistics_loss(objective, outputs, loss)
+            grads = torch.autograd.grad(extra, params, allow_unused=True)
+        self.average_statistics([g for g in grads if g is not None])  # over ranks
+        scale = self.statistics_scale(objective, outputs.detach())
+        statistics = {
+            self._name_of[id(p)]: self.tensor_block(self._name_of[id(p)]).statistics(g)
+            for p, g in zip(params, grads, strict=True)
+            if g is not None and p.numel() > 0
+        }
+        return statistics, scale

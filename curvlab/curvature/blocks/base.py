@@ -85,6 +85,10 @@ class CurvatureBlock(ABC):
     def is_ready(state: State) -> bool:
         """Whether the block can precondition (it has inverses / roots)."""
 
+    def drop_statistics(self, state: State) -> None:
+        """Forget the statistics (a warm start replaces them; the next `update` starts anew)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no statistics to drop")
+
     @abstractmethod
     def update(self, state: State, statistics: Any, ema_decay: float) -> Any:
         """Fold this step's statistics into the block's curvature (what it did, if anything

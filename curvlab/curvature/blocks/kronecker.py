@@ -20,6 +20,7 @@ How the damping λ is split between the factors (``split``):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 from torch import Tensor, nn
@@ -79,7 +80,11 @@ class KroneckerBlock(CurvatureBlock):
     def is_ready(state: State) -> bool:
         return "A_inv" in state
 
-    def update(self, state: State, statistics: tuple[Tensor, Tensor], ema_decay: float) -> None:
+    def drop_statistics(self, state: State) -> None:
+        state.pop("A", None)
+        state.pop("G", None)
+
+    def update(self, state: State, statistics: Sequence[Tensor], ema_decay: float) -> None:
         """``A ← β A + (1−β) A_new`` (likewise G); the first update initialises the factors."""
         A, G = statistics
         if "A" not in state:

@@ -128,6 +128,9 @@ class TensorBlock(CurvatureBlock):
         )
         state["statistics_updates"] = state.get("statistics_updates", 0) + 1
 
+    def drop_statistics(self, state: State) -> None:
+        state.pop("statistics", None)
+
     def update(self, state: State, statistics: Sequence[Tensor], ema_decay: float) -> None:
         """``Ĝ^{(i)} ← β Ĝ^{(i)} + (1−β) Ḡ^{(i)}``; the first update initialises ``Ĝ``."""
         if "statistics" not in state:
