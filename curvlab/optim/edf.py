@@ -338,15 +338,9 @@ class EDF(ModelwiseOptimizer):
     def check_hyperparameters(self, group: dict[str, Any]) -> None:
         self._validate(group)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
-        """One EDF step on the objective's mini-batch (see the module docstring)."""
+    def end_step(self) -> None:
         self._pending = None
-        try:
-            return super().step(closure)
-        finally:
-            self._pending = None
-            self._operator = None  # no autograd graph outlives the step
+        self._operator = None  # no autograd graph outlives the step
 
     def check_data_parallel(self) -> None:
         """The output-space system is over this rank's outputs (R^{n·C}): no data-parallel form."""

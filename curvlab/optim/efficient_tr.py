@@ -92,7 +92,6 @@ stopping rule, not the optimizer's.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal
 
@@ -250,13 +249,8 @@ class EfficientTR(ModelwiseOptimizer):
             return float(group["radius"])
         return float(self.global_state.setdefault("radius", float(group["radius"])))
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
-        """One iteration of [P3] Alg 1 (lines 2–6) on the objective's mini-batch."""
-        try:
-            return super().step(closure)
-        finally:
-            self._operator = None  # no autograd graph outlives the step
+    def end_step(self) -> None:
+        self._operator = None  # no autograd graph outlives the step
 
     def evaluate(self, objective: Objective) -> tuple[Tensor, Tensor]:
         """Alg 1 line 2: g and H on the batch from one pass. The curvature operator's build is

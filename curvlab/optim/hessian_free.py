@@ -154,14 +154,9 @@ class HessianFree(LevenbergMarquardtDamping):
     def check_hyperparameters(self, group: dict[str, Any]) -> None:
         _validate(group)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
-        """One HF iteration on the objective's mini-batch S1 (see the module docstring)."""
+    def end_step(self) -> None:
         self._pending_direction = None
-        try:
-            return super().step(closure)
-        finally:
-            self._operator = None  # no autograd graph outlives the step
+        self._operator = None  # no autograd graph outlives the step
 
     def evaluate(self, objective: Objective) -> tuple[Tensor, Tensor]:
         """Line 3: loss and g_t on S1. With N2 = N1 they come from the build of line 4's GGN

@@ -79,7 +79,6 @@ Options and deviations:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -182,13 +181,8 @@ class _SubsampledLM(LevenbergMarquardtDamping):
     def check_hyperparameters(self, group: dict[str, Any]) -> None:
         _validated(**{k: group[k] for k in _HYPERPARAMETERS})
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
-        """One iteration of thesis Alg 23 on the objective's mini-batch S1."""
-        try:
-            return super().step(closure)
-        finally:
-            self._gradient_capture = None  # the records of this step's gradient pass
+    def end_step(self) -> None:
+        self._gradient_capture = None  # the records of this step's gradient pass
 
     def check_data_parallel(self) -> None:
         """The N2×N2 Gram matrix couples the examples of every rank: not data-parallel."""

@@ -76,7 +76,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -209,13 +209,8 @@ class AdaptiveNormNewton(ModelwiseOptimizer):
     def uses_trial_loss(self) -> bool:
         return True
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
-        """One step (lines 3–9) on the objective's mini-batch."""
-        try:
-            return super().step(closure)
-        finally:
-            self._operator = None  # no autograd graph outlives the step
+    def end_step(self) -> None:
+        self._operator = None  # no autograd graph outlives the step
 
     def evaluate(self, objective: Objective) -> tuple[Tensor, Tensor]:
         """Line 3: loss and g_t from the build of the step's curvature operator (one gradient
