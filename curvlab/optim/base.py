@@ -150,6 +150,12 @@ class BlockOptimizer(SampledLabels, DataParallelBlocks, Optimizer):
         self.last_step_info: dict[str, Any] = {}
         self._parallel = BlockParallel.local()
 
+    @classmethod
+    def checked(cls, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        """The method's `hyperparameters` taken from a constructor's ``arguments`` (its
+        ``locals()``) and checked by its `rules` (`ValueError` names the first bad one)."""
+        return check_hyperparameters({k: arguments[k] for k in cls.hyperparameters}, cls.rules)
+
     # ------------------------------------------------------------------- state
     @property
     def global_state(self) -> dict[str, Any]:

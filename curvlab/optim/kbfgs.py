@@ -57,7 +57,6 @@ from curvlab.optim.validation import (
     LAYERWISE_RULES,
     Rule,
     check_choice,
-    check_hyperparameters,
     check_int,
     check_range,
 )
@@ -148,10 +147,8 @@ class KBFGS(BlockOptimizer):
     ) -> None:
         self.variant = check_choice("variant", variant, tuple(_VARIANT_DEFAULTS))
         preset = _VARIANT_DEFAULTS[self.variant]
-        values = dict(lr=preset["lr"] if lr is None else lr, damping=damping, momentum=momentum)
-        values.update(weight_decay=weight_decay, ema_decay=ema_decay)
-        values.update(curvature_every=curvature_every, mu1=mu1)
-        defaults = check_hyperparameters(values, self.rules)
+        lr = preset["lr"] if lr is None else lr
+        defaults = self.checked(locals())
         self.memory = None if memory is None else check_int("memory", memory, 1)
         given = dict(pair_damping=pair_damping, a_update=a_update, a_init=a_init,
                      damping_split=damping_split, g_init=g_init,

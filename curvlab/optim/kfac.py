@@ -55,7 +55,7 @@ from curvlab.linalg import all_finite
 from curvlab.objective import Objective, preserved_buffers
 from curvlab.optim.base import BlockOptimizer, MomentumStyle, Refreshed
 from curvlab.optim.guard import StepGuard, require_objective
-from curvlab.optim.validation import check_choice, check_hyperparameters
+from curvlab.optim.validation import check_choice
 
 __all__ = ["KFAC"]
 
@@ -89,16 +89,8 @@ class KFAC(BlockOptimizer):
     statistics and inverses were updated, and skipped steps.
     """
 
-    hyperparameters = (
-        "lr",
-        "damping",
-        "momentum",
-        "weight_decay",
-        "ema_decay",
-        "curvature_every",
-        "inverse_every",
-        "inverse_warmup",
-    )
+    hyperparameters = ("lr", "damping", "momentum", "weight_decay", "ema_decay",
+                       "curvature_every", "inverse_every", "inverse_warmup")  # fmt: skip
 
     def __init__(
         self,
@@ -117,18 +109,7 @@ class KFAC(BlockOptimizer):
         momentum_style: MomentumStyle = "heavy_ball",
         params: Iterable[Any] | None = None,
     ) -> None:
-        defaults = check_hyperparameters(
-            dict(
-                lr=lr,
-                damping=damping,
-                momentum=momentum,
-                weight_decay=weight_decay,
-                ema_decay=ema_decay,
-                curvature_every=curvature_every,
-                inverse_every=inverse_every,
-                inverse_warmup=inverse_warmup,
-            )
-        )
+        defaults = self.checked(locals())
         self.fisher = check_choice("fisher", fisher, ("true", "empirical"))
         self.statistics_point = check_choice(
             "statistics", statistics, ("after_step", "before_step")

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from curvlab.objective import Objective
 from curvlab.optim.tensorwise import TensorwiseOptimizer
-from curvlab.optim.validation import check_choice, check_hyperparameters
+from curvlab.optim.validation import check_choice
 
 __all__ = ["Shampoo"]
 
@@ -89,17 +89,7 @@ class Shampoo(TensorwiseOptimizer):
         inverse_warmup: bool = True,
         params: Iterable[Any] | None = None,
     ) -> None:
-        defaults = check_hyperparameters(
-            dict(
-                lr=lr,
-                damping=damping,
-                momentum=momentum,
-                weight_decay=weight_decay,
-                ema_decay=ema_decay,
-                curvature_every=curvature_every,
-                inverse_every=inverse_every,
-            )
-        )
+        defaults = self.checked(locals())
         method = check_choice("root_method", root_method, ("coupled_newton", "eigh"))
         super().__init__(
             model,

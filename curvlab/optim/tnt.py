@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from curvlab.objective import Objective
 from curvlab.optim.guard import require_objective
 from curvlab.optim.tensorwise import TensorwiseOptimizer
-from curvlab.optim.validation import check_choice, check_hyperparameters
+from curvlab.optim.validation import check_choice
 
 __all__ = ["TNT"]
 
@@ -105,17 +105,7 @@ class TNT(TensorwiseOptimizer):
         inverse_warmup: bool = True,
         params: Iterable[Any] | None = None,
     ) -> None:
-        defaults = check_hyperparameters(
-            dict(
-                lr=lr,
-                damping=damping,
-                momentum=momentum,
-                weight_decay=weight_decay,
-                ema_decay=ema_decay,
-                curvature_every=curvature_every,
-                inverse_every=inverse_every,
-            )
-        )
+        defaults = self.checked(locals())
         self.fisher = check_choice("fisher", fisher, ("true", "empirical"))
         method = check_choice(
             "inverse_method", inverse_method, ("cholesky", "eigh", "coupled_newton")

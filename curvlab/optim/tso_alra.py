@@ -61,7 +61,6 @@ from curvlab.optim.validation import (
     LAYERWISE_RULES,
     Rule,
     check_choice,
-    check_hyperparameters,
     check_range,
 )
 
@@ -111,9 +110,7 @@ class TSOALRAFirstStage(BlockOptimizer):
         weight_decay: float = 0.0,
         params: Iterable[Any] | None = None,
     ) -> None:
-        values = dict(lr=lr, ema_decay=ema_decay, inverse_every=inverse_every, eps=eps)
-        values.update(momentum=momentum, weight_decay=weight_decay)
-        defaults = check_hyperparameters(values, self.rules)
+        defaults = self.checked(locals())
         self.fisher = check_choice("fisher", fisher, ("empirical", "true"))
         self.init = check_choice("init", init, ("identity", "first_batch"))
         super().__init__(model, defaults, params=params)
