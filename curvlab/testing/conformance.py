@@ -21,7 +21,7 @@ from curvlab.optim.switching import TwoStage
 from curvlab.testing.models import regression_problem, tiny_mlp
 
 __all__ = [
-    "SKIP_COUNTERS",
+    "FAULTS",
     "Fault",
     "Make",
     "NaNBackward",
@@ -44,12 +44,9 @@ __all__ = [
 Make = Callable[..., Any]
 Batches = list[tuple[Tensor, Tensor]]
 
-#: Counters that a skipped step advances by design, and TwoStage's schedule (a step-count
-#: switch counts every call, skipped or not: curvlab.optim.switching).
-SKIP_COUNTERS = frozenset(
-    {"skipped_steps", "rejected_steps", "global_step", "steps", "stage_steps"}
-)
-_SCHEDULE = frozenset({"stage", "switch", "second"})
+#: TwoStage's schedule: a step-count switch counts every call, skipped or not
+#: (curvlab.optim.switching).
+_SCHEDULE = frozenset({"steps", "stage_steps", "stage", "switch", "second"})
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -197,13 +194,23 @@ def check_invalid_hyperparameter_set_later(make: Make, key: str, value: Any) -> 
         opt.step(Objective(model, nn.MSELoss(), x, y))
 
 
+#: The faults of `check_non_finite_step_is_skipped`.
+FAULTS = ("nan-loss", "nan-gradient", "nan-first-layer-gradient")
+
+
 def check_non_finite_step_is_skipped(make: Make, fault: str) -> None:
-    """A NaN loss (``fault="nan-loss"``), or a NaN gradient with a finite loss
-    (``"nan-gradient"``), skips the step: parameters and every piece of optimizer state stay
-    exactly as they were (the skip counters and the step report aside), the label sampler's
-    random state included."""
+    """A NaN loss (``fault="nan-loss"``), or a NaN gradient with a finite loss (every
+    parameter's: ``"nan-gradient"``; the first layer's only, the rest finite:
+    ``"nan-first-layer-gradient"``) skips the step: the step returns the loss, reports the skip
+    and its cause; parameters and every piece of optimizer state stay exactly as they were, the
+    label sampler's random state and the step counters included, except ``skipped_steps``,
+    which counts one more (and a two-stage optimizer's schedule, which counts every call)."""
     fault_module = Fault()
-    model = nn.Sequential(tiny_mlp((4, 8, 3)), fault_module)
+    mlp = tiny_mlp((4, 8, 3))
+    if fault == "nan-first-layer-gradient":
+        model = nn.Sequential(mlp[0], fault_module, *list(mlp)[1:])
+    else:
+        model = nn.Sequential(mlp, fault_module)
     data = batches(3)
     opt = make(model)
     run(opt, model, data[:2])
@@ -212,13 +219,26 @@ def check_non_finite_step_is_skipped(make: Make, fault: str) -> None:
     x, y = data[2]
     if fault == "nan-loss":
         y = torch.full_like(y, float("nan"))
-    fault_module.active = fault == "nan-gradient"
-    opt.step(Objective(model, nn.MSELoss(), x, y))
-    assert was_skipped(opt), opt.last_step_info
+    fault_module.active = fault != "nan-loss"
+    loss = opt.step(Objective(model, nn.MSELoss(), x, y))
+    info = opt.last_step_info
+    assert info["skipped"] is True and info["skipped_steps"] == 1, info
+    assert info["reason"].startswith("non-finite"), info
+    assert fault.split("-")[-1] in info["reason"], info  # "loss", "gradient"
+    assert bool(torch.isfinite(torch.as_tensor(loss))) == (fault != "nan-loss")
     for p, q in zip(model.parameters(), params, strict=True):
         assert torch.equal(p, q)
-    ignored = SKIP_COUNTERS | (_SCHEDULE if isinstance(opt, TwoStage) else frozenset())
-    assert_same(without(opt.state_dict(), ignored), without(saved, ignored))
+    ignored = _SCHEDULE if isinstance(opt, TwoStage) else frozenset()
+    assert_same(without(opt.state_dict(), ignored), without(_counted(saved), ignored))
+
+
+def _counted(sd: Any) -> Any:
+    """``sd`` with every ``skipped_steps`` one higher."""
+    if isinstance(sd, dict):
+        return {k: v + 1 if k == "skipped_steps" else _counted(v) for k, v in sd.items()}
+    if isinstance(sd, list):
+        return [_counted(v) for v in sd]
+    return sd
 
 
 def check_skip_leaves_running_statistics(make: Make) -> None:

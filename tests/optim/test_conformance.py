@@ -59,7 +59,7 @@ def test_lr_scheduler_is_respected(config: Config) -> None:
     check.check_lr_scheduler(config.build)
 
 
-@pytest.mark.parametrize("fault", ["nan-loss", "nan-gradient"])
+@pytest.mark.parametrize("fault", check.FAULTS)
 @pytest.mark.parametrize("config", SUITE.values(), ids=SUITE.keys())
 def test_non_finite_step_is_skipped_and_changes_nothing(config: Config, fault: str) -> None:
     check.check_non_finite_step_is_skipped(config.build, fault)
