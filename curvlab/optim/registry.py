@@ -774,6 +774,11 @@ _LIST: list[Config] = [
             "weight_decay": 1e-3,
         },
     ),
+    Config(  # inverses stale between refreshes at the save point; lr = 0 with weight decay
+        "tnt-T2-3-wd",
+        _TNT,
+        test={"lr": 0.01, "damping": 0.1, "inverse_every": 3, "weight_decay": 0.1},
+    ),
     # ----------------------------------------------------------------------- Shampoo
     Config(
         "shampoo",
@@ -797,6 +802,11 @@ _LIST: list[Config] = [
             "inverse_every": 3,
             "weight_decay": 1e-3,
         },
+    ),
+    Config(  # roots stale between refreshes at the save point; lr = 0 with weight decay
+        "shampoo-T2-3-wd",
+        _SHAMPOO,
+        test={"lr": 0.01, "damping": 1e-3, "inverse_every": 3, "weight_decay": 0.1},
     ),
     # ----------------------------------------------------------------------- SMW
     Config(
@@ -834,6 +844,7 @@ _LIST: list[Config] = [
         _SMW_NG,
         test={"lr": 1.0, "curvature_batch_size": 8, "accept_threshold": 0.1},
     ),
+    Config("smw-ng-subsampled", _SMW_NG, test={"lr": 1.0, "curvature_batch_size": 8}),
     Config(
         "smw-ng-bd",
         _SMW_NG_BD,
@@ -844,6 +855,11 @@ _LIST: list[Config] = [
             algorithm="thesis §5.8: SMW-NG with one Woodbury solve per layer (block diagonal)",
             description="block-diagonal SMW-NG",
         ),
+    ),
+    Config(
+        "smw-ng-bd-theorem6",
+        _SMW_NG_BD,
+        test={"lr": 0.5, "curvature_batch_size": 8, "accept_threshold": 0.1},
     ),
     # ----------------------------------------------------------------------- seed 003
     Config(
@@ -944,6 +960,7 @@ _LIST: list[Config] = [
         ),
     ),
     Config("edf-output-space", _EDF, kwargs={"space": "output"}, test={}),
+    Config("edf-no-acceleration", _EDF, kwargs={"acceleration": "none"}, test={}),
     # ----------------------------------------------------------------------- Hessian-free
     Config(
         "hessian-free",
@@ -966,6 +983,13 @@ _LIST: list[Config] = [
             "drop": 2 / 3,
             "cg_max_iters": 10,
         },
+    ),
+    Config("hessian-free-lr1", _HESSIAN_FREE, test={"lr": 1.0}),
+    Config("hessian-free-subset", _HESSIAN_FREE, test={"lr": 1.0, "curvature_batch_size": 8}),
+    Config(
+        "hessian-free-martens-lm",
+        _HESSIAN_FREE,
+        test={"lr": 1.0, "boost": 1.5, "drop": 2 / 3, "cg_max_iters": 10},
     ),
     # ----------------------------------------------------------------------- seed 002
     Config(
@@ -998,9 +1022,28 @@ _LIST: list[Config] = [
     Config(
         "tr-uniform-ggn", _ELLIPSOIDAL_TR, kwargs={"norm": "uniform", "curvature": "ggn"}, test={}
     ),
+    Config(
+        "tr-uniform-ggn-model-decrease",
+        _ELLIPSOIDAL_TR,
+        kwargs={"norm": "uniform", "stopping": "model_decrease", "curvature": "ggn"},
+        test={},
+    ),
+    Config(
+        "tr-rmsprop-code-eps",
+        _ELLIPSOIDAL_TR,
+        kwargs={"norm": "rmsprop", "eps_mode": "code"},
+        test={"radius": 0.05},
+    ),
     Config("arc-uniform", _ARC, kwargs={"norm": "uniform"}, test={}, bench=_arc_bench("uniform")),
     Config("arc-rmsprop", _ARC, kwargs={"norm": "rmsprop"}, test={}, bench=_arc_bench("rmsprop")),
     Config("arc-rmsprop-ggn", _ARC, kwargs={"curvature": "ggn"}, test={}),
+    Config("arc-adagrad", _ARC, kwargs={"norm": "adagrad"}, test={}),
+    Config(
+        "arc-rmsprop-ggn-code-eps",
+        _ARC,
+        kwargs={"norm": "rmsprop", "curvature": "ggn", "eps_mode": "code"},
+        test={},
+    ),
     # ----------------------------------------------------------------------- TSO-ALRA
     Config(
         "tso-alra",
