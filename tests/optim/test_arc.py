@@ -12,21 +12,21 @@ from curvlab import Objective
 from curvlab.optim.arc import ARC
 from curvlab.optim.control import arc_sigma_update
 from curvlab.testing.models import regression_problem, tiny_mlp
-from tests.optim.test_trust_region import (
-    check_passes,
+from curvlab.testing.modelwise import (
+    check_adaptive_norm_passes,
     dense_derivatives,
     flat,
     flat_loss,
-    spy_proposals,
 )
-from tests.solvers import cubic_model, dense_cubic_solution
+from curvlab.testing.solvers import cubic_model, dense_cubic_solution
+from curvlab.testing.spies import spy_proposals
 
 F64 = torch.float64
 
 
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 def test_one_step_is_one_gradient_pass_plus_products_and_a_trial(curvature: str) -> None:
-    check_passes(ARC, {"norm": "rmsprop", "curvature": curvature})
+    check_adaptive_norm_passes(ARC, {"norm": "rmsprop", "curvature": curvature})
 
 
 def test_scr_defaults() -> None:

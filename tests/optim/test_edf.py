@@ -20,7 +20,7 @@ from curvlab import Objective
 from curvlab.optim.edf import EDF, edf_damping, edf_first_order_direction
 from curvlab.solvers import SolverResult, minres
 from curvlab.testing.models import regression_problem, tiny_mlp
-from tests.optim.test_modelwise import count_forwards, spy_operators
+from curvlab.testing.spies import count_forwards, spy_operators
 
 F64 = torch.float64
 

@@ -17,7 +17,7 @@ from curvlab import Objective
 from curvlab.optim.efficient_tr import EfficientTR, HybridTRSGD
 from curvlab.testing.conformance import check_state_dict_round_trip
 from curvlab.testing.models import regression_problem, tiny_mlp
-from tests.optim.test_modelwise import count_forwards, spy_operators
+from curvlab.testing.spies import count_forwards, spy_operators
 
 # --------------------------------------------------------------------------- helpers
 

@@ -20,8 +20,8 @@ from curvlab.optim.control import levenberg_marquardt_update
 from curvlab.optim.hessian_free import HessianFree
 from curvlab.solvers import SolverResult
 from curvlab.testing.models import regression_problem, tiny_mlp
-from tests.optim.test_modelwise import count_forwards, spy_operators
-from tests.optim.test_trust_region import check_stateful_training_pass
+from curvlab.testing.modelwise import check_stateful_training_pass
+from curvlab.testing.spies import count_forwards, spy_operators
 
 F64 = torch.float64
 

@@ -18,7 +18,7 @@ from curvlab.linalg import DecompositionError
 from curvlab.optim.modelwise import Proposal
 from curvlab.optim.smw import SMWGN, SMWNG, SMWNGBD
 from curvlab.testing.models import regression_problem, tiny_cnn, tiny_mlp
-from tests.optim.test_modelwise import count_forwards
+from curvlab.testing.spies import count_forwards
 
 F64 = torch.float64
 CLASSES = [SMWGN, SMWNG, SMWNGBD]
