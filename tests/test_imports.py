@@ -31,6 +31,7 @@ FORBIDDEN = {
     },
     "autodiff": {"optim", "bench", "data", "testing", "solvers", "curvature"},
     "objective.py": {"optim", "curvature", "bench", "data", "testing"},
+    "testing": {"bench"},
 }
 
 
