@@ -15,20 +15,13 @@ from torch.func import hessian
 
 from curvlab import Objective
 from curvlab.optim.efficient_tr import EfficientTR, HybridTRSGD
+from curvlab.testing.conformance import batches as _batches
 from curvlab.testing.conformance import check_state_dict_round_trip
+from curvlab.testing.conformance import run as _run
 from curvlab.testing.models import regression_problem, tiny_mlp
 from curvlab.testing.spies import count_forwards, spy_operators
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _batches(n: int, d_out: int = 3) -> list[tuple[Tensor, Tensor]]:
-    x, y = regression_problem(n=16 * n, d_out=d_out, seed=1)
-    return list(zip(x.split(16), y.split(16), strict=True))
-
-
-def _run(opt: Any, model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> list[float]:
-    return [float(opt.step(Objective(model, nn.MSELoss(), x, y))) for x, y in batches]
 
 
 def _flat(model: nn.Module) -> Tensor:
