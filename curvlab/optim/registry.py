@@ -15,9 +15,10 @@ what ``curvlab list`` prints about it (``bench``; `curvlab.bench.specs` builds i
 
 Three places read this module: the conformance suite (tests/optim/test_conformance.py with
 `curvlab.testing.conformance`), the fuzzer (tests/test_fuzz.py) and the bench
-(`curvlab.bench.specs`). Adding a method is its file, one `Method` and its `Config` lines
-here, and its README row; the suite and the fuzzer pick it up, and a meta-test fails while an
-exported optimizer has no `Method`.
+(`curvlab.bench.specs`). Adding a method is its file and exports, one `Method` and its
+`Config` lines here, its own test file and its README row; the suite, the fuzzer and the bench
+pick it up, and meta-tests fail while an exported optimizer has no `Method` or a numeric
+hyperparameter no range.
 
 Example, the configuration ``kbfgs-l`` (K-BFGS(L) with p = 100 pairs in the bench; p = 5 on the
 suite's eight-unit problem, so that its ring of pairs wraps)::
@@ -318,8 +319,8 @@ class Config:
         name: the configuration's name: the conformance test id and, with ``bench``, the name
             on the ``curvlab`` command line.
         method: the `Method`.
-        kwargs: the keyword arguments that make this configuration (fixed in the bench: a
-            preset or ``--set`` can override only what is not here ... nor in ``defaults``).
+        kwargs: the keyword arguments that make this configuration (the bench's factory
+            passes them under its ``defaults``, a preset and ``--set``).
         test: the hyperparameters of the conformance suite's runs, over ``kwargs`` (tuned to
             its tiny problem); ``None``: not in the suite.
         bench: the bench's defaults and description; ``None``: not a bench optimizer.
