@@ -1083,6 +1083,11 @@ _LIST: list[Config] = [
             description="TSO-ALRA's first stage alone: Kronecker-factored F^-1/2",
         ),
     ),
+    Config(  # the roots refreshed at every step, the skipped one included
+        "tso-alra-stage1-T2-1",
+        _TSO_ALRA_FIRST_STAGE,
+        test={"lr": 0.1, "inverse_every": 1},
+    ),
     Config(
         "tso-alra-stage1-first-batch",
         _TSO_ALRA_FIRST_STAGE,

@@ -376,6 +376,11 @@ def test_hybrid_switches_when_the_accuracy_stops_increasing(
     assert opt.stage == 2 and opt.schedule["switch"]["reason"] == "patience"
 
 
+@pytest.mark.parametrize("rule", ["stochastic", "deterministic"])
+def test_radius_survives_state_dict(rule: str) -> None:
+    check_state_dict_round_trip(lambda m: EfficientTR(m, 0.3, radius_rule=rule), 3, total=8)
+
+
 @pytest.mark.parametrize("save_at", [2, 5])  # before and after the switch at step 4
 def test_hybrid_resume_across_the_switch_is_bit_identical(save_at: int) -> None:
     check_state_dict_round_trip(lambda m: HybridTRSGD(m, switch_at_step=4), save_at, total=8)
