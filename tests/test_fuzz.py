@@ -2,9 +2,10 @@
 
 Random tiny architectures (MLPs with or without bias / BatchNorm, small CNNs with random
 stride, padding and dilation), losses (MSE, cross-entropy, BCE-with-logits), batch sizes,
-dtypes and hyperparameters drawn from each method's documented ranges. Three steps each. The
-property: no parameter ever becomes NaN or Inf, and nothing raises except the documented
-construction errors (a model the method cannot handle: ``ValueError("model: …")``).
+dtypes and hyperparameters drawn from each method's documented ranges (the ``fuzz`` of its
+`curvlab.optim.registry.Method`, inside the ranges its constructor validates). Three steps
+each. The property: no parameter ever becomes NaN or Inf, and nothing raises except the
+documented construction errors (a model the method cannot handle: ``ValueError("model: …")``).
 
 Profiles: the default run draws a small derandomised sample of cases (fast); the ``slow`` test
 draws ``CURVLAB_FUZZ_EXAMPLES`` cases (default 240) — CI runs it with a small derandomised
@@ -28,17 +29,18 @@ from torch import nn
 
 import curvlab.optim
 from curvlab import Objective
+from curvlab.optim.registry import (
+    METHODS,
+    Domain,
+    Every,
+    IntRange,
+    LogUniform,
+    Method,
+    OneOf,
+    Sample,
+)
 
 Draw = Callable[[st.SearchStrategy[Any]], Any]
-
-
-@dataclass(frozen=True)
-class Fuzzed:
-    """An optimizer and how to draw its hyperparameters within their documented ranges."""
-
-    cls: type
-    draw: Callable[[Draw], dict[str, Any]]
-    needs_layers: bool = False  # every trainable parameter must be in Linear/Conv2d
 
 
 def _log(lo: float, hi: float) -> st.SearchStrategy[float]:
@@ -46,129 +48,33 @@ def _log(lo: float, hi: float) -> st.SearchStrategy[float]:
     return st.floats(math.log10(lo), math.log10(hi)).map(lambda e: 10.0**e)
 
 
-def _kfac(d: Draw) -> dict[str, Any]:
-    return {
-        "lr": d(_log(1e-4, 1.0)),
-        "damping": d(_log(1e-3, 10.0)),
-        "momentum": d(st.sampled_from([0.0, 0.9])),
-        "weight_decay": d(st.sampled_from([0.0, 1e-3])),
-        "curvature_every": d(st.integers(1, 3)),
-        "inverse_every": d(st.integers(1, 5)),
-        "fisher": d(st.sampled_from(["true", "empirical"])),
-        "statistics": d(st.sampled_from(["after_step", "before_step"])),
-        "pi_damping": d(st.booleans()),
-    }
+def _strategy(sample: Sample, domain: Domain) -> st.SearchStrategy[Any]:
+    """The hypothesis strategy of a registry `Sample` of a hyperparameter's domain."""
+    if isinstance(sample, LogUniform):
+        return _log(sample.low, sample.high)
+    if isinstance(sample, IntRange):
+        return st.integers(sample.low, sample.high)
+    if isinstance(sample, OneOf):
+        return st.sampled_from(sample.values)
+    assert isinstance(sample, Every)
+    options = getattr(domain, "options", (False, True))
+    return st.sampled_from(options)
 
 
-def _kbfgs(d: Draw) -> dict[str, Any]:
-    return {
-        "lr": d(_log(1e-4, 1.0)),
-        "damping": d(_log(1e-3, 10.0)),
-        "variant": d(st.sampled_from(["ch2", "ch3"])),
-        "memory": d(st.sampled_from([None, 1, 3])),
-        "curvature_every": d(st.integers(1, 3)),
-    }
+def _strategies(method: Method) -> dict[str, st.SearchStrategy[Any]]:
+    domains = method.domains()
+    return {name: _strategy(sample, domains[name]) for name, sample in method.fuzz.items()}
 
 
-def _tensorwise(d: Draw) -> dict[str, Any]:
-    return {
-        "lr": d(_log(1e-5, 0.1)),
-        "damping": d(_log(1e-3, 1.0)),
-        "curvature_every": d(st.integers(1, 3)),
-        "inverse_every": d(st.integers(1, 5)),
-    }
-
-
-def _tnt(d: Draw) -> dict[str, Any]:
-    return {**_tensorwise(d), "fisher": d(st.sampled_from(["true", "empirical"]))}
-
-
-def _shampoo(d: Draw) -> dict[str, Any]:
-    return {**_tensorwise(d), "root_method": d(st.sampled_from(["eigh", "coupled_newton"]))}
-
-
-def _tso(d: Draw) -> dict[str, Any]:
-    return {
-        "lr": d(_log(1e-4, 1.0)),
-        "eps": d(_log(1e-6, 1.0)),
-        "inverse_every": d(st.integers(1, 5)),
-        "fisher": d(st.sampled_from(["empirical", "true"])),
-        "init": d(st.sampled_from(["identity", "first_batch"])),
-    }
-
-
-def _tso_two_stage(d: Draw) -> dict[str, Any]:
-    return {**_tso(d), "switch_at_step": d(st.integers(1, 3))}
-
-
-def _smw(d: Draw) -> dict[str, Any]:
-    return {"lr": d(_log(1e-3, 1.0)), "damping": d(_log(1e-3, 10.0))}
-
-
-def _efficient_tr(d: Draw) -> dict[str, Any]:
-    return {
-        "radius": d(_log(1e-3, 10.0)),
-        "variant": d(st.sampled_from(["paper", "code"])),
-        "n1": d(st.integers(1, 3)),
-        "n2": d(st.integers(1, 3)),
-    }
-
-
-def _hybrid(d: Draw) -> dict[str, Any]:
-    return {**_efficient_tr(d), "switch_at_step": d(st.integers(1, 3))}
-
-
-def _edf(d: Draw) -> dict[str, Any]:
-    return {
-        "lr": d(_log(1e-3, 1.0)),
-        "order": d(st.integers(1, 4)),
-        "damping_scale": d(_log(1e-3, 10.0)),
-        "kind": d(st.sampled_from(["ggn", "hessian"])),
-        "acceleration": d(st.sampled_from(["w1", "w2", "none"])),
-    }
-
-
-def _hessian_free(d: Draw) -> dict[str, Any]:
-    return {
-        "lr": d(_log(1e-3, 1.0)),
-        "damping": d(_log(1e-3, 10.0)),
-        "cg_max_iters": d(st.integers(1, 10)),
-    }
-
-
-def _adaptive_norm(d: Draw) -> dict[str, Any]:
-    return {
-        "norm": d(st.sampled_from(["uniform", "adagrad", "rmsprop"])),
-        "curvature": d(st.sampled_from(["hessian", "ggn"])),
-        "max_krylov_dim": d(st.integers(1, 10)),
-    }
-
-
-def _tr(d: Draw) -> dict[str, Any]:
-    return {**_adaptive_norm(d), "radius": d(_log(1e-4, 10.0))}
-
-
-def _arc(d: Draw) -> dict[str, Any]:
-    return {**_adaptive_norm(d), "sigma": d(_log(1e-3, 100.0))}
-
-
-FUZZED: dict[str, Fuzzed] = {
-    "KFAC": Fuzzed(curvlab.optim.KFAC, _kfac),
-    "KBFGS": Fuzzed(curvlab.optim.KBFGS, _kbfgs),
-    "TNT": Fuzzed(curvlab.optim.TNT, _tnt),
-    "Shampoo": Fuzzed(curvlab.optim.Shampoo, _shampoo),
-    "TSOALRAFirstStage": Fuzzed(curvlab.optim.TSOALRAFirstStage, _tso),
-    "TSOALRA": Fuzzed(curvlab.optim.TSOALRA, _tso_two_stage),
-    "SMWGN": Fuzzed(curvlab.optim.SMWGN, _smw, needs_layers=True),
-    "SMWNG": Fuzzed(curvlab.optim.SMWNG, _smw, needs_layers=True),
-    "SMWNGBD": Fuzzed(curvlab.optim.SMWNGBD, _smw, needs_layers=True),
-    "EfficientTR": Fuzzed(curvlab.optim.EfficientTR, _efficient_tr),
-    "HybridTRSGD": Fuzzed(curvlab.optim.HybridTRSGD, _hybrid),
-    "EDF": Fuzzed(curvlab.optim.EDF, _edf),
-    "HessianFree": Fuzzed(curvlab.optim.HessianFree, _hessian_free),
-    "EllipsoidalTR": Fuzzed(curvlab.optim.EllipsoidalTR, _tr),
-    "ARC": Fuzzed(curvlab.optim.ARC, _arc),
+#: Every method of curvlab.optim.registry, drawn within its registered fuzzing ranges.
+FUZZED: dict[str, dict[str, st.SearchStrategy[Any]]] = {
+    name: _strategies(method) for name, method in METHODS.items()
 }
+
+
+def _hyperparameters(name: str, draw: Draw) -> dict[str, Any]:
+    return {key: draw(strategy) for key, strategy in FUZZED[name].items()}
+
 
 _WRAPPERS_AND_BASES = {
     "BlockOptimizer",
@@ -249,15 +155,15 @@ def problems(draw: Draw) -> Problem:
 
 
 def _check(name: str, problem: Problem, hparams: dict[str, Any]) -> None:
-    fuzzed = FUZZED[name]
+    method = METHODS[name]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fallback-update warnings are expected here
         try:
-            opt = fuzzed.cls(problem.model, **hparams)
+            opt = method.build(problem.model, **hparams)
         except ValueError as err:
             # Documented: a model the method cannot precondition (e.g. SMW with BatchNorm).
             assert str(err).startswith("model:"), err
-            assert fuzzed.needs_layers and problem.has_other_params, err
+            assert method.needs_layers and problem.has_other_params, err
             return
         for x, y in problem.batches:
             opt.step(Objective(problem.model, problem.loss_fn, x, y))
@@ -274,14 +180,14 @@ _SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck), databas
 @settings(max_examples=4, derandomize=True, **_SETTINGS)  # type: ignore[arg-type]
 @given(problem=problems(), data=st.data())
 def test_fuzz_small_profile(name: str, problem: Problem, data: st.DataObject) -> None:
-    _check(name, problem, FUZZED[name].draw(data.draw))
+    _check(name, problem, _hyperparameters(name, data.draw))
 
 
 @pytest.mark.slow
 @settings(max_examples=_SLOW_EXAMPLES, derandomize=_CI, **_SETTINGS)  # type: ignore[arg-type]
 @given(name=st.sampled_from(sorted(FUZZED)), problem=problems(), data=st.data())
 def test_fuzz_every_optimizer(name: str, problem: Problem, data: st.DataObject) -> None:
-    _check(name, problem, FUZZED[name].draw(data.draw))
+    _check(name, problem, _hyperparameters(name, data.draw))
 
 
 def test_every_exported_optimizer_is_fuzzed() -> None:
@@ -293,3 +199,4 @@ def test_every_exported_optimizer_is_fuzzed() -> None:
     }
     missing = exported - set(FUZZED) - _WRAPPERS_AND_BASES
     assert not missing, f"not fuzzed: {missing}"
+    assert all(FUZZED.values()), [name for name, drawn in FUZZED.items() if not drawn]

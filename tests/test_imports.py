@@ -31,7 +31,6 @@ FORBIDDEN = {
     },
     "autodiff": {"optim", "bench", "data", "testing", "solvers", "curvature"},
     "objective.py": {"optim", "curvature", "bench", "data", "testing"},
-    # The library's test helpers serve its tests: the bench's helpers live in tests/bench.
     "testing": {"bench"},
 }
 
@@ -78,3 +77,22 @@ def test_every_exported_optimizer_is_in_the_bench() -> None:
             continue
         module = obj.__module__.replace(".", "/") + ".py"
         assert module in files, f"{name} ({module}) has no entry in curvlab.bench.specs"
+
+
+TESTS = Path(__file__).parent
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared test helpers live in curvlab.testing (or a conftest.py), not in test modules:
+    no file under tests/ imports ``tests`` or anything in it."""
+    for path in sorted(TESTS.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] if node.level == 0 else ["tests (relative)"]
+            else:
+                continue
+            bad = [n for n in names if n == "tests" or n.startswith(("tests.", "tests "))]
+            assert not bad, f"{path.relative_to(TESTS.parent)} imports {bad}"

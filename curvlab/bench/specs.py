@@ -1,18 +1,9 @@
 """Optimizer registry for the bench: how to build each method, its defaults and its paper.
 
-Adding a method is one `OptimizerSpec` entry in `_SPECS`, e.g.::
-
-    OptimizerSpec(
-        name="kfac",
-        factory=lambda model, hp: KFAC(model, **hp),
-        defaults={"lr": 0.3, "damping": 0.3},
-        paper="Martens & Grosse 2015; thesis ch.3",
-        algorithm="thesis Alg 12",
-        file="curvlab/optim/kfac.py",
-        description="K-FAC, Kronecker-factored approximate curvature",
-        curvature=True,
-        supports_warm_start=True,
-    )
+The curvlab methods come from `curvlab.optim.registry`, the one registry that also drives the
+conformance suite and the fuzzer: a `Config` there with a ``bench`` entry is an optimizer
+here (adding a method is a `Method` and its `Config` lines there). The first-order baselines
+(``torch.optim``) are `OptimizerSpec` entries in `_SPECS`.
 
 Tuned hyperparameters for a (method, problem) pair are a `Preset` entry in `_PRESET_LIST`.
 Hyperparameters are plain JSON values; the runner merges ``defaults`` ← preset ← ``--set``.
@@ -28,23 +19,7 @@ import torch
 from torch import nn
 
 from curvlab.bench.registry import UnknownNameError, lookup
-from curvlab.optim import (
-    ARC,
-    EDF,
-    KBFGS,
-    KFAC,
-    SMWGN,
-    SMWNG,
-    SMWNGBD,
-    TNT,
-    TSOALRA,
-    EfficientTR,
-    EllipsoidalTR,
-    HessianFree,
-    HybridTRSGD,
-    Shampoo,
-    TSOALRAFirstStage,
-)
+from curvlab.optim.registry import Config, bench_configs
 
 __all__ = [
     "COMPARE_DEFAULT",
@@ -109,6 +84,31 @@ def _torch_optim(cls: type[torch.optim.Optimizer], **fixed: Any) -> OptimizerFac
     return factory
 
 
+def _from_registry(config: Config) -> OptimizerSpec:
+    """The spec of a curvlab configuration (`curvlab.optim.registry`): its class with the
+    configuration's keyword arguments, which ``hparams`` may override."""
+    bench = config.bench
+    assert bench is not None
+    method, fixed = config.method, dict(config.kwargs)
+
+    def factory(model: nn.Module, hparams: dict[str, Any]) -> torch.optim.Optimizer:
+        return method.build(model, **{**fixed, **hparams})
+
+    return OptimizerSpec(
+        name=config.name,
+        factory=factory,
+        defaults=dict(bench.defaults),
+        paper=bench.paper,
+        algorithm=bench.algorithm,
+        file=config.file,
+        description=bench.description,
+        curvature=True,
+        supports_warm_start=config.supports_warm_start,
+    )
+
+
+#: The first-order baselines (torch.optim), then every configuration of
+#: `curvlab.optim.registry` that has a ``bench`` entry, in its order.
 _SPECS: list[OptimizerSpec] = [
     OptimizerSpec(
         name="sgd-m",
@@ -155,314 +155,7 @@ _SPECS: list[OptimizerSpec] = [
         file="torch/optim/adam.py",
         description="Adam with the AMSGrad maximum of second moments",
     ),
-    OptimizerSpec(
-        name="kfac",
-        factory=lambda model, hp: KFAC(model, **hp),
-        defaults={"lr": 0.03, "damping": 1.0},
-        paper="Martens & Grosse 2015; Grosse & Martens 2016 (KFC); thesis ch.3/ch.4 baseline",
-        algorithm="thesis Alg 12 (true Fisher, statistics after the step as printed)",
-        file="curvlab/optim/kfac.py",
-        description="K-FAC, sampled-label (true) Fisher, π-damping, heavy-ball momentum",
-        curvature=True,
-        supports_warm_start=True,
-    ),
-    OptimizerSpec(
-        name="kfac-alg7",
-        factory=lambda model, hp: KFAC(model, **hp),
-        defaults={
-            "lr": 0.3,
-            "damping": 0.3,
-            "pi_damping": False,
-            "momentum_style": "ema",
-            "inverse_warmup": 20,
-        },
-        paper="Martens & Grosse 2015; thesis ch.2 baseline (Goldfarb, Ren & Bahamou 2020)",
-        algorithm="thesis Alg 7 (MLP; π = 1, (1−β) gradient EMA, inverses at every k ≤ T)",
-        file="curvlab/optim/kfac.py",
-        description="K-FAC as thesis ch.2 ran it: π = 1, EMA momentum, inverse warm-up T = 20",
-        curvature=True,
-        supports_warm_start=True,
-    ),
-    OptimizerSpec(
-        name="kfac-ef",
-        factory=lambda model, hp: KFAC(model, **{"fisher": "empirical", **hp}),
-        defaults={"lr": 0.03, "damping": 1.0},
-        paper="Martens & Grosse 2015; thesis §6.2 (KFAC-EF)",
-        algorithm="thesis Alg 12 with the empirical Fisher (true labels, no extra pass)",
-        file="curvlab/optim/kfac.py",
-        description="K-FAC with the empirical Fisher",
-        curvature=True,
-        supports_warm_start=True,
-    ),
-    OptimizerSpec(
-        name="kbfgs",
-        factory=lambda model, hp: KBFGS(model, **hp),
-        defaults={"lr": 0.03, "damping": 0.3},
-        paper="Ren, Bahamou & Goldfarb 2021; thesis ch.3",
-        algorithm="thesis Alg 9 (D_P D_LM damping Alg 8, minibatched Hessian-action)",
-        file="curvlab/optim/kbfgs.py",
-        description="K-BFGS: BFGS for the output-gradient factor, Hessian-action for A",
-        curvature=True,
-        supports_warm_start=True,
-    ),
-    OptimizerSpec(
-        name="kbfgs-l",
-        factory=lambda model, hp: KBFGS(model, **{"memory": 100, **hp}),
-        defaults={"lr": 0.03, "damping": 0.3},
-        paper="Ren, Bahamou & Goldfarb 2021; thesis ch.3",
-        algorithm="thesis Alg 9 with non-loop L-BFGS (p = 100 pairs) for H_G",
-        file="curvlab/optim/kbfgs.py",
-        description="K-BFGS(L): limited-memory BFGS for the output-gradient factor",
-        curvature=True,
-        supports_warm_start=True,
-    ),
-    OptimizerSpec(
-        name="kbfgs-t20",
-        factory=lambda model, hp: KBFGS(model, **{"curvature_every": 20, **hp}),
-        defaults={"lr": 0.3, "damping": 30.0},
-        paper="thesis ch.3 (K-BFGS†)",
-        algorithm="thesis Alg 9, curvature every T = 20 steps (Table 3.3)",
-        file="curvlab/optim/kbfgs.py",
-        description="K-BFGS† with its curvature updated every 20 steps",
-        curvature=True,
-        supports_warm_start=True,
-    ),
-    OptimizerSpec(
-        name="kbfgs-20",
-        factory=lambda model, hp: KBFGS(model, **{"variant": "ch2", **hp}),
-        defaults={"lr": 0.3, "damping": 0.3},
-        paper="Goldfarb, Ren & Bahamou 2020; thesis ch.2",
-        algorithm="thesis Alg 4 (double damping Alg 3; MLPs)",
-        file="curvlab/optim/kbfgs.py",
-        description="K-BFGS-20 as in ch.2: DD damping, EMA of A, (1−β) gradient average",
-        curvature=True,
-        supports_warm_start=True,
-    ),
-    OptimizerSpec(
-        name="kbfgs-l-20",
-        factory=lambda model, hp: KBFGS(model, **{"variant": "ch2", "memory": 100, **hp}),
-        defaults={"lr": 0.3, "damping": 0.3},
-        paper="Goldfarb, Ren & Bahamou 2020; thesis ch.2",
-        algorithm="thesis Alg 4 with non-loop L-BFGS (p = 100) for H_g",
-        file="curvlab/optim/kbfgs.py",
-        description="K-BFGS(L)-20 as in ch.2",
-        curvature=True,
-        supports_warm_start=True,
-    ),
-    OptimizerSpec(
-        name="tnt",
-        factory=lambda model, hp: TNT(model, **hp),
-        defaults={"lr": 1e-4, "damping": 0.01},
-        paper="Ren & Goldfarb 2021 (Tensor Normal Training); thesis ch.4",
-        algorithm="thesis Alg 15 (sampled-label statistics, trace-normalised factors eq. 4.10)",
-        file="curvlab/optim/tnt.py",
-        description="TNT: per-tensor Kronecker factors of the sampled-gradient covariance",
-        curvature=True,
-        supports_warm_start=True,
-    ),
-    OptimizerSpec(
-        name="tnt-ef",
-        factory=lambda model, hp: TNT(model, **{"fisher": "empirical", **hp}),
-        defaults={"lr": 1e-4, "damping": 0.01},
-        paper="thesis §4.7.3 (TNT-EF)",
-        algorithm="thesis Alg 15 with true-label gradients (empirical Fisher)",
-        file="curvlab/optim/tnt.py",
-        description="TNT with the empirical Fisher",
-        curvature=True,
-        supports_warm_start=True,
-    ),
-    OptimizerSpec(
-        name="shampoo",
-        factory=lambda model, hp: Shampoo(model, **hp),
-        defaults={"lr": 3e-4, "damping": 3e-4, "root_method": "eigh"},
-        paper="Gupta, Koren & Singer 2018; Anil et al. 2020; thesis ch.4 baseline",
-        algorithm="thesis Alg 16 (EMA statistics, inverse 1/(2k)-th roots); roots by eigh here",
-        file="curvlab/optim/shampoo.py",
-        description="Shampoo as in the thesis (no grafting), eigh roots",
-        curvature=True,
-        supports_warm_start=True,
-    ),
-    OptimizerSpec(
-        name="smw-gn",
-        factory=lambda model, hp: SMWGN(model, **hp),
-        defaults={"lr": 0.1, "curvature_batch_size": 30},
-        paper="Ren & Goldfarb 2019 (subsampled GN/NG with SMW); thesis ch.5",
-        algorithm="thesis Alg 23 with (5.6), (5.7) for softmax CE; Gram by Algs 19–22",
-        file="curvlab/optim/smw.py",
-        description="subsampled Gauss-Newton, Woodbury solve, LM damping (N2 = 30 of N1)",
-        curvature=True,
-    ),
-    OptimizerSpec(
-        name="smw-ng",
-        factory=lambda model, hp: SMWNG(model, **hp),
-        defaults={"lr": 0.1, "curvature_batch_size": 30},
-        paper="Ren & Goldfarb 2019; thesis ch.5",
-        algorithm="thesis Alg 23 with the empirical Fisher (5.3); Gram of §5.3.3",
-        file="curvlab/optim/smw.py",
-        description="subsampled natural gradient (empirical Fisher), Woodbury solve, LM damping",
-        curvature=True,
-    ),
-    OptimizerSpec(
-        name="smw-ng-bd",
-        factory=lambda model, hp: SMWNGBD(model, **hp),
-        defaults={"lr": 0.1, "curvature_batch_size": 30},
-        paper="Ren & Goldfarb 2019; thesis §5.8",
-        algorithm="thesis §5.8: SMW-NG with one Woodbury solve per layer (block diagonal)",
-        file="curvlab/optim/smw.py",
-        description="block-diagonal SMW-NG",
-        curvature=True,
-    ),
-    OptimizerSpec(
-        name="efficient-tr",
-        factory=lambda model, hp: EfficientTR(model, **hp),
-        defaults={"radius": 1.0, "step_size": 0.1, "n1": 1, "n2": 1},
-        paper="Liu, Lee & Hsieh 2018 (seed 003), efficient trust region",
-        algorithm="Alg 1 (stochastic radius rule) + Alg 2 (GD / Riemannian-GD subproblem solver)",
-        file="curvlab/optim/efficient_tr.py",
-        description="trust region with the GD subproblem solver and exact Hessian-vector products",
-        curvature=True,
-    ),
-    OptimizerSpec(
-        name="efficient-tr-code",
-        factory=lambda model, hp: EfficientTR(model, **{"variant": "code", **hp}),
-        defaults={"radius": 1.0},
-        paper="Liu, Lee & Hsieh 2018 (seed 003), the authors' released code",
-        algorithm="released iter_TR: fixed radius, finite-difference Hessian-vector products",
-        file="curvlab/optim/efficient_tr.py",
-        description="seed 003's trust region as its released code runs it",
-        curvature=True,
-    ),
-    OptimizerSpec(
-        name="hybrid-tr-sgd",
-        factory=lambda model, hp: HybridTRSGD(model, **hp),
-        # mode="min": the runner reports a test error or loss, not an accuracy
-        defaults={"patience": 1, "sgd_lr": 0.1, "mode": "min"},
-        paper="Liu, Lee & Hsieh 2018 (seed 003) §4, Hybrid",
-        algorithm="trust region until the held-out metric stops improving, then SGD",
-        file="curvlab/optim/efficient_tr.py",
-        description="seed 003's hybrid: efficient TR, then plain SGD (TwoStage switch)",
-        curvature=True,
-    ),
-    OptimizerSpec(
-        name="edf",
-        factory=lambda model, hp: EDF(model, **hp),
-        defaults={"lr": 0.5, "order": 2},
-        paper="Exponentially Decaying Flows (seed 000), EDF-G",
-        algorithm="App. A Alg 1 (MINRES of order k), λ = a‖g‖^b (eq. 24), W1 momentum (eq. 25)",
-        file="curvlab/optim/edf.py",
-        description="EDF-G: k MINRES steps on the damped GGN system, W1 acceleration",
-        curvature=True,
-    ),
-    OptimizerSpec(
-        name="edf-k1",
-        factory=lambda model, hp: EDF(model, **{"order": 1, **hp}),
-        defaults={"lr": 0.5},
-        paper="Exponentially Decaying Flows (seed 000)",
-        algorithm="App. A Alg 2 (the k = 1 closed form, eq. 23)",
-        file="curvlab/optim/edf.py",
-        description="EDF-G with k = 1 (closed form)",
-        curvature=True,
-    ),
-    OptimizerSpec(
-        name="edf-w2",
-        factory=lambda model, hp: EDF(model, **{"acceleration": "w2", **hp}),
-        defaults={"lr": 0.5, "order": 2},
-        paper="Exponentially Decaying Flows (seed 000)",
-        algorithm="Alg 1 with W2 (κ = α/t, Nesterov-like; eq. 25)",
-        file="curvlab/optim/edf.py",
-        description="EDF-G with W2 acceleration",
-        curvature=True,
-    ),
-    OptimizerSpec(
-        name="edf-h",
-        factory=lambda model, hp: EDF(model, **{"kind": "hessian", **hp}),
-        defaults={"lr": 0.5, "order": 2},
-        paper="Exponentially Decaying Flows (seed 000), EDF-H",
-        algorithm="App. A Alg 1 on the damped Hessian system",
-        file="curvlab/optim/edf.py",
-        description="EDF-H: k MINRES steps on the damped Hessian system",
-        curvature=True,
-    ),
-    OptimizerSpec(
-        name="hessian-free",
-        factory=lambda model, hp: HessianFree(model, **hp),
-        defaults={"lr": 0.1, "curvature_batch_size": 30},
-        paper="Martens 2010 as the thesis's ch.5 baseline",
-        algorithm="thesis Alg 23 loop with a CG direction on the GGN, LM rule §5.2.3",
-        file="curvlab/optim/hessian_free.py",
-        description="Hessian-free: Gauss-Newton + CG, LM damping, CG warm start",
-        curvature=True,
-    ),
-    OptimizerSpec(
-        name="tr-uniform",
-        factory=lambda model, hp: EllipsoidalTR(model, **{"norm": "uniform", **hp}),
-        defaults={},
-        paper="Adaptive norms for deep learning with regularized Newton methods (seed 002)",
-        algorithm="Alg. 1 + App. F.2 (preconditioned Steihaug-Toint CG, eq. 52), Table 1",
-        file="curvlab/optim/trust_region.py",
-        description="stochastic trust region, uniform norm, exact Hessian-vector products",
-        curvature=True,
-    ),
-    OptimizerSpec(
-        name="tr-adagrad",
-        factory=lambda model, hp: EllipsoidalTR(model, **{"norm": "adagrad", **hp}),
-        defaults={},
-        paper="Adaptive norms for deep learning with regularized Newton methods (seed 002)",
-        algorithm="Alg. 1 + App. F.2 (preconditioned Steihaug-Toint CG, eq. 52), Table 1",
-        file="curvlab/optim/trust_region.py",
-        description="stochastic trust region, adagrad norm, exact Hessian-vector products",
-        curvature=True,
-    ),
-    OptimizerSpec(
-        name="tr-rmsprop",
-        factory=lambda model, hp: EllipsoidalTR(model, **{"norm": "rmsprop", **hp}),
-        defaults={},
-        paper="Adaptive norms for deep learning with regularized Newton methods (seed 002)",
-        algorithm="Alg. 1 + App. F.2 (preconditioned Steihaug-Toint CG, eq. 52), Table 1",
-        file="curvlab/optim/trust_region.py",
-        description="stochastic trust region, rmsprop norm, exact Hessian-vector products",
-        curvature=True,
-    ),
-    OptimizerSpec(
-        name="arc-uniform",
-        factory=lambda model, hp: ARC(model, **{"norm": "uniform", **hp}),
-        defaults={},
-        paper="seed 002 (ARC twin; Cartis-Gould-Toint ARC, SCR defaults: a reconstruction)",
-        algorithm="cubic model in the uniform norm, Lanczos subproblem solver",
-        file="curvlab/optim/arc.py",
-        description="adaptive cubic regularisation, uniform norm",
-        curvature=True,
-    ),
-    OptimizerSpec(
-        name="arc-rmsprop",
-        factory=lambda model, hp: ARC(model, **{"norm": "rmsprop", **hp}),
-        defaults={},
-        paper="seed 002 (ARC twin; Cartis-Gould-Toint ARC, SCR defaults: a reconstruction)",
-        algorithm="cubic model in the rmsprop norm, Lanczos subproblem solver",
-        file="curvlab/optim/arc.py",
-        description="adaptive cubic regularisation, rmsprop norm",
-        curvature=True,
-    ),
-    OptimizerSpec(
-        name="tso-alra",
-        factory=lambda model, hp: TSOALRA(model, **hp),
-        defaults={"lr": 0.01, "ema_decay": 0.95, "inverse_every": 20, "eps": 1e-6, "patience": 3},
-        paper="Ida & Fujiwara (seed 001), TSO-ALRA",
-        algorithm="Alg 1 (eqs. 14–18): K-factored F^-1/2, then SGD (switch: validation plateau)",
-        file="curvlab/optim/tso_alra.py",
-        description="Kronecker-factored F^-1/2 preconditioning, then plain SGD after the switch",
-        curvature=True,
-    ),
-    OptimizerSpec(
-        name="tso-alra-stage1",
-        factory=lambda model, hp: TSOALRAFirstStage(model, **hp),
-        defaults={"lr": 0.01, "ema_decay": 0.95, "inverse_every": 20, "eps": 1e-6},
-        paper="Ida & Fujiwara (seed 001), TSO-ALRA first stage",
-        algorithm="Alg 1, lines 1–8 only (no switch)",
-        file="curvlab/optim/tso_alra.py",
-        description="TSO-ALRA's first stage alone: Kronecker-factored F^-1/2",
-        curvature=True,
-    ),
+    *(_from_registry(config) for config in bench_configs().values()),
 ]
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in _SPECS}

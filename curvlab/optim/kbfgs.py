@@ -41,7 +41,7 @@ ch.2's "double-grad" variant (§2.8.3) and the authors' code's homogeneous coord
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar, Literal, cast
+from typing import Any, ClassVar, Literal, cast, get_args
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +64,12 @@ from curvlab.optim.validation import (
 __all__ = ["KBFGS"]
 
 Variant = Literal["ch3", "ch2"]
+PairDamping = Literal["dp_dlm", "dd", "dpi_dlm"]
+AUpdate = Literal["minibatch", "ema"]
+AInit = Literal["inverse", "identity"]
+DampingSplit = Literal["locations", "sqrt"]
+GInit = Literal["inverse_damping", "identity"]
+FallbackLR = Literal["lr_over_damping", "lr"]
 #: Per layer used in a pass: its inputs (one per call) and Σ_{n,t} ∂L/∂h_t(n) over all calls.
 Recorded = dict[str, tuple[list[Tensor], Tensor]]
 
@@ -76,10 +82,9 @@ _VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
                 g_init="identity", momentum_style="ema", fallback_lr="lr"),
 }  # fmt: skip
 _CHOICES = dict(
-    pair_damping=("dp_dlm", "dd", "dpi_dlm"), a_update=("minibatch", "ema"),
-    a_init=("inverse", "identity"), damping_split=("locations", "sqrt"),
-    g_init=("inverse_damping", "identity"), momentum_style=("heavy_ball", "ema"),
-    fallback_lr=("lr_over_damping", "lr"),
+    pair_damping=get_args(PairDamping), a_update=get_args(AUpdate), a_init=get_args(AInit),
+    damping_split=get_args(DampingSplit), g_init=get_args(GInit),
+    momentum_style=get_args(MomentumStyle), fallback_lr=get_args(FallbackLR),
 )  # fmt: skip
 
 
@@ -136,13 +141,13 @@ class KBFGS(BlockOptimizer):
         mu1: float = 0.2,
         variant: Variant = "ch3",
         memory: int | None = None,
-        pair_damping: str | None = None,
-        a_update: str | None = None,
-        a_init: str = "inverse",
-        damping_split: str | None = None,
-        g_init: str | None = None,
+        pair_damping: PairDamping | None = None,
+        a_update: AUpdate | None = None,
+        a_init: AInit = "inverse",
+        damping_split: DampingSplit | None = None,
+        g_init: GInit | None = None,
         momentum_style: MomentumStyle | None = None,
-        fallback_lr: str | None = None,
+        fallback_lr: FallbackLR | None = None,
         params: Iterable[Any] | None = None,
     ) -> None:
         self.variant = check_choice("variant", variant, tuple(_VARIANT_DEFAULTS))

@@ -20,8 +20,7 @@ from curvlab.autodiff.products import (
     hessian_vector_product,
 )
 from curvlab.objective import Objective
-from curvlab.testing.models import tiny_cnn, tiny_mlp
-from tests.autodiff.reference import (
+from curvlab.testing.autodiff import (
     dense_ggn,
     dense_hessian,
     jacobian,
@@ -29,6 +28,7 @@ from tests.autodiff.reference import (
     outputs_of_flat,
     theta,
 )
+from curvlab.testing.models import tiny_cnn, tiny_mlp
 
 F64 = torch.float64
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bench._reproduce import check_smoke_reproduction, restored_registries
+from curvlab.bench.reproduce.smoke import check_smoke_reproduction, restored_registries
 
 
 @pytest.fixture(autouse=True)

@@ -38,10 +38,10 @@ from curvlab.bench.reproduce.measures import (
     spearman,
 )
 from curvlab.bench.reproduce.schedule import MultiStepEpochs
+from curvlab.bench.reproduce.smoke import restored_registries
 from curvlab.bench.reproduce.thesis_ch2 import dd_fractions
 from curvlab.bench.reproduce.tso_alra import scaled_epoch
 from curvlab.bench.runner import Budget
-from tests.bench._reproduce import restored_registries
 
 
 @pytest.fixture(autouse=True)

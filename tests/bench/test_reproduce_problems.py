@@ -16,9 +16,9 @@ from curvlab.bench.problems import Problem
 from curvlab.bench.reproduce import problems as P
 from curvlab.bench.reproduce.cli import EXPERIMENTS
 from curvlab.bench.reproduce.framework import Context, Options, RunTask, StagedTask
+from curvlab.bench.reproduce.smoke import restored_registries
 from curvlab.bench.reproduce.thesis_ch4 import block_fisher_statistics
 from curvlab.data import load_fashion_mnist
-from tests.bench._reproduce import restored_registries
 
 
 @pytest.fixture(autouse=True)

@@ -2,8 +2,8 @@
 K-BFGS(L), TNT, Shampoo and TSO-ALRA equal the single-process run on the whole batches, keep
 every rank identical, split the inverse work, and both modes agree.
 
-One `spawn` runs every case in every run (see `tests.distributed._cases`); the tests read
-its results.
+One `spawn` runs every case in every run (see `curvlab.testing.distributed.layerwise`); the
+tests read its results.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from curvlab.distributed import spawn
-from tests.distributed._cases import (
+from curvlab.testing.distributed.layerwise import (
     CASES,
     RUNS,
     SAMPLED,

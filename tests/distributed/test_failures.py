@@ -52,7 +52,11 @@ def test_a_rank_that_raises_fails_the_run_with_its_error() -> None:
     elapsed = time.monotonic() - start
     message = str(info.value)
     assert message.index("rank 1: ValueError: boom on rank 1") < message.find("rank 0:")
-    assert elapsed < 30.0  # the peer notices at once; far below the deadline
+    # The run ends with the rank's own error, not at the deadline of 60 s (a wall-clock bound
+    # tighter than the deadline failed on a loaded 2-core machine: starting the two processes
+    # alone takes 10-25 s there).
+    assert "timeout" not in message.split("rank 0:")[0]
+    assert elapsed < 60.0
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@ free, EDF, the ellipsoidal trust region, ARC, the efficient trust region and its
 equal the single-process run on the whole batches and keep every rank identical; SMW, the
 output-space EDF and a DDP model are refused with a message.
 
-One `spawn` runs every case (see `tests.distributed._modelwise_cases`).
+One `spawn` runs every case (see `curvlab.testing.distributed.modelwise`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from curvlab.distributed import spawn
-from tests.distributed._modelwise_cases import CASES, STEPS, run_single, worker
+from curvlab.testing.distributed.modelwise import CASES, STEPS, run_single, worker
 
 pytestmark = pytest.mark.distributed
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pytest
 import torch
@@ -13,56 +12,21 @@ from curvlab import Objective
 from curvlab.optim.arc import ARC
 from curvlab.optim.control import arc_sigma_update
 from curvlab.testing.models import regression_problem, tiny_mlp
-from tests.optim.test_trust_region import (
-    check_conformance,
-    check_invalid,
-    check_passes,
+from curvlab.testing.modelwise import (
+    check_adaptive_norm_passes,
     dense_derivatives,
     flat,
     flat_loss,
-    spy_proposals,
 )
-from tests.solvers import cubic_model, dense_cubic_solution
+from curvlab.testing.solvers import cubic_model, dense_cubic_solution
+from curvlab.testing.spies import spy_proposals
 
 F64 = torch.float64
-
-CASES = {
-    "uniform": dict(norm="uniform"),
-    "adagrad": dict(norm="adagrad"),
-    "rmsprop": dict(norm="rmsprop"),
-    "rmsprop-ggn-code-eps": dict(norm="rmsprop", curvature="ggn", eps_mode="code"),
-}
-
-INVALID = {
-    "lr": -1.0,
-    "norm": "full",
-    "sigma": 0.0,
-    "min_sigma": -1.0,
-    "eta1": -0.1,
-    "eta2": 1.0,
-    "increase": 0.5,
-    "decrease": 0.9,
-    "krylov_tol": math.inf,
-    "max_krylov_dim": 2.5,
-    "beta": -0.1,
-    "eps": -1e-8,
-    "eps_mode": "both",
-    "curvature": "fd",
-}
-
-
-@pytest.mark.parametrize("kwargs", CASES.values(), ids=CASES.keys())
-def test_conformance(kwargs: dict[str, Any]) -> None:
-    check_conformance(ARC, kwargs)
-
-
-def test_invalid_hyperparameters_are_rejected_naming_them() -> None:
-    check_invalid(ARC, {}, INVALID)
 
 
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 def test_one_step_is_one_gradient_pass_plus_products_and_a_trial(curvature: str) -> None:
-    check_passes(ARC, {"norm": "rmsprop", "curvature": curvature})
+    check_adaptive_norm_passes(ARC, {"norm": "rmsprop", "curvature": curvature})
 
 
 def test_scr_defaults() -> None:

@@ -1,7 +1,8 @@
 """EDF (seed 000): Alg 1 with k = n is the exact damped solve, Alg 2 equals one MINRES step,
 λ = a‖g‖^b, W1 / W2 by hand, EDF-H vs EDF-G, the output-space variant, skips, passes per step
 (loss and g from the operator's build, which moves BatchNorm statistics once; the closure for
-dropout), no graph after a step, validation and conformance-style behaviour."""
+dropout), no graph after a step, invalid combinations. (Validation and the other conformance
+checks: tests/optim/test_conformance.py.)"""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from curvlab import Objective
 from curvlab.optim.edf import EDF, edf_damping, edf_first_order_direction
 from curvlab.solvers import SolverResult, minres
 from curvlab.testing.models import regression_problem, tiny_mlp
-from tests.optim.test_modelwise import count_forwards, spy_operators
+from curvlab.testing.spies import count_forwards, spy_operators
 
 F64 = torch.float64
 
@@ -365,38 +366,6 @@ def test_overflowing_gradient_norm_skips_the_step(order: int) -> None:
     assert torch.equal(model.weight, before)
 
 
-def test_plain_closure_is_a_type_error() -> None:
-    model, loss_fn, x, y = _problem("mse")
-    opt = EDF(model)
-
-    def closure() -> Tensor:
-        loss: Tensor = loss_fn(model(x), y)
-        loss.backward()
-        return loss
-
-    with pytest.raises(TypeError):
-        opt.step(closure)
-
-
-INVALID = {
-    "lr": -1.0,
-    "order": 0,
-    "damping_scale": -1.0,
-    "damping_power": float("nan"),
-    "kind": "fisher",
-    "acceleration": "nesterov",
-    "alpha": 1.0,
-    "space": "logits",
-    "restart_on_lr_change": "yes",
-}
-
-
-@pytest.mark.parametrize(("key", "value"), INVALID.items())
-def test_invalid_hyperparameters_raise_naming_them(key: str, value: Any) -> None:
-    with pytest.raises(ValueError, match=f"^{key}"):
-        EDF(tiny_mlp(), **{key: value})
-
-
 def test_invalid_combinations() -> None:
     with pytest.raises(ValueError, match="^alpha"):
         EDF(tiny_mlp(), acceleration="w2", alpha=0.0)
@@ -404,83 +373,3 @@ def test_invalid_combinations() -> None:
         EDF(tiny_mlp(), acceleration="none", alpha=0.9)
     with pytest.raises(ValueError, match="^space"):
         EDF(tiny_mlp(), kind="hessian", space="output")
-
-
-def test_invalid_hyperparameter_set_later_is_rejected_at_step() -> None:
-    model, loss_fn, x, y = _problem("mse")
-    opt = EDF(model)
-    for key, bad in (("lr", float("nan")), ("order", 1.5)):
-        saved = opt.param_groups[0][key]
-        opt.param_groups[0][key] = bad
-        with pytest.raises(ValueError, match=f"^{key}"):
-            opt.step(Objective(model, loss_fn, x, y))
-        opt.param_groups[0][key] = saved
-
-
-# --------------------------------------------------------------------------- conformance-style
-CONFIGS = {
-    "edf-g-w1": {},
-    "edf-g-k1": {"order": 1},
-    "edf-g-w2": {"acceleration": "w2", "lr": 0.2},
-    "edf-g-plain": {"acceleration": "none"},
-    "edf-h": {"kind": "hessian"},
-    "edf-g-output": {"space": "output"},
-}
-
-
-def _batches(n: int) -> list[tuple[Tensor, Tensor]]:
-    x, y = regression_problem(n=16 * n, seed=1)
-    return list(zip(x.split(16), y.split(16), strict=True))
-
-
-def _run(opt: Any, model: nn.Module, batches: list) -> None:
-    for x, y in batches:
-        opt.step(Objective(model, nn.MSELoss(), x, y))
-
-
-def _full_loss(model: nn.Module, batches: list) -> float:
-    with torch.no_grad():
-        return sum(float(nn.MSELoss()(model(x), y)) for x, y in batches) / len(batches)
-
-
-@pytest.mark.parametrize("kwargs", CONFIGS.values(), ids=CONFIGS.keys())
-def test_conformance_loss_decreases(kwargs: dict[str, Any]) -> None:
-    model = tiny_mlp((4, 8, 3))
-    batches = _batches(4)
-    opt = EDF(model, **kwargs)
-    start = _full_loss(model, batches)
-    for _ in range(10):
-        _run(opt, model, batches)
-    assert _full_loss(model, batches) < 0.7 * start
-
-
-@pytest.mark.parametrize("kwargs", CONFIGS.values(), ids=CONFIGS.keys())
-def test_conformance_resume_is_bit_identical(kwargs: dict[str, Any]) -> None:
-    batches = _batches(8)
-    model = tiny_mlp((4, 8, 3))
-    opt = EDF(model, **kwargs)
-    _run(opt, model, batches[:4])
-    saved_model = copy.deepcopy(model.state_dict())
-    saved_opt = copy.deepcopy(opt.state_dict())
-    _run(opt, model, batches[4:])
-    resumed = tiny_mlp((4, 8, 3), seed=99)
-    resumed.load_state_dict(saved_model)
-    opt2 = EDF(resumed, **kwargs)
-    opt2.load_state_dict(saved_opt)
-    _run(opt2, resumed, batches[4:])
-    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(p, q)
-
-
-@pytest.mark.parametrize("kwargs", CONFIGS.values(), ids=CONFIGS.keys())
-def test_conformance_lr_zero_freezes(kwargs: dict[str, Any]) -> None:
-    model = tiny_mlp((4, 8, 3))
-    batches = _batches(3)
-    opt = EDF(model, **kwargs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 if epoch == 0 else 0.0)
-    _run(opt, model, batches[:1])
-    sched.step()
-    frozen = [p.detach().clone() for p in model.parameters()]
-    _run(opt, model, batches[1:])
-    for p, q in zip(model.parameters(), frozen, strict=True):
-        assert torch.equal(p, q)

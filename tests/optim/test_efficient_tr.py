@@ -1,11 +1,11 @@
 """Seed 003's efficient trust region (Alg 1 + Alg 2), its released-code mode, and the Hybrid;
-passes per step and no graph after a step. (Its radius rules: tests/optim/test_control.py.)"""
+passes per step and no graph after a step. (Its radius rules: tests/optim/test_control.py;
+validation and the other conformance checks: tests/optim/test_conformance.py.)"""
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,24 +15,13 @@ from torch.func import hessian
 
 from curvlab import Objective
 from curvlab.optim.efficient_tr import EfficientTR, HybridTRSGD
+from curvlab.testing.conformance import batches as _batches
+from curvlab.testing.conformance import check_state_dict_round_trip
+from curvlab.testing.conformance import run as _run
 from curvlab.testing.models import regression_problem, tiny_mlp
-from tests.optim.test_modelwise import count_forwards, spy_operators
+from curvlab.testing.spies import count_forwards, spy_operators
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _batches(n: int, d_out: int = 3) -> list[tuple[Tensor, Tensor]]:
-    x, y = regression_problem(n=16 * n, d_out=d_out, seed=1)
-    return list(zip(x.split(16), y.split(16), strict=True))
-
-
-def _run(opt: Any, model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> list[float]:
-    return [float(opt.step(Objective(model, nn.MSELoss(), x, y))) for x, y in batches]
-
-
-def _full_loss(model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> float:
-    with torch.no_grad():
-        return sum(float(nn.MSELoss()(model(x), y)) for x, y in batches) / len(batches)
 
 
 def _flat(model: nn.Module) -> Tensor:
@@ -387,149 +376,11 @@ def test_hybrid_switches_when_the_accuracy_stops_increasing(
     assert opt.stage == 2 and opt.schedule["switch"]["reason"] == "patience"
 
 
-def _resume_is_bit_identical(make: Callable[[nn.Module], Any], save_at: int, total: int) -> None:
-    batches = _batches(total)
-    model = tiny_mlp((4, 8, 3))
-    opt = make(model)
-    _run(opt, model, batches[:save_at])
-    saved_model = copy.deepcopy(model.state_dict())
-    saved_opt = copy.deepcopy(opt.state_dict())
-    _run(opt, model, batches[save_at:])
-    resumed = tiny_mlp((4, 8, 3), seed=99)
-    resumed.load_state_dict(saved_model)
-    opt2 = make(resumed)
-    opt2.load_state_dict(saved_opt)
-    _run(opt2, resumed, batches[save_at:])
-    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(p, q)
-    if hasattr(opt, "radius"):
-        assert opt.radius == opt2.radius
+@pytest.mark.parametrize("rule", ["stochastic", "deterministic"])
+def test_radius_survives_state_dict(rule: str) -> None:
+    check_state_dict_round_trip(lambda m: EfficientTR(m, 0.3, radius_rule=rule), 3, total=8)
 
 
 @pytest.mark.parametrize("save_at", [2, 5])  # before and after the switch at step 4
 def test_hybrid_resume_across_the_switch_is_bit_identical(save_at: int) -> None:
-    _resume_is_bit_identical(lambda m: HybridTRSGD(m, switch_at_step=4), save_at, 8)
-
-
-@pytest.mark.parametrize("rule", ["stochastic", "deterministic"])
-def test_radius_survives_state_dict(rule: str) -> None:
-    _resume_is_bit_identical(lambda m: EfficientTR(m, 0.3, radius_rule=rule), 3, 8)
-
-
-# --------------------------------------------------------------------------- validation
-
-INVALID_EFFICIENT_TR: dict[str, Any] = {
-    "radius": 0.0,
-    "lr": -1.0,
-    "step_size": 0.0,
-    "n1": -1,
-    "n2": 1.5,
-    "fd_epsilon": 0.0,
-    "max_radius": -1.0,
-    "very_successful": 0.0,
-    "successful": 0.95,
-    "expand": 0.5,
-    "shrink": 1.0,
-    "grad_radius_factor": -1.0,
-    "init_scale": 1.0,
-    "armijo_sigma": 0.0,
-    "armijo_shrink": 1.0,
-    "armijo_max_backtracks": -1,
-    "variant": "released",
-    "radius_rule": "adaptive",
-    "subproblem": "steihaug",
-    "hvp": "ggn",
-}
-
-INVALID_HYBRID: dict[str, Any] = {
-    **INVALID_EFFICIENT_TR,
-    "sgd_lr": -0.1,
-    "patience": 0,
-    "mode": "median",
-    "min_delta": -1.0,
-    "switch_at_step": 0,
-    "switch_at_epoch": 2.5,
-}
-
-
-@pytest.mark.parametrize(
-    ("cls", "key", "value"),
-    [(EfficientTR, k, v) for k, v in INVALID_EFFICIENT_TR.items()]
-    + [(HybridTRSGD, k, v) for k, v in INVALID_HYBRID.items()],
-)
-def test_invalid_hyperparameter_raises_naming_it(cls: type, key: str, value: Any) -> None:
-    with pytest.raises(ValueError, match=f"^{key}"):
-        cls(tiny_mlp(), **{key: value})
-
-
-@pytest.mark.parametrize(("key", "value"), [("lr", math.nan), ("radius", -1.0), ("n1", 0.5)])
-@pytest.mark.parametrize("cls", [EfficientTR, HybridTRSGD])
-def test_invalid_hyperparameter_set_later_is_rejected_at_step(
-    cls: type, key: str, value: Any
-) -> None:
-    model = tiny_mlp((4, 8, 3))
-    opt = cls(model)
-    opt.param_groups[0][key] = value
-    x, y = _batches(1)[0]
-    with pytest.raises(ValueError, match=f"^{key}"):
-        opt.step(Objective(model, nn.MSELoss(), x, y))
-
-
-# --------------------------------------------------------------------------- conformance
-
-CASES: dict[str, tuple[type, dict[str, Any]]] = {
-    "paper": (EfficientTR, {}),
-    "deterministic": (EfficientTR, {"radius_rule": "deterministic"}),
-    "fd": (EfficientTR, {"hvp": "hessian-fd"}),
-    "code": (EfficientTR, {"variant": "code", "radius": 0.3}),
-    "hybrid": (HybridTRSGD, {"switch_at_step": 20}),
-    "hybrid-early": (HybridTRSGD, {"switch_at_step": 3}),
-}
-
-
-@pytest.mark.parametrize(("cls", "kwargs"), CASES.values(), ids=CASES.keys())
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_conformance_loss_decreases(cls: type, kwargs: dict[str, Any], dtype: torch.dtype) -> None:
-    model = tiny_mlp((4, 8, 3), dtype=dtype)
-    batches = [(x.to(dtype), y.to(dtype)) for x, y in _batches(4)]
-    opt = cls(model, **kwargs)
-    start = _full_loss(model, batches)
-    for _ in range(10):
-        _run(opt, model, batches)
-    assert _full_loss(model, batches) < 0.7 * start
-
-
-@pytest.mark.parametrize(("cls", "kwargs"), CASES.values(), ids=CASES.keys())
-def test_conformance_state_dict_round_trip(cls: type, kwargs: dict[str, Any]) -> None:
-    _resume_is_bit_identical(lambda m: cls(m, **kwargs), 5, 12)
-
-
-@pytest.mark.parametrize(("cls", "kwargs"), CASES.values(), ids=CASES.keys())
-def test_conformance_lr_scheduler_is_respected(cls: type, kwargs: dict[str, Any]) -> None:
-    model = tiny_mlp((4, 8, 3))
-    batches = _batches(3)
-    opt = cls(model, **kwargs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 if epoch == 0 else 0.0)
-    _run(opt, model, batches[:1])
-    sched.step()
-    frozen = [p.detach().clone() for p in model.parameters()]
-    _run(opt, model, batches[1:])
-    for p, q in zip(model.parameters(), frozen, strict=True):
-        assert torch.equal(p, q)
-
-
-def test_non_finite_batch_leaves_the_running_statistics_alone() -> None:
-    # The operator's build stands for the training pass on a BatchNorm model; the skipped step
-    # of a NaN batch puts its running statistics back (StepGuard.skip).
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
-    opt = EfficientTR(model, 0.3)
-    x, y = _batches(1)[0]
-    opt.step(Objective(model, nn.MSELoss(), x, y))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    x_bad = x.clone()
-    x_bad[0, 0] = float("nan")
-    opt.step(Objective(model, nn.MSELoss(), x_bad, y))
-    assert opt.last_step_info["skipped"]
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
+    check_state_dict_round_trip(lambda m: HybridTRSGD(m, switch_at_step=4), save_at, total=8)

@@ -1,6 +1,7 @@
 """Hessian-free (thesis ch.5 baseline): the converged CG direction is the dense LM solve, the
 S2 scaling, ρ, the LM rule, CG warm start, acceptance, skips, passes per step (one gradient
-from the operator's build when N2 = N1), no graph after a step, validation, conformance-style."""
+from the operator's build when N2 = N1), no graph after a step. (Validation and the other
+conformance checks: tests/optim/test_conformance.py.)"""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from curvlab.optim.control import levenberg_marquardt_update
 from curvlab.optim.hessian_free import HessianFree
 from curvlab.solvers import SolverResult
 from curvlab.testing.models import regression_problem, tiny_mlp
-from tests.optim.test_modelwise import count_forwards, spy_operators
-from tests.optim.test_trust_region import check_stateful_training_pass
+from curvlab.testing.modelwise import check_stateful_training_pass
+from curvlab.testing.spies import count_forwards, spy_operators
 
 F64 = torch.float64
 
@@ -284,100 +285,3 @@ def test_subset_larger_than_batch_and_plain_closure() -> None:
         opt.step(Objective(model, loss_fn, x, y))
     with pytest.raises(TypeError):
         HessianFree(model).step(lambda: loss_fn(model(x), y))
-
-
-INVALID = {
-    "lr": -1.0,
-    "damping": -1.0,
-    "tau": 0.0,
-    "boost": 1.0,
-    "drop": 1.0,
-    "epsilon": 0.5,
-    "cg_max_iters": 0,
-    "cg_tol": -1.0,
-    "warm_start_decay": 1.5,
-    "curvature_batch_size": 0,
-    "accept_threshold": 0.3,
-    "curvature_subset": "all",
-    "ratio_point": "both",
-}
-
-
-@pytest.mark.parametrize(("key", "value"), INVALID.items())
-def test_invalid_hyperparameters_raise_naming_them(key: str, value: Any) -> None:
-    with pytest.raises(ValueError, match=f"^{key}"):
-        HessianFree(tiny_mlp(), **{key: value})
-
-
-def test_invalid_hyperparameter_set_later_is_rejected_at_step() -> None:
-    model, loss_fn, x, y = _problem("mse")
-    opt = HessianFree(model)
-    opt.param_groups[0]["lr"] = float("nan")
-    with pytest.raises(ValueError, match="^lr"):
-        opt.step(Objective(model, loss_fn, x, y))
-
-
-# --------------------------------------------------------------------------- conformance-style
-CONFIGS = {
-    "hf": {"lr": 1.0},
-    "hf-subset": {"lr": 1.0, "curvature_batch_size": 8},
-    "hf-martens-lm": {"lr": 1.0, "boost": 1.5, "drop": 2 / 3, "cg_max_iters": 10},
-}
-
-
-def _batches(n: int) -> list[tuple[Tensor, Tensor]]:
-    x, y = regression_problem(n=16 * n, seed=1)
-    return list(zip(x.split(16), y.split(16), strict=True))
-
-
-def _run(opt: Any, model: nn.Module, batches: list) -> None:
-    for x, y in batches:
-        opt.step(Objective(model, nn.MSELoss(), x, y))
-
-
-def _full_loss(model: nn.Module, batches: list) -> float:
-    with torch.no_grad():
-        return sum(float(nn.MSELoss()(model(x), y)) for x, y in batches) / len(batches)
-
-
-@pytest.mark.parametrize("kwargs", CONFIGS.values(), ids=CONFIGS.keys())
-def test_conformance_loss_decreases(kwargs: dict[str, Any]) -> None:
-    model = tiny_mlp((4, 8, 3))
-    batches = _batches(4)
-    opt = HessianFree(model, **kwargs)
-    start = _full_loss(model, batches)
-    for _ in range(10):
-        _run(opt, model, batches)
-    assert _full_loss(model, batches) < 0.7 * start
-
-
-@pytest.mark.parametrize("kwargs", CONFIGS.values(), ids=CONFIGS.keys())
-def test_conformance_resume_is_bit_identical(kwargs: dict[str, Any]) -> None:
-    batches = _batches(8)
-    model = tiny_mlp((4, 8, 3))
-    opt = HessianFree(model, **kwargs)
-    _run(opt, model, batches[:4])
-    saved_model = copy.deepcopy(model.state_dict())
-    saved_opt = copy.deepcopy(opt.state_dict())
-    _run(opt, model, batches[4:])
-    resumed = tiny_mlp((4, 8, 3), seed=99)
-    resumed.load_state_dict(saved_model)
-    opt2 = HessianFree(resumed, **kwargs)
-    opt2.load_state_dict(saved_opt)
-    _run(opt2, resumed, batches[4:])
-    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(p, q)
-
-
-@pytest.mark.parametrize("kwargs", CONFIGS.values(), ids=CONFIGS.keys())
-def test_conformance_lr_zero_freezes(kwargs: dict[str, Any]) -> None:
-    model = tiny_mlp((4, 8, 3))
-    batches = _batches(3)
-    opt = HessianFree(model, **kwargs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 if epoch == 0 else 0.0)
-    _run(opt, model, batches[:1])
-    sched.step()
-    frozen = [p.detach().clone() for p in model.parameters()]
-    _run(opt, model, batches[1:])
-    for p, q in zip(model.parameters(), frozen, strict=True):
-        assert torch.equal(p, q)

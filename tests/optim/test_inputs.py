@@ -14,14 +14,16 @@ from torch import nn
 
 from curvlab import Objective
 from curvlab.optim.modelwise import ModelwiseOptimizer
+from curvlab.optim.registry import Config, conformance_configs
 from curvlab.testing.models import regression_problem, tiny_mlp
-from tests.optim.test_conformance import CASES, Case
+
+SUITE = conformance_configs()
 
 
-def _build(case: Case, model: nn.Module, **extra: Any) -> Any:
+def _build(config: Config, model: nn.Module, **extra: Any) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return case.cls(model, **{**case.kwargs, **extra})
+        return config.build(model, **extra)
 
 
 def _steps(opt: Any, model: nn.Module, n: int = 3) -> None:
@@ -30,10 +32,10 @@ def _steps(opt: Any, model: nn.Module, n: int = 3) -> None:
         opt.step(Objective(model, nn.MSELoss(), x, y))
 
 
-@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_plain_closure_works_or_says_what_to_pass(case: Case) -> None:
+@pytest.mark.parametrize("config", SUITE.values(), ids=SUITE.keys())
+def test_plain_closure_works_or_says_what_to_pass(config: Config) -> None:
     model = tiny_mlp((4, 8, 3))
-    opt = _build(case, model)
+    opt = _build(config, model)
     x, y = regression_problem(n=16)
 
     def closure() -> torch.Tensor:
@@ -48,14 +50,14 @@ def test_plain_closure_works_or_says_what_to_pass(case: Case) -> None:
         assert "curvlab.Objective" in str(err)
 
 
-@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_frozen_parameters_stay_frozen_and_the_rest_trains(case: Case) -> None:
+@pytest.mark.parametrize("config", SUITE.values(), ids=SUITE.keys())
+def test_frozen_parameters_stay_frozen_and_the_rest_trains(config: Config) -> None:
     model = tiny_mlp((4, 8, 3))
     for p in model[0].parameters():
         p.requires_grad_(False)
     frozen = [p.detach().clone() for p in model[0].parameters()]
     trained = [p.detach().clone() for p in model[2].parameters()]
-    opt = _build(case, model)
+    opt = _build(config, model)
     _steps(opt, model)
     for p, q in zip(model[0].parameters(), frozen, strict=True):
         assert torch.equal(p, q)
@@ -74,11 +76,11 @@ class _WithUnused(nn.Module):
         return self.body(x)
 
 
-@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_parameters_without_gradient_are_left_alone(case: Case) -> None:
+@pytest.mark.parametrize("config", SUITE.values(), ids=SUITE.keys())
+def test_parameters_without_gradient_are_left_alone(config: Config) -> None:
     model = _WithUnused()
     before = [p.detach().clone() for p in model.unused.parameters()]
-    opt = _build(case, model)
+    opt = _build(config, model)
     _steps(opt, model)
     for p, q in zip(model.unused.parameters(), before, strict=True):
         assert torch.equal(p, q)
@@ -102,36 +104,38 @@ class _Tied(nn.Module):
         return self.out(h)
 
 
-@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_a_layer_used_twice_keeps_parameters_finite_and_the_loss_from_rising(case: Case) -> None:
+@pytest.mark.parametrize("config", SUITE.values(), ids=SUITE.keys())
+def test_a_layer_used_twice_keeps_parameters_finite_and_the_loss_from_rising(
+    config: Config,
+) -> None:
     model = _Tied()
     x, y = regression_problem(n=16)
     with torch.no_grad():
         start = float(nn.MSELoss()(model(x), y))
-    opt = _build(case, model)
+    opt = _build(config, model)
     _steps(opt, model, n=5)
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     with torch.no_grad():  # methods with step control may reject all of their first steps
         assert float(nn.MSELoss()(model(x), y)) <= start
 
 
-@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_several_parameter_groups_are_honoured_or_refused_clearly(case: Case) -> None:
+@pytest.mark.parametrize("config", SUITE.values(), ids=SUITE.keys())
+def test_several_parameter_groups_are_honoured_or_refused_clearly(config: Config) -> None:
     model = tiny_mlp((4, 8, 3))
     groups = [
         {"params": list(model[0].parameters())},
         {"params": list(model[2].parameters()), "lr": 0.0},
     ]
-    if issubclass(case.cls, ModelwiseOptimizer):
+    if issubclass(config.cls, ModelwiseOptimizer):
         # Documented: one subproblem over all parameters, so exactly one group (methods that
         # need the model's layers take the model itself and say so).
         with pytest.raises((ValueError, TypeError), match="^(params|model)"):
-            case.cls(groups, **case.kwargs)
+            config.cls(groups, **config.test_kwargs)
         return
-    if "params" not in inspect.signature(case.cls).parameters:
-        pytest.skip(f"{case.cls.__name__} takes no parameter groups")
+    if "params" not in inspect.signature(config.cls).parameters:
+        pytest.skip(f"{config.cls.__name__} takes no parameter groups")
     frozen = [p.detach().clone() for p in model[2].parameters()]
-    opt = _build(case, model, params=groups)
+    opt = _build(config, model, params=groups)
     _steps(opt, model)
     # The second group has lr = 0: its parameters must not move.
     for p, q in zip(model[2].parameters(), frozen, strict=True):

@@ -1,6 +1,7 @@
 """K-BFGS / K-BFGS(L) (thesis Alg 9) and K-BFGS-20 / K-BFGS(L)-20 (Alg 4): the direction is
 ``H_G V H_A`` of the state; the curvature pairs match an independent recomputation from hooks;
-warm start, schedules, skipped pairs, bad input, and the conformance checks per variant."""
+warm start, schedules, skipped pairs, bad input. (The conformance checks of each variant:
+tests/optim/test_conformance.py, over curvlab.optim.registry.)"""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from torch import nn
 from curvlab import Objective
 from curvlab.linalg.bfgs import double_damping, dp_dlm_damping
 from curvlab.optim.kbfgs import KBFGS
+from curvlab.testing.conformance import batches as _batches
+from curvlab.testing.conformance import full_loss as _full_loss
+from curvlab.testing.conformance import run as _run
 from curvlab.testing.models import regression_problem, tiny_cnn, tiny_mlp
 
 F64 = torch.float64
@@ -432,19 +436,6 @@ def test_non_finite_second_pass_is_skipped_without_nan_in_state() -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_non_finite_loss_skips_step_and_keeps_state() -> None:
-    model, batches, loss_fn = _problem(tiny_mlp, 2)
-    opt = KBFGS(model)
-    opt.step(Objective(model, loss_fn, *batches[0]))
-    state = copy.deepcopy(opt.state_dict())
-    params = [p.detach().clone() for p in model.parameters()]
-    x, y = batches[1]
-    opt.step(Objective(model, loss_fn, x * float("inf"), y))
-    assert opt.last_step_info["skipped"] and opt.last_step_info["reason"] == "non-finite loss"
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
-    assert torch.equal(opt.layer_state("0")["H_g"], state["state"][0]["H_g"])
-
-
 # ---------------------------------------------------------------------- BatchNorm
 def test_batchnorm_takes_momentum_gradient_at_lr_over_damping_and_keeps_running_stats() -> None:
     model = tiny_cnn(batchnorm=True)
@@ -485,111 +476,6 @@ def test_display_names() -> None:
         ("ch2", None): "K-BFGS-20",
         ("ch2", 100): "K-BFGS(L)-20",
     }
-
-
-INVALID = {
-    "lr": -1.0,
-    "damping": 0.0,
-    "momentum": 1.0,
-    "weight_decay": -0.1,
-    "ema_decay": 1.5,
-    "curvature_every": 0,
-    "mu1": 1.0,
-    "variant": "ch4",
-    "memory": 0,
-    "pair_damping": "powell",
-    "a_update": "exact",
-    "a_init": "zeros",
-    "damping_split": "pi",
-    "g_init": "random",
-    "momentum_style": "nesterov",
-    "fallback_lr": "adam",
-}
-
-
-@pytest.mark.parametrize(("key", "value"), INVALID.items(), ids=INVALID.keys())
-def test_invalid_hyperparameter_raises_naming_it(key: str, value: Any) -> None:
-    with pytest.raises(ValueError, match=f"^{key}"):
-        KBFGS(tiny_mlp(), **{key: value})
-
-
-@pytest.mark.parametrize("key", ["lr", "damping", "mu1", "curvature_every"])
-def test_invalid_hyperparameter_set_later_is_rejected_at_step(key: str) -> None:
-    model, batches, loss_fn = _problem(tiny_mlp, 1)
-    opt = KBFGS(model)
-    opt.param_groups[0][key] = float("nan")
-    with pytest.raises(ValueError, match=f"^{key}"):
-        opt.step(Objective(model, loss_fn, *batches[0]))
-
-
-# --------------------------------------------------------- conformance, per variant
-CASES = {
-    "kbfgs": dict(lr=0.1, damping=0.1),
-    "kbfgs-l": dict(lr=0.1, damping=0.1, memory=5),
-    "kbfgs-20": dict(lr=0.3, damping=0.1, variant="ch2"),
-    "kbfgs-l-20": dict(lr=0.3, damping=0.1, variant="ch2", memory=5),
-    "kbfgs-T3-wd": dict(lr=0.1, damping=0.1, curvature_every=3, weight_decay=1e-3),
-}
-
-
-def _batches(n: int, dtype: torch.dtype = F64) -> list:
-    x, y = regression_problem(n=16 * n, seed=1, dtype=dtype)
-    return list(zip(x.split(16), y.split(16), strict=True))
-
-
-def _run(opt: Any, model: nn.Module, batches: list) -> None:
-    for x, y in batches:
-        opt.step(Objective(model, nn.MSELoss(), x, y))
-
-
-def _full_loss(model: nn.Module, batches: list) -> float:
-    with torch.no_grad():
-        return sum(float(nn.MSELoss()(model(x), y)) for x, y in batches) / len(batches)
-
-
-@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("kwargs", CASES.values(), ids=CASES.keys())
-def test_conformance_loss_decreases(kwargs: dict, dtype: torch.dtype) -> None:
-    model = tiny_mlp((4, 8, 3), dtype=dtype)
-    batches = _batches(4, dtype)
-    opt = KBFGS(model, **kwargs)
-    start = _full_loss(model, batches)
-    for _ in range(10):
-        _run(opt, model, batches)
-    assert _full_loss(model, batches) < 0.7 * start
-
-
-@pytest.mark.parametrize("kwargs", CASES.values(), ids=CASES.keys())
-def test_conformance_state_dict_round_trip_continues_bit_identically(kwargs: dict) -> None:
-    batches = _batches(12)
-    model = tiny_mlp((4, 8, 3))
-    opt = KBFGS(model, **kwargs)
-    _run(opt, model, batches[:5])
-    saved_model = copy.deepcopy(model.state_dict())
-    saved_opt = copy.deepcopy(opt.state_dict())
-    _run(opt, model, batches[5:])
-    resumed = tiny_mlp((4, 8, 3), seed=99)
-    resumed.load_state_dict(saved_model)
-    opt2 = KBFGS(resumed, **kwargs)
-    opt2.load_state_dict(saved_opt)
-    _run(opt2, resumed, batches[5:])
-    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(p, q)
-
-
-@pytest.mark.parametrize("kwargs", CASES.values(), ids=CASES.keys())
-def test_conformance_lr_scheduler_is_respected(kwargs: dict) -> None:
-    model = tiny_mlp((4, 8, 3))
-    batches = _batches(3)
-    opt = KBFGS(model, **kwargs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 if epoch == 0 else 0.0)
-    _run(opt, model, batches[:1])
-    sched.step()
-    frozen = [p.detach().clone() for p in model.parameters()]
-    opt.param_groups[0]["weight_decay"] = 0.0
-    _run(opt, model, batches[1:])
-    for p, q in zip(model.parameters(), frozen, strict=True):
-        assert torch.equal(p, q)
 
 
 def _run_overflowing_case(**options: Any) -> tuple[KBFGS, nn.Module]:

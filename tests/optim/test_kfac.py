@@ -114,25 +114,6 @@ def test_fallback_params_warned_and_trained() -> None:
     assert not torch.equal(bn.running_mean, running)
 
 
-def test_non_finite_loss_skips_step_and_keeps_state() -> None:
-    model = tiny_mlp()
-    x, y = regression_problem()
-    opt = KFAC(model)
-    opt.step(Objective(model, nn.MSELoss(), x, y))
-    before = _snapshot(model)
-    state_before = {k: v.clone() for k, v in opt.layer_state("0").items() if torch.is_tensor(v)}
-    bad = x.clone()
-    bad[0, 0] = float("nan")
-    loss = opt.step(Objective(model, nn.MSELoss(), bad, y))
-    assert not torch.isfinite(loss)
-    assert opt.last_step_info["skipped"] and opt.last_step_info["reason"] == "non-finite loss"
-    for p, q in zip(model.parameters(), before, strict=True):
-        assert torch.equal(p, q)
-    for k, v in state_before.items():
-        assert torch.equal(opt.layer_state("0")[k], v)
-    assert opt.global_state["global_step"] == 1
-
-
 def test_plain_closure_and_bad_models_are_rejected() -> None:
     model = tiny_mlp()
     opt = KFAC(model)

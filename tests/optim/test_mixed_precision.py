@@ -10,8 +10,10 @@ import torch
 from torch import nn
 
 from curvlab import Objective
+from curvlab.optim.registry import Config, conformance_configs
 from curvlab.testing.models import regression_problem, tiny_mlp
-from tests.optim.test_conformance import CASES, Case
+
+SUITE = conformance_configs()
 
 
 def _floating_state_dtypes(state: Any) -> set[torch.dtype]:
@@ -33,12 +35,12 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float(nn.MSELoss()(model(x), y))
 
 
-@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_bf16_autocast_keeps_float32_state_and_decreases_the_loss(case: Case) -> None:
+@pytest.mark.parametrize("config", SUITE.values(), ids=SUITE.keys())
+def test_bf16_autocast_keeps_float32_state_and_decreases_the_loss(config: Config) -> None:
     model = tiny_mlp((4, 8, 3), dtype=torch.float32)
     x, y = regression_problem(n=64, dtype=torch.float32)
     batches = list(zip(x.split(16), y.split(16), strict=True))
-    opt = case.cls(model, **case.kwargs)
+    opt = config.build(model)
     start = _loss(model, x, y)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for _ in range(10):
@@ -69,10 +71,9 @@ class _OutputDtypes:
 def test_forward_passes_run_in_bf16_while_state_is_float32(name: str) -> None:
     """Every forward pass of a step (gradient, sampled-label, statistics, curvature, trial)
     runs in bf16 under autocast, although the optimizer's maths runs with autocast off."""
-    case = CASES[name]
     model = tiny_mlp((4, 8, 3), dtype=torch.float32)
     x, y = regression_problem(n=16, dtype=torch.float32)
-    opt = case.cls(model, **case.kwargs)
+    opt = SUITE[name].build(model)
     dtypes = _OutputDtypes(model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for _ in range(3):
@@ -87,7 +88,7 @@ def test_forward_passes_run_in_bf16_while_state_is_float32(name: str) -> None:
 def test_plain_closure_runs_under_the_callers_autocast() -> None:
     model = tiny_mlp((4, 8, 3), dtype=torch.float32)
     x, y = regression_problem(n=16, dtype=torch.float32)
-    opt = CASES["shampoo"].cls(model, **CASES["shampoo"].kwargs)
+    opt = SUITE["shampoo"].build(model)
     dtypes = _OutputDtypes(model)
 
     def closure() -> torch.Tensor:
@@ -108,7 +109,7 @@ def test_step_inside_autocast_leaves_no_stale_weight_casts() -> None:
     in-place updates; after a step, forwards in the same block must see the new weights."""
     model = tiny_mlp((4, 8, 3), dtype=torch.float32)
     x, y = regression_problem(n=16, dtype=torch.float32)
-    opt = CASES["kfac"].cls(model, **CASES["kfac"].kwargs)
+    opt = SUITE["kfac"].build(model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         before = model(x)  # fills the cache with the casts of the current weights
         opt.step(Objective(model, nn.MSELoss(), x, y))

@@ -1,13 +1,10 @@
 """The model-wide base: a rejected step leaves parameters exactly; ρ (also at a trial point
 other than the step); skips; one group; which models have a stateful training pass; the state
-keys of the step control (radius, σ, λ_LM) that saved state_dicts rely on. Also the
-pass-counting helpers used by the model-wide methods' tests."""
+keys of the step control (radius, σ, λ_LM) that saved state_dicts rely on. (The pass-counting
+helpers of the model-wide methods' tests: curvlab.testing.spies.)"""
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -19,39 +16,6 @@ from curvlab import Objective
 from curvlab.optim import ARC, SMWGN, EllipsoidalTR, HessianFree
 from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal, has_stateful_forward
 from curvlab.testing.models import regression_problem, tiny_cnn, tiny_mlp
-
-
-# ------------------------------------------------------------------ helpers (also for methods)
-@contextmanager
-def count_forwards(model: nn.Module) -> Iterator[list[int]]:
-    """``[n]``: the number of forward passes of ``model`` inside the block (functional ones,
-    `torch.func.functional_call`, included)."""
-    count = [0]
-
-    def hook(*args: Any) -> None:
-        count[0] += 1
-
-    handle = model.register_forward_hook(hook)
-    try:
-        yield count
-    finally:
-        handle.remove()
-
-
-def spy_operators(opt: Any) -> list[weakref.ref[Any]]:
-    """Weak references to the curvature operator of every step (``opt._operator`` at the end
-    of `propose`); dead after ``step`` when no autograd graph outlives the step."""
-    refs: list[weakref.ref[Any]] = []
-    original = opt.propose
-
-    def propose(objective: Objective, loss: torch.Tensor, g: torch.Tensor) -> Proposal:
-        proposal = original(objective, loss, g)
-        assert opt._operator is not None
-        refs.append(weakref.ref(opt._operator))
-        return proposal
-
-    opt.propose = propose
-    return refs
 
 
 class DenseLM(ModelwiseOptimizer):

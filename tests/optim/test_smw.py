@@ -1,10 +1,9 @@
 """SMW-GN / SMW-NG / SMW-NG-BD (thesis ch.5): directions equal the dense LM solve, the LM
 rule, ρ, Theorem 6's acceptance, skips and bad input, passes per step (NG's per-sample rows
-from the gradient pass), conformance-style behaviour."""
+from the gradient pass). (The conformance checks: tests/optim/test_conformance.py.)"""
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
@@ -19,7 +18,7 @@ from curvlab.linalg import DecompositionError
 from curvlab.optim.modelwise import Proposal
 from curvlab.optim.smw import SMWGN, SMWNG, SMWNGBD
 from curvlab.testing.models import regression_problem, tiny_cnn, tiny_mlp
-from tests.optim.test_modelwise import count_forwards
+from curvlab.testing.spies import count_forwards
 
 F64 = torch.float64
 CLASSES = [SMWGN, SMWNG, SMWNGBD]
@@ -258,39 +257,6 @@ def test_non_finite_gram_and_failed_solves_skip_the_step(monkeypatch: Any) -> No
     assert torch.equal(_flat(model), before)
 
 
-INVALID = {
-    "lr": -1.0,
-    "damping": -1.0,
-    "tau": 0.0,
-    "boost": 1.0,
-    "drop": 1.0,
-    "epsilon": 0.5,
-    "curvature_batch_size": 0,
-    "accept_threshold": 0.3,  # must lie in (0, ε) = (0, 0.25)
-    "curvature_subset": "all",
-    "ratio_point": "middle",
-    "form": "lu",
-}
-
-
-@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
-@pytest.mark.parametrize(("key", "value"), INVALID.items(), ids=INVALID.keys())
-def test_invalid_hyperparameters_raise_naming_them(cls: type, key: str, value: Any) -> None:
-    with pytest.raises(ValueError, match=f"^{key}"):
-        cls(tiny_mlp(), **{key: value})
-
-
-@pytest.mark.parametrize(
-    ("key", "value"), [("lr", math.nan), ("epsilon", 0.7), ("curvature_batch_size", 2.5)]
-)
-def test_invalid_hyperparameters_set_later_are_rejected_at_step(key: str, value: Any) -> None:
-    model, loss_fn, x, y = _problem("mse")
-    opt = SMWNG(model)
-    opt.param_groups[0][key] = value
-    with pytest.raises(ValueError, match=f"^{key}"):
-        opt.step(Objective(model, loss_fn, x, y))
-
-
 def test_bad_input_raises_clear_errors() -> None:
     model, loss_fn, x, y = _problem("mse")
     before = _flat(model)
@@ -310,56 +276,3 @@ def test_bad_input_raises_clear_errors() -> None:
     m2, ce, x2, y2 = _problem("ce")
     with pytest.raises(ValueError, match="^form"):
         SMWGN(m2, form="symmetric").step(Objective(m2, ce, x2, y2))
-
-
-# --------------------------------------------------------- conformance-style behaviour
-def _batches(n: int) -> list[tuple[Tensor, Tensor]]:
-    x, y = regression_problem(n=16 * n, seed=1)
-    return list(zip(x.split(16), y.split(16), strict=True))
-
-
-def _run(opt: Any, model: nn.Module, batches: list) -> None:
-    for x, y in batches:
-        opt.step(Objective(model, nn.MSELoss(), x, y))
-
-
-CONFORMANCE = [
-    (SMWGN, {"lr": 1.0}),
-    (SMWNG, {"lr": 1.0, "curvature_batch_size": 8}),
-    (SMWNGBD, {"lr": 0.5, "curvature_batch_size": 8, "accept_threshold": 0.1}),
-]
-
-
-@pytest.mark.parametrize(("cls", "kwargs"), CONFORMANCE, ids=lambda c: getattr(c, "__name__", ""))
-def test_conformance_loss_round_trip_and_scheduler(cls: type, kwargs: dict[str, Any]) -> None:
-    model = tiny_mlp((4, 8, 3))
-    batches = _batches(4)
-    opt = cls(model, **kwargs)
-
-    def full() -> float:
-        with torch.no_grad():
-            return sum(float(nn.MSELoss()(model(x), y)) for x, y in batches) / len(batches)
-
-    start = full()
-    for _ in range(10):
-        _run(opt, model, batches)
-    assert full() < 0.7 * start
-
-    batches = _batches(8)
-    model = tiny_mlp((4, 8, 3))
-    opt = cls(model, **kwargs)
-    _run(opt, model, batches[:3])
-    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    _run(opt, model, batches[3:])
-    resumed = tiny_mlp((4, 8, 3), seed=99)
-    resumed.load_state_dict(saved_model)
-    opt2 = cls(resumed, **kwargs)
-    opt2.load_state_dict(saved_opt)
-    _run(opt2, resumed, batches[3:])
-    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(p, q)
-
-    opt2.param_groups[0]["lr"] = 0.0  # what an LR scheduler does
-    frozen = _flat(resumed)
-    _run(opt2, resumed, batches[:2])
-    assert torch.equal(_flat(resumed), frozen)

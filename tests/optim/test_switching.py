@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from curvlab import KFAC, Objective
 from curvlab.optim.switching import TwoStage
+from curvlab.testing.conformance import batches as _batches
 from curvlab.testing.models import regression_problem, tiny_mlp
 
 
@@ -163,11 +164,6 @@ def test_zero_grad_and_last_step_info_come_from_the_active_stage() -> None:
 def _kfac_then_sgd(model: nn.Module, **kwargs: Any) -> TwoStage:
     first = KFAC(model, lr=0.1, damping=0.1, fisher="true")
     return TwoStage(first, functools.partial(torch.optim.SGD, momentum=0.9), **kwargs)
-
-
-def _batches(n: int) -> list[tuple[Tensor, Tensor]]:
-    x, y = regression_problem(n=16 * n, seed=1)
-    return list(zip(x.split(16), y.split(16), strict=True))
 
 
 def _epochs(opt: TwoStage, model: nn.Module, batches: list, epochs: range) -> list[bool]:

@@ -2,234 +2,35 @@
 
 from __future__ import annotations
 
-import copy
 import math
-from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.func import grad, hessian, jacrev
+from torch.func import jacrev
 
 from curvlab import Objective
 from curvlab.autodiff import curvature_operator
-from curvlab.optim.modelwise import Proposal
 from curvlab.optim.trust_region import EllipsoidalTR, norm_matrix_diagonal, update_second_moment
 from curvlab.solvers import steihaug_cg
 from curvlab.testing.models import deep_linear, regression_problem, tiny_mlp
-from tests.optim.test_modelwise import count_forwards, spy_operators
-from tests.solvers import dense_tr_solution, quadratic_model
+from curvlab.testing.modelwise import (
+    check_adaptive_norm_passes,
+    dense_derivatives,
+    flat,
+    flat_loss,
+)
+from curvlab.testing.solvers import dense_tr_solution, quadratic_model
+from curvlab.testing.spies import spy_proposals
 
 F64 = torch.float64
 NORMS = ["uniform", "adagrad", "rmsprop"]
 
 
-# ------------------------------------------------------------------ helpers (also for ARC)
-def flat(model: nn.Module) -> Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def flat_loss(objective: Objective) -> Any:
-    """θ ↦ L(θ) on the objective's batch, θ the flat parameter vector."""
-    names = [n for n, _ in objective.model.named_parameters()]
-    shapes = [p.shape for p in objective.model.parameters()]
-
-    def f(theta: Tensor) -> Tensor:
-        parts, offset = {}, 0
-        for n, s in zip(names, shapes, strict=True):
-            parts[n] = theta[offset : offset + s.numel()].view(s)
-            offset += s.numel()
-        return objective.functional_loss(parts)
-
-    return f
-
-
-def dense_derivatives(objective: Objective) -> tuple[Tensor, Tensor]:
-    """Gradient and Hessian of the batch loss at the model's parameters (torch.func, dense)."""
-    f = flat_loss(objective)
-    theta = flat(objective.model)
-    return grad(f)(theta), hessian(f)(theta)
-
-
-def spy_proposals(opt: Any) -> list[Proposal]:
-    """Record every proposal the optimizer makes (its step before acceptance)."""
-    seen: list[Proposal] = []
-    original = opt.propose
-
-    def propose(objective: Objective, loss: Tensor, g: Tensor) -> Proposal:
-        proposal = original(objective, loss, g)
-        seen.append(proposal)
-        return proposal
-
-    opt.propose = propose
-    return seen
-
-
-def batches(n: int) -> list[tuple[Tensor, Tensor]]:
-    x, y = regression_problem(n=16 * n, seed=1)
-    return list(zip(x.split(16), y.split(16), strict=True))
-
-
-def run(opt: Any, model: nn.Module, data: list[tuple[Tensor, Tensor]]) -> list[float]:
-    return [float(opt.step(Objective(model, nn.MSELoss(), x, y))) for x, y in data]
-
-
-def full_loss(model: nn.Module, data: list[tuple[Tensor, Tensor]]) -> float:
-    with torch.no_grad():
-        return sum(float(nn.MSELoss()(model(x), y)) for x, y in data) / len(data)
-
-
-def check_conformance(cls: type, kwargs: dict[str, Any]) -> None:
-    """The loss / round-trip / LR-scheduler checks of tests/optim/test_conformance.py."""
-    model = tiny_mlp((4, 8, 3))
-    data = batches(4)
-    opt = cls(model, **kwargs)
-    start = full_loss(model, data)
-    for _ in range(10):
-        run(opt, model, data)
-    assert full_loss(model, data) < 0.7 * start
-
-    data = batches(12)
-    model = tiny_mlp((4, 8, 3))
-    opt = cls(model, **kwargs)
-    run(opt, model, data[:5])
-    saved_model = copy.deepcopy(model.state_dict())
-    saved_opt = copy.deepcopy(opt.state_dict())
-    run(opt, model, data[5:])
-    resumed = tiny_mlp((4, 8, 3), seed=99)
-    resumed.load_state_dict(saved_model)
-    opt2 = cls(resumed, **kwargs)
-    opt2.load_state_dict(saved_opt)
-    run(opt2, resumed, data[5:])
-    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(p, q)
-    assert opt2.state_dict()["state"][0].keys() == opt.state_dict()["state"][0].keys()
-
-    model = tiny_mlp((4, 8, 3))
-    opt = cls(model, **kwargs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 if epoch == 0 else 0.0)
-    run(opt, model, data[:1])
-    sched.step()
-    frozen = [p.detach().clone() for p in model.parameters()]
-    run(opt, model, data[1:3])
-    for p, q in zip(model.parameters(), frozen, strict=True):
-        assert torch.equal(p, q)
-
-
-def check_passes(cls: type, kwargs: dict[str, Any]) -> None:
-    """One step = the operator's build (the gradient pass) + k products + one trial forward;
-    ``.grad`` untouched; the operator (and its graphs) gone after ``step``. On a BatchNorm
-    model the build stands for the training pass (running statistics move once, exactly as in
-    a training forward pass); a dropout model keeps the closure's training pass."""
-    model = tiny_mlp((3, 4, 2))
-    x, y = regression_problem(n=8, d_in=3, d_out=2)
-    objective = Objective(model, nn.MSELoss(), x, y)
-    g, _ = dense_derivatives(objective)
-    loss0 = float(flat_loss(objective)(flat(model)))
-    opt = cls(model, **kwargs)
-    proposals = spy_proposals(opt)
-    refs = spy_operators(opt)
-    with count_forwards(model) as forwards:
-        loss = opt.step(objective)
-    info = opt.last_step_info
-    assert forwards[0] == 2  # build + trial; Hessian / GGN products reuse the kept graphs
-    assert all(p.grad is None for p in model.parameters())
-    assert float(loss) == pytest.approx(loss0, rel=1e-14)
-    assert info["curvature_products"] >= 1
-    assert opt.global_state["curvature_products"] == info["curvature_products"]
-    # g_t from the operator's build is the dense gradient: the norm's accumulator saw it.
-    weight = {"adagrad": 1.0, "rmsprop": 1.0 - opt.param_groups[0]["beta"]}[kwargs["norm"]]
-    torch.testing.assert_close(opt.global_state["second_moment"], weight * g * g)
-    assert len(proposals) == 1 and len(refs) == 1
-    assert refs[0]() is None and opt._operator is None  # no autograd graph outlives the step
-
-    check_stateful_training_pass(cls, kwargs, x, y)
-
-
-def check_stateful_training_pass(cls: type, kwargs: dict[str, Any], x: Tensor, y: Tensor) -> None:
-    """BatchNorm: build + trial, the running statistics moved once, bit-identical to a training
-    forward pass at the same parameters. Dropout: the closure's pass is kept (3 forwards)."""
-    d_in, d_out = x.shape[1], y.shape[1]
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(d_in, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, d_out)).to(
-        F64
-    )
-    reference = copy.deepcopy(model)
-    reference(x)  # one training pass at the step's parameters
-    opt = cls(model, **kwargs)
-    refs = spy_operators(opt)
-    with count_forwards(model) as forwards:
-        opt.step(Objective(model, nn.MSELoss(), x, y))
-    assert forwards[0] == 2  # the build (the training pass) and the trial
-    assert all(p.grad is None for p in model.parameters())
-    assert int(model[1].num_batches_tracked) == 1
-    for name in ("running_mean", "running_var"):
-        assert torch.equal(getattr(model[1], name), getattr(reference[1], name))
-    assert refs[0]() is None
-    model = nn.Sequential(nn.Linear(d_in, 4), nn.Dropout(0.3), nn.Tanh(), nn.Linear(4, d_out))
-    model = model.to(F64)
-    opt = cls(model, **kwargs)
-    with count_forwards(model) as forwards:
-        opt.step(Objective(model, nn.MSELoss(), x, y))
-    assert forwards[0] == 3  # closure, build, trial
-    assert all(p.grad is not None for p in model.parameters())
-
-
-def check_invalid(cls: type, kwargs: dict[str, Any], invalid: dict[str, Any]) -> None:
-    for key, value in invalid.items():
-        with pytest.raises(ValueError, match=f"^{key}"):
-            cls(tiny_mlp(), **{**kwargs, key: value})
-    model = tiny_mlp((4, 8, 3))
-    opt = cls(model, **kwargs)
-    x, y = batches(1)[0]
-    opt.param_groups[0]["lr"] = float("nan")
-    with pytest.raises(ValueError, match="^lr"):
-        opt.step(Objective(model, nn.MSELoss(), x, y))
-    opt.param_groups[0]["lr"] = 1.0
-    with pytest.raises(TypeError, match="curvlab.Objective"):
-        opt.step(lambda: torch.tensor(1.0))
-
-
 # ------------------------------------------------------------------------------- tests
-CASES = {
-    "uniform": dict(norm="uniform"),
-    "adagrad": dict(norm="adagrad"),
-    "rmsprop": dict(norm="rmsprop", radius=0.05),
-    "uniform-code-stopping-ggn": dict(norm="uniform", stopping="model_decrease", curvature="ggn"),
-    "rmsprop-code-eps": dict(norm="rmsprop", radius=0.05, eps_mode="code"),
-}
-
-INVALID = {
-    "lr": -1.0,
-    "norm": "full",
-    "radius": 0.0,
-    "max_radius": -1.0,
-    "eta1": 1.0,
-    "eta2": 0.001,  # below η₁ = 0.01
-    "increase": 0.5,
-    "decrease": 1.0,
-    "krylov_tol": -0.1,
-    "max_krylov_dim": 0,
-    "stopping": "eq53",
-    "beta": 1.0,
-    "eps": 0.0,
-    "eps_mode": "both",
-    "curvature": "fisher",
-}
-
-
-@pytest.mark.parametrize("kwargs", CASES.values(), ids=CASES.keys())
-def test_conformance(kwargs: dict[str, Any]) -> None:
-    check_conformance(EllipsoidalTR, kwargs)
-
-
-def test_invalid_hyperparameters_are_rejected_naming_them() -> None:
-    check_invalid(EllipsoidalTR, {}, INVALID)
-
-
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 def test_one_step_is_one_gradient_pass_plus_products_and_a_trial(curvature: str) -> None:
-    check_passes(EllipsoidalTR, {"norm": "adagrad", "curvature": curvature})
+    check_adaptive_norm_passes(EllipsoidalTR, {"norm": "adagrad", "curvature": curvature})
 
 
 def test_table_1_defaults_per_norm() -> None:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from curvlab.solvers import cg
-from tests.solvers import matvec_of, symmetric_with_spectrum
+from curvlab.testing.solvers import matvec_of, symmetric_with_spectrum
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 F64 = torch.float64

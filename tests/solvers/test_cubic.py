@@ -12,7 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from curvlab.solvers import cubic_subproblem, minimize_cubic_dense
-from tests.solvers import cubic_model, dense_cubic_solution, matvec_of, symmetric_with_spectrum
+from curvlab.testing.solvers import (
+    cubic_model,
+    dense_cubic_solution,
+    matvec_of,
+    symmetric_with_spectrum,
+)
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 F64 = torch.float64

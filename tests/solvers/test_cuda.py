@@ -16,7 +16,7 @@ from curvlab.solvers import (
     steihaug_cg,
     tr_gd_subproblem,
 )
-from tests.solvers import symmetric_with_spectrum
+from curvlab.testing.solvers import symmetric_with_spectrum
 
 pytestmark = [
     pytest.mark.gpu,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from curvlab.solvers import tr_gd_subproblem
-from tests.solvers import dense_tr_solution, matvec_of, quadratic_model
+from curvlab.testing.solvers import dense_tr_solution, matvec_of, quadratic_model
 
 F64 = torch.float64
 

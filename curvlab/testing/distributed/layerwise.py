@@ -1,4 +1,5 @@
-"""Optimizer cases and the per-rank worker of the two-process gloo tests.
+"""Optimizer cases and the per-rank worker of the two-process gloo tests
+(tests/distributed).
 
 Every case is run (a) in one process on three global batches and (b) on two gloo ranks that
 each step on their half of every batch, in mode "inverses", in mode "preconditioned" and with

@@ -1,4 +1,5 @@
-"""Test helpers for ``curvlab reproduce``: run a NAME at smoke scale and check its report."""
+"""Smoke checks of ``curvlab reproduce`` (for its tests): run a NAME at smoke scale and check
+its report."""
 
 from __future__ import annotations
 

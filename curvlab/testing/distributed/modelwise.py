@@ -1,4 +1,5 @@
-"""Model-wide optimizer cases and the per-rank worker of the two-process gloo tests.
+"""Model-wide optimizer cases and the per-rank worker of the two-process gloo tests
+(tests/distributed).
 
 Every case runs (a) in one process on three global batches of a float64 MLP and (b) on two
 gloo ranks that each step on their half of every batch (`ModelwiseOptimizer.distribute`).

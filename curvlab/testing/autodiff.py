@@ -1,4 +1,5 @@
-"""Dense float64 references for the curvature products (torch.func on tiny models)."""
+"""Dense float64 references for the curvature products (torch.func on tiny models): the
+curvlab.autodiff tests compare against them."""
 
 from __future__ import annotations
 
