@@ -5,7 +5,7 @@ machine: every matrix product, matrix–vector product, reduction and triangular
 work at the shape where it really occurs, each timed on its own at the current thread count
 (no single peak number), plus the *measured* time of its amortised decompositions (inverses,
 inverse roots). A floor is a list of `FloorItem`\ s, an operation
-(`curvlab.bench.cost.operations.Op`) with the number of times it occurs per step (``1/T1`` for
+(`curvlab.linalg.cost.Op`) with the number of times it occurs per step (``1/T1`` for
 statistics, ``1/T2`` for decompositions) and the term of the overhead table it belongs to
 (`FLOOR_TERMS`).
 Elementwise work (EMAs, damping, the loss and its derivative, the activation functions'
@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from curvlab.bench.cost.geometry import LayerGeometry
-from curvlab.bench.cost.operations import Decomposition, Op, best_time, counted_flops
+from curvlab.bench.cost.operations import best_time, counted_flops
+from curvlab.linalg.cost import Decomposition, Op
 
 __all__ = [
     "FLOOR_TERMS",

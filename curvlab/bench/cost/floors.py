@@ -55,7 +55,6 @@ batched mode products (an approximation); the floors are exact in form for MLPs.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -64,14 +63,16 @@ from torch import Tensor, nn
 
 from curvlab.bench.cost.floor_model import FloorItem
 from curvlab.bench.cost.geometry import LayerGeometry
-from curvlab.bench.cost.operations import (
+from curvlab.linalg.cost import (
     Decomposition,
     Gemm,
     Matvec,
     Op,
     RowSum,
-    TriangularSolve,
-    gram_gemms,
+    gram_ops,
+    lbfgs_multiply_ops,
+    mode_product_op,
+    mode_statistics_ops,
 )
 from curvlab.optim.kbfgs import KBFGS
 from curvlab.optim.kfac import KFAC
@@ -90,28 +91,6 @@ __all__ = [
 # --------------------------------------------------------------------------- building blocks
 def _items(term: str, ops: Iterable[Op], per_step: float, layer: str, what: str) -> list[FloorItem]:
     return [FloorItem(term, op, per_step, layer, what) for op in ops]
-
-
-def _lbfgs_vector(k: int, d: int) -> list[Op]:
-    """The compact L-BFGS product H v for one vector, SᵀY and YᵀY known."""
-    return [
-        Gemm(2 * k, d, 1, "nn"),  # [Sᵀv; Yᵀv]
-        TriangularSolve(k, 1),
-        Gemm(k, k, 1, "nn"),  # YᵀY r
-        TriangularSolve(k, 1),
-        Gemm(d, 2 * k, 1, "tn"),  # γv + [S Y] c (addmm)
-    ]
-
-
-def _lbfgs_matrix(k: int, d: int, cols: int) -> list[Op]:
-    """The compact L-BFGS product H V for V of shape (d × cols), SᵀY and YᵀY known."""
-    return [
-        Gemm(2 * k, d, cols, "nn"),
-        TriangularSolve(k, cols),
-        Gemm(k, k, cols, "nn"),
-        TriangularSolve(k, cols),
-        Gemm(d, 2 * k, cols, "tn"),  # γV + [S Y] C (addmm)
-    ]
 
 
 # --------------------------------------------------------------------------- method floors
@@ -140,11 +119,11 @@ def kfac_floor(
                 g.name,
                 "g W (output gradients only)",
             )
-        a_ops: list[Op] = list(gram_gemms(g.rows, g.fan_in))
+        a_ops: list[Op] = list(gram_ops(g.rows, g.fan_in))
         if g.bias:
             a_ops.append(RowSum(g.rows, g.fan_in))
         out += _items("factor_A", a_ops, stats, g.name, "A = āᵀā / m")
-        out += _items("factor_G", gram_gemms(g.rows, g.d_out), stats, g.name, "G = ĝᵀĝ")
+        out += _items("factor_G", gram_ops(g.rows, g.d_out), stats, g.name, "G = ĝᵀĝ")
         out += _items(
             "precondition",
             [Gemm(g.d_out, g.d_out, g.d_a, "nn"), Gemm(g.d_out, g.d_a, g.d_a, "nt")],
@@ -197,7 +176,7 @@ def kbfgs_floor(
         if a_update == "minibatch":
             a_ops += [Matvec(r, n), Matvec(r, n, transposed=True)]  # Ã s_A = Xᵀ(X s_A)/m
         else:  # K-BFGS-20 (Alg 4 line 20): A's EMA formed, then A s_A
-            a_ops += list(gram_gemms(r, n))
+            a_ops += list(gram_ops(r, n))
             if g.bias:
                 a_ops.append(RowSum(r, n))
             a_ops.append(Matvec(da, da))
@@ -217,12 +196,12 @@ def kbfgs_floor(
             g_ops += [Matvec(do, do), Gemm(do, 2, do, "nn", accumulate=True)]  # H_G ỹ, rank 2
         else:
             if pair_damping != "dpi_dlm":
-                g_ops += _lbfgs_vector(k, do)  # H_G y (Powell damping)
+                g_ops += lbfgs_multiply_ops(k, do)  # H_G y (Powell damping)
             g_ops += [Matvec(k, do), Matvec(k, do), Matvec(k, do)]  # new row of SᵀY, YᵀY
         out += _items("factor_G", g_ops, c, g.name, "h̄, D̄h, damped pair, update of H_G")
         # Alg 9 line 9: p = H_G D̂W H_A.
         p_ops: list[Op] = [Gemm(do, da, da, "nn")]
-        p_ops += [Gemm(do, do, da, "nn")] if k is None else _lbfgs_matrix(k, do, da)
+        p_ops += [Gemm(do, do, da, "nn")] if k is None else lbfgs_multiply_ops(k, do, da)
         out += _items("precondition", p_ops, 1.0, g.name, "H_G (V H_A)")
     return out
 
@@ -271,27 +250,11 @@ def tensorwise_floor(
     for t in tensors:
         shape = t.shape
         for mode in range(len(shape)):
-            pre, d, post = (
-                math.prod(shape[:mode]),
-                shape[mode],
-                math.prod(shape[mode + 1 :]),
-            )
-            # curvlab.linalg.modes.mode_statistics: rows of the contraction.
-            if post == 1:
-                grams = gram_gemms(pre, d)
-            elif pre == 1:
-                grams = gram_gemms(post, d, transposed=True)
-            else:
-                grams = gram_gemms(pre * post, d, transposed=True)
+            d = shape[mode]
             term = "factor_G" if mode == 0 else "factor_A"
+            grams = mode_statistics_ops(shape, mode)
             out += _items(term, grams, stats, t.name, f"mode-{mode} contraction")
-            # mode_product (precondition): one product per mode.
-            if post == 1:
-                prod = Gemm(pre, d, d, "nt")
-            elif pre == 1:
-                prod = Gemm(d, d, post, "nn")
-            else:
-                prod = Gemm(d, d, post, "nn", batch=pre)
+            prod = mode_product_op(shape, mode)
             out += _items("precondition", [prod], 1.0, t.name, f"×_{mode} P_{mode}")
             source = "" if source_prefix is None else f"{source_prefix}{t.name}:{mode}"
             out += _items(

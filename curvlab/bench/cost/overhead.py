@@ -57,12 +57,13 @@ from curvlab.bench.cost.floor_model import FLOOR_TERMS, FloorItem, floor_flops, 
 from curvlab.bench.cost.floors import floor_items, real_factors
 from curvlab.bench.cost.geometry import LayerGeometry, layer_geometry
 from curvlab.bench.cost.memory import state_bytes, storage_formula
-from curvlab.bench.cost.operations import Decomposition, Gemm, RowSum, counted_flops
+from curvlab.bench.cost.operations import counted_flops
 from curvlab.bench.problems import Problem, get_problem
 from curvlab.bench.records import environment, to_jsonable, write_json
 from curvlab.bench.runner import RUNNER_KEYS
 from curvlab.bench.specs import get_optimizer, presets_for
 from curvlab.data import batches
+from curvlab.linalg.cost import Decomposition, Gemm, RowSum
 from curvlab.objective import Objective
 from curvlab.optim.kbfgs import KBFGS
 from curvlab.optim.kfac import KFAC
