@@ -264,6 +264,35 @@ def test_cli_runs_every_method_and_writes_json(
     assert all(_finite(g["gflop_per_s"]) and g["gflop_per_s"] > 0 for g in result["gemms"].values())
 
 
+@pytest.mark.parametrize("fisher", ["empirical", "true"])
+def test_floor_of_a_method_without_a_cli_group_is_what_it_executes(fisher: str) -> None:
+    """Any block method has a floor (here TSO-ALRA's first stage, eigh square roots): its
+    matrix products are those the step executes, and the decompositions of K-FAC and
+    TSO-ALRA are timed on their own factors A and G."""
+    hp = {"inverse_every": 2, "fisher": fisher}
+    result = measure_overhead(
+        "synthetic-mlp",
+        steps=2,
+        repeats=1,
+        warmup=2,
+        threads=1,
+        floor_repeats=1,
+        variants=[
+            Variant("sgd-m", "sgd-m"),
+            Variant("tso", "tso-alra-stage1", hp),
+            Variant("kfac", "kfac", {"inverse_every": 2, "lr": 1e-3}),
+        ],
+    )
+    tso = next(m for m in result["methods"] if m["name"] == "tso")
+    assert 1e9 * tso["executed_beyond_floor_gflop"] == pytest.approx(0.0, abs=1)
+    assert tso["memory"]["table"] == "thesis Table 3.1, KFAC"
+    assert (tso["floor_terms_ms"]["statistics_backward"] > 0) == (fisher == "true")
+    labels = set(result["inversions_ms"])
+    layers = [("0", 21, 32), ("2", 33, 32), ("4", 33, 3)]  # (name, d_a, d_out)
+    assert {f"eigh root 1/2 d={da} [tso/{name}:A]" for name, da, _ in layers} <= labels
+    assert {f"inverse d={do} [kfac/{name}:G]" for name, _, do in layers} <= labels
+
+
 def test_methods_and_lr_options(capsys: pytest.CaptureFixture[str]) -> None:
     variants = default_variants(methods=["tnt", "kbfgs"], lrs={"tnt": 1e-6})
     assert [v.name for v in variants] == ["sgd-m", "tnt", "kbfgs"]
