@@ -1,4 +1,5 @@
-"""Layer-wise curvature machinery: layer adapters, capture hooks, factor statistics, blocks."""
+"""Layer-wise curvature machinery: layer adapters, capture hooks, factor statistics, blocks
+and the cost model of their work (`curvlab.curvature.cost`)."""
 
 from curvlab.curvature.blocks import CurvatureBlock, KroneckerBlock, TensorBlock
 from curvlab.curvature.factors import input_factor, output_factor

@@ -5,7 +5,8 @@ Tikhonov damping (:mod:`.damping`), damped Cholesky inverses and solves with a f
 damping retry policy (:mod:`.inverse`), inverse p-th roots and eigendecompositions
 (:mod:`.roots`), the Gram / moving-average statistics of Kronecker factors (:mod:`.gram`), and
 (damped) BFGS / L-BFGS updates and products (:mod:`.bfgs`), and Sherman-Morrison-Woodbury
-solves (:mod:`.woodbury`).
+solves (:mod:`.woodbury`). :mod:`.cost` describes the operations these routines execute, for
+the cost model of the curvature blocks.
 """
 
 from __future__ import annotations

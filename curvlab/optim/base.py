@@ -36,6 +36,7 @@ Data-parallel: `curvlab.optim.data_parallel.DataParallelBlocks`.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from curvlab.curvature.blocks import CurvatureBlock
+from curvlab.curvature.cost import CostItem, LayerShape, StorageFormula
 from curvlab.curvature.layers import KroneckerLayer
 from curvlab.distributed import BlockParallel
 from curvlab.linalg import all_finite
@@ -445,6 +447,78 @@ class BlockOptimizer(SampledLabels, DataParallelBlocks, Optimizer):
         """One batch's statistics per block for `warm_start`, and the weight they are summed
         with (None: skip the batch)."""
         raise NotImplementedError(f"{type(self).__name__} has no warm start")
+
+    # -------------------------------------------------------------- cost model
+    def step_cost(self, shapes: Sequence[LayerShape]) -> list[CostItem]:
+        """The operations of one step beyond an SGD-m step (`curvlab.curvature.cost`), on a
+        model whose Kronecker layers had ``shapes`` in a forward pass: per layer the method's
+        extra passes (`pass_cost`) and its block's cost, then the tensor blocks' costs, each
+        block at the method's schedule (`cost_schedule`) and its refresh damping.
+
+        A layer block whose layer is not in ``shapes`` did no work and costs nothing.
+        """
+        statistics, refresh = self.cost_schedule()
+        out: list[CostItem] = []
+
+        def block_cost(name: str, shape: LayerShape | None) -> list[CostItem]:
+            return self.blocks[name].cost(
+                shape, statistics=statistics, refresh=refresh, damping=self.damping(name)
+            )
+
+        for shape in shapes:
+            out += self.pass_cost(shape)
+            if shape.name in self.layers:
+                out += block_cost(shape.name, shape)
+        for name, block in self.blocks.items():
+            if block.layer is None:
+                out += block_cost(name, None)
+        return out
+
+    def pass_cost(self, shape: LayerShape) -> list[CostItem]:
+        """The method's passes beyond the gradient pass at one layer (default: none)."""
+        return []
+
+    def cost_schedule(self) -> tuple[float, float]:
+        """(statistics updates, refreshes) per step: 1/T1 and 1/T2, the first group's
+        ``curvature_every`` and ``inverse_every`` (the step schedules every block by the first
+        group); a method without them updates its statistics every step and never refreshes."""
+        group = self.param_groups[0]
+        every = int(group.get("curvature_every", 1))
+        refresh = 1.0 / int(group["inverse_every"]) if "inverse_every" in group else 0.0
+        return 1.0 / every, refresh
+
+    def cost_period(self) -> int:
+        """Steps of one full statistics / refresh cycle, in which every kind of step occurs in
+        its proportion: lcm(T1, T2)."""
+        group = self.param_groups[0]
+        return math.lcm(int(group.get("curvature_every", 1)), int(group.get("inverse_every", 1)))
+
+    def cost_warmup_steps(self) -> int:
+        """Steps before a step costs what the steady state's do (default 0; a schedule that
+        refreshes more often at first, or a buffer that fills, takes longer)."""
+        return 0
+
+    def cost_diagnostics(self) -> dict[str, Any]:
+        """State that decides a step's cost: decompositions retried (float64 or more damping)
+        and refreshes that failed so far."""
+        info = self.last_step_info
+        return {k: info[k] for k in ("retried_decompositions", "failed_refreshes") if k in info}
+
+    def refresh_matrices(self) -> dict[str, Tensor]:
+        """The matrices the blocks' refreshes decompose (`CurvatureBlock.refresh_matrices`),
+        keyed by the ``source`` of the decompositions in `step_cost`."""
+        out: dict[str, Tensor] = {}
+        for name, block in self.blocks.items():
+            out.update(block.refresh_matrices(self.block_state(name)))
+        return out
+
+    def storage_formula(self, shapes: Sequence[LayerShape]) -> StorageFormula:
+        """The thesis's storage beyond SGD-m (Tables 3.1, 4.1): the sum of the blocks' terms
+        (`CurvatureBlock.storage`), layer blocks whose layer is in ``shapes``."""
+        names = {shape.name for shape in shapes}
+        return StorageFormula.total(
+            [b.storage() for n, b in self.blocks.items() if b.layer is None or n in names]
+        )
 
 
 def _tensors(value: Any) -> list[Tensor]:

@@ -47,6 +47,13 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.curvature.blocks.kbfgs import FirstPass, KBFGSBlock, fused_update_is_finite
+from curvlab.curvature.cost import (
+    CostItem,
+    LayerShape,
+    cost_items,
+    forward_product,
+    output_gradient_product,
+)
 from curvlab.curvature.factors import input_factor
 from curvlab.curvature.hooks import capture
 from curvlab.curvature.layers import find_layers
@@ -450,3 +457,43 @@ class KBFGS(BlockOptimizer):
                 )
             self.global_state["initialised"] = True
         return count
+
+    # -------------------------------------------------------------- cost model
+    def pass_cost(self, shape: LayerShape) -> list[CostItem]:
+        """Alg 9 line 13's second pass at the new weights, per layer, once per T steps: a forward
+        pass, ``x Wᵀ`` (r×n)(n×d_out), and a backward pass to the pre-activations only,
+        ``g W`` (r×d_out)(d_out×n) for the layers whose input needs a gradient (no weight
+        gradients). The block's pairs and preconditioning: `KBFGSBlock.cost`."""
+        if shape.name not in self.layers:
+            return []
+        c, name = self.cost_schedule()[0], shape.name
+        out = cost_items("extra_forward", [forward_product(shape)], c, name, "x Wᵀ (second pass)")
+        if shape.input_grad:
+            what = "g W (second pass, output gradients only)"
+            out += cost_items(
+                "statistics_backward", [output_gradient_product(shape)], c, name, what
+            )
+        return out
+
+    def cost_warmup_steps(self) -> int:
+        """K-BFGS(L): p curvature updates fill the pair buffer (Alg 9 line 21; a step's cost
+        grows with the pairs), then one more step; K-BFGS: 0."""
+        if self.memory is None:
+            return 0
+        return self.memory * int(self.param_groups[0]["curvature_every"]) + 1
+
+    def cost_diagnostics(self) -> dict[str, Any]:
+        """The base's, the pairs skipped so far (deviation A27) and K-BFGS(L)'s stored pairs
+        per layer."""
+        out = super().cost_diagnostics()
+        glob = self.global_state
+        out["skipped_g_pairs_total"] = glob.get("skipped_g_pairs_total", 0)
+        out["skipped_a_pairs_total"] = glob.get("skipped_a_pairs_total", 0)
+        if self.memory is not None:
+            states = {name: self.block_state(name) for name in self.layers}
+            out["lbfgs_pairs"] = {
+                name: int(state["pair_count"])
+                for name, state in states.items()
+                if "pair_count" in state
+            }
+        return out

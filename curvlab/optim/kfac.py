@@ -48,6 +48,13 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.curvature.blocks import DampingSplit, KroneckerBlock
+from curvlab.curvature.cost import (
+    CostItem,
+    LayerShape,
+    cost_items,
+    forward_product,
+    output_gradient_product,
+)
 from curvlab.curvature.factors import FactorBuffers, layer_factors
 from curvlab.curvature.hooks import Capture, capture, captured_gradient_pass
 from curvlab.curvature.layers import find_layers
@@ -211,3 +218,29 @@ class KFAC(BlockOptimizer):
     def warm_start_statistics(self, objective: Objective) -> tuple[Factors, float]:
         """Line 2: one batch's Ω, Γ for `warm_start` (the statistics pass of line 12)."""
         return self._statistics_pass(objective), 1.0
+
+    # -------------------------------------------------------------- cost model
+    def pass_cost(self, shape: LayerShape) -> list[CostItem]:
+        """Alg 12 line 12's pass, per layer, once per T1 steps: ``"after_step"`` runs it as an extra
+        forward pass, ``x Wᵀ`` (r×n)(n×d_out), and a backward pass to the layer outputs,
+        ``g W`` (r×d_out)(d_out×n) for the layers whose input needs a gradient (no weight
+        gradients); ``"before_step"`` with sampled labels only that backward pass, through the
+        gradient pass's forward graph; K-FAC-EF before the step none. The block's statistics,
+        preconditioning and inverses: `KroneckerBlock.cost`."""
+        if shape.name not in self.layers:
+            return []
+        stats = self.cost_schedule()[0]
+        out = []
+        if not self.before:
+            out += cost_items("extra_forward", [forward_product(shape)], stats, shape.name, "x Wᵀ")
+        if (not self.before or self.fisher == "true") and shape.input_grad:
+            backward = [output_gradient_product(shape)]
+            out += cost_items(
+                "statistics_backward", backward, stats, shape.name, "g W (output gradients only)"
+            )
+        return out
+
+    def cost_warmup_steps(self) -> int:
+        """Alg 7's refreshes at every k ≤ ``inverse_warmup`` (Alg 12 refreshes every T2 steps
+        from the start: 0)."""
+        return int(self.param_groups[0]["inverse_warmup"])

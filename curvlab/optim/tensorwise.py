@@ -43,6 +43,13 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.curvature.blocks import RootMethod, TensorBlock
+from curvlab.curvature.cost import (
+    CostItem,
+    LayerShape,
+    cost_items,
+    output_gradient_product,
+    weight_gradient_ops,
+)
 from curvlab.linalg import all_finite, contractions_bounded
 from curvlab.linalg.modes import tensor_shape
 from curvlab.objective import Objective
@@ -284,3 +291,27 @@ class TensorwiseOptimizer(BlockOptimizer):
             if g is not None and p.numel() > 0
         }
         return statistics, scale
+
+    # -------------------------------------------------------------- cost model
+    def pass_cost(self, shape: LayerShape) -> list[CostItem]:
+        """With `extra_backward` (TNT, Alg 15 line 7), once per T1 steps, at every layer of
+        the forward pass: the sampled-label backward pass through the gradient pass's forward
+        graph, ``g W`` (r×d_out)(d_out×n) where the input needs a gradient, and the weight
+        gradients the statistics are contractions of, ``gᵀ x`` (d_out×r)(r×n) and the bias
+        sums. The blocks' contractions, mode products and decompositions:
+        `TensorBlock.cost`."""
+        if not self.extra_backward:
+            return []
+        stats, name = self.cost_schedule()[0], shape.name
+        out = []
+        if shape.input_grad:
+            out += cost_items(
+                "statistics_backward", [output_gradient_product(shape)], stats, name, "g W"
+            )
+        wg = weight_gradient_ops(shape)
+        return out + cost_items("statistics_weight_grad", wg, stats, name, "gᵀ x, Σ g")
+
+    def cost_warmup_steps(self) -> int:
+        """With ``inverse_warmup``, the refreshes at every statistics update of the first T2
+        steps (deviation A9)."""
+        return int(self.param_groups[0]["inverse_every"]) if self.inverse_warmup else 0

@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.curvature.blocks import KroneckerBlock
+from curvlab.curvature.cost import CostItem, LayerShape, cost_items, output_gradient_product
 from curvlab.curvature.factors import FactorBuffers, layer_factors
 from curvlab.curvature.hooks import Capture, captured_gradient_pass
 from curvlab.curvature.layers import find_layers
@@ -171,6 +172,20 @@ class TSOALRAFirstStage(BlockOptimizer):
             "failed_refreshes": self.count("failed_refreshes"),
             "retried_decompositions": self.count("retried_decompositions"),
         }
+
+    # -------------------------------------------------------------- cost model
+    def pass_cost(self, shape: LayerShape) -> list[CostItem]:
+        """``fisher="true"``: the sampled-label backward pass to the layer outputs through
+        the gradient pass's forward graph, every step, ``g W`` (r×d_out)(d_out×n) where the
+        input needs a gradient; the empirical Fisher's statistics come from the gradient pass
+        itself. The statistics, roots and preconditioning: `KroneckerBlock.cost` (eqs.
+        17–18, line 5, eqs. 15–16)."""
+        if self.fisher != "true" or shape.name not in self.layers or not shape.input_grad:
+            return []
+        what = "g W (output gradients only)"
+        return cost_items(
+            "statistics_backward", [output_gradient_product(shape)], 1.0, shape.name, what
+        )
 
 
 def _plain_sgd(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:

@@ -16,7 +16,7 @@ from curvlab.bench.cost.floor_model import FLOOR_TERMS, floor_flops
 from curvlab.bench.cost.floors import floor_items
 from curvlab.bench.cost.geometry import layer_geometry
 from curvlab.bench.cost.memory import state_bytes, storage_formula
-from curvlab.bench.cost.operations import Decomposition, Gemm, RowSum, counted_flops, gram_gemms
+from curvlab.bench.cost.operations import best_time, counted_flops
 from curvlab.bench.cost.overhead import (
     DEFAULT_METHODS,
     Variant,
@@ -25,7 +25,7 @@ from curvlab.bench.cost.overhead import (
     measure_overhead,
 )
 from curvlab.bench.problems import get_problem
-from curvlab.linalg import gram
+from curvlab.linalg.cost import Decomposition, Gemm, RowSum
 from curvlab.objective import Objective
 from curvlab.optim.kbfgs import KBFGS
 from curvlab.optim.kfac import KFAC
@@ -140,17 +140,6 @@ def test_tensorwise_floor_equals_hand_count(method: str) -> None:
         want += [("eigh", d, 2) for _, d in LAYERS]
     assert decs == sorted(want)
     assert all(i.per_step == pytest.approx(1 / 20) for i in items if i.term == "inversion")
-
-
-@pytest.mark.parametrize(("n", "d"), [(3, 10), (7, 200), (2, 600)])
-@pytest.mark.parametrize("transposed", [False, True])
-def test_gram_gemms_are_what_gram_executes(n: int, d: int, transposed: bool) -> None:
-    X = torch.randn(d, n).t() if transposed else torch.randn(n, d)
-    ops = gram_gemms(n, d, transposed=transposed)
-    assert sum(op.flops for op in ops) == counted_flops(lambda: gram(X))
-    assert all(op.layout == ("nt" if transposed else "tn") for op in ops)
-    if d >= 192:  # block upper triangle: about half of the full product
-        assert len(ops) > 1 and sum(op.flops for op in ops) < 0.75 * 2 * n * d * d
 
 
 # ------------------------------------------------------------------ memory accounting
@@ -275,6 +264,35 @@ def test_cli_runs_every_method_and_writes_json(
     assert all(_finite(g["gflop_per_s"]) and g["gflop_per_s"] > 0 for g in result["gemms"].values())
 
 
+@pytest.mark.parametrize("fisher", ["empirical", "true"])
+def test_floor_of_a_method_without_a_cli_group_is_what_it_executes(fisher: str) -> None:
+    """Any block method has a floor (here TSO-ALRA's first stage, eigh square roots): its
+    matrix products are those the step executes, and the decompositions of K-FAC and
+    TSO-ALRA are timed on their own factors A and G."""
+    hp = {"inverse_every": 2, "fisher": fisher}
+    result = measure_overhead(
+        "synthetic-mlp",
+        steps=2,
+        repeats=1,
+        warmup=2,
+        threads=1,
+        floor_repeats=1,
+        variants=[
+            Variant("sgd-m", "sgd-m"),
+            Variant("tso", "tso-alra-stage1", hp),
+            Variant("kfac", "kfac", {"inverse_every": 2, "lr": 1e-3}),
+        ],
+    )
+    tso = next(m for m in result["methods"] if m["name"] == "tso")
+    assert 1e9 * tso["executed_beyond_floor_gflop"] == pytest.approx(0.0, abs=1)
+    assert tso["memory"]["table"] == "thesis Table 3.1, KFAC"
+    assert (tso["floor_terms_ms"]["statistics_backward"] > 0) == (fisher == "true")
+    labels = set(result["inversions_ms"])
+    layers = [("0", 21, 32), ("2", 33, 32), ("4", 33, 3)]  # (name, d_a, d_out)
+    assert {f"eigh root 1/2 d={da} [tso/{name}:A]" for name, da, _ in layers} <= labels
+    assert {f"inverse d={do} [kfac/{name}:G]" for name, _, do in layers} <= labels
+
+
 def test_methods_and_lr_options(capsys: pytest.CaptureFixture[str]) -> None:
     variants = default_variants(methods=["tnt", "kbfgs"], lrs={"tnt": 1e-6})
     assert [v.name for v in variants] == ["sgd-m", "tnt", "kbfgs"]
@@ -301,7 +319,7 @@ def test_layer_geometry_of_the_synthetic_mlp() -> None:
 def test_operations_flops_labels_and_timing() -> None:
     g = Gemm(4, 5, 6, "tn")
     assert g.flops == 240 and g.label == "(4×5)@(5×6) tn" and g.counted_by_torch
-    assert 0 < g.seconds(torch.float32) < 1
+    assert 0 < best_time(g.runner(torch.float32)) < 1
     rank2 = Gemm(6, 2, 6, "nn", accumulate=True)
     assert rank2.flops == 144 and not rank2.counted_by_torch  # FlopCounterMode skips addmm_
     H = torch.zeros(6, 6)

@@ -10,10 +10,11 @@ The studies, one CLI command each:
 
 The floor model behind ``overhead``:
 
-* `operations`: the operations (matrix products, reductions, solves, decompositions), each
-  timed on its own;
-* `geometry`: the layer sizes the floors are written in;
+* `operations`: the timing of the operations (matrix products, reductions, solves,
+  decompositions: `curvlab.linalg.cost`), each on its own;
+* `geometry`: the layer sizes of a forward pass, in which the optimizers give their costs;
 * `floor_model`: a floor as a list of timed operations, summed per term;
-* `floors`: each method's floor, the operations of its work beyond an SGD-m step;
+* `floors`: each method's floor, the operations of its work beyond an SGD-m step as the
+  optimizer lists them (`curvlab.optim.base.BlockOptimizer.step_cost`);
 * `memory`: the bytes an optimizer keeps, next to the thesis's storage formulas.
 """

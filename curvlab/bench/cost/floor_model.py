@@ -4,14 +4,13 @@ A method's *floor* is the time that the work it must do beyond an SGD-m step tak
 machine: every matrix product, matrix–vector product, reduction and triangular solve of that
 work at the shape where it really occurs, each timed on its own at the current thread count
 (no single peak number), plus the *measured* time of its amortised decompositions (inverses,
-inverse roots). A floor is a list of `FloorItem`\ s, an operation
-(`curvlab.bench.cost.operations.Op`) with the number of times it occurs per step (``1/T1`` for
+inverse roots). The work is what the optimizer says a step costs: a list of
+`curvlab.curvature.cost.CostItem`\ s (`curvlab.optim.base.BlockOptimizer.step_cost`, made of
+its blocks' `curvlab.curvature.blocks.CurvatureBlock.cost`), an operation
+(`curvlab.linalg.cost.Op`) with the number of times it occurs per step (``1/T1`` for
 statistics, ``1/T2`` for decompositions) and the term of the overhead table it belongs to
-(`FLOOR_TERMS`).
-Elementwise work (EMAs, damping, the loss and its derivative, the activation functions'
-backward, the mirror copies of `curvlab.linalg.gram`) and Python overhead are not counted, so
-the floor is a lower bound of the method's extra time. Each method's items are listed in
-`curvlab.bench.cost.floors`.
+(`FLOOR_TERMS`). Elementwise work and Python overhead are not in it, so the floor is a lower
+bound of the method's extra time.
 
 `measure_floor_model` times every distinct operation once; `FloorModel.terms_ms` adds the
 items up per term. `floor_flops` is the items' analytic FLOPs per term, and
@@ -29,37 +28,20 @@ import torch
 from torch import Tensor
 
 from curvlab.bench.cost.geometry import LayerGeometry
-from curvlab.bench.cost.operations import Decomposition, Op, best_time, counted_flops
+from curvlab.bench.cost.operations import best_time, counted_flops
+from curvlab.curvature.cost import COST_TERMS, CostItem
+from curvlab.linalg.cost import Decomposition, Op
 
 __all__ = [
     "FLOOR_TERMS",
-    "FloorItem",
     "FloorModel",
     "floor_flops",
     "measure_floor_model",
 ]
 
-FLOOR_TERMS = (
-    "extra_forward",
-    "statistics_backward",
-    "statistics_weight_grad",
-    "factor_A",
-    "factor_G",
-    "precondition",
-    "inversion",
-)
-"""The components of a floor, in milliseconds per step beyond SGD-m."""
-
-
-@dataclass(frozen=True)
-class FloorItem:
-    """One operation of a floor: ``per_step`` occurrences per step, in table column ``term``."""
-
-    term: str
-    op: Op
-    per_step: float
-    layer: str
-    what: str
+FLOOR_TERMS = COST_TERMS
+"""The components of a floor (`curvlab.curvature.cost.COST_TERMS`), in milliseconds per step
+beyond SGD-m."""
 
 
 @dataclass
@@ -70,14 +52,14 @@ class FloorModel:
     seconds: dict[Op, float]
     counted: dict[Op, int]
 
-    def terms_ms(self, items: Iterable[FloorItem]) -> dict[str, float]:
+    def terms_ms(self, items: Iterable[CostItem]) -> dict[str, float]:
         """Milliseconds per step beyond SGD-m, per term of `FLOOR_TERMS`."""
         out = dict.fromkeys(FLOOR_TERMS, 0.0)
         for item in items:
             out[item.term] += 1e3 * item.per_step * self.seconds[item.op]
         return out
 
-    def counted_flops(self, items: Iterable[FloorItem]) -> float:
+    def counted_flops(self, items: Iterable[CostItem]) -> float:
         """Per step, the FLOPs of the items that `FlopCounterMode` sees (matrix products)."""
         return float(sum(item.per_step * self.counted[item.op] for item in items))
 
@@ -92,7 +74,7 @@ class FloorModel:
         return out
 
 
-def floor_flops(items: Iterable[FloorItem]) -> dict[str, float]:
+def floor_flops(items: Iterable[CostItem]) -> dict[str, float]:
     """Analytic FLOPs per step and term (decompositions, which are timed, count 0)."""
     out = dict.fromkeys(FLOOR_TERMS, 0.0)
     for item in items:
@@ -102,7 +84,7 @@ def floor_flops(items: Iterable[FloorItem]) -> dict[str, float]:
 
 def measure_floor_model(
     layers: Sequence[LayerGeometry],
-    items: Iterable[FloorItem],
+    items: Iterable[CostItem],
     dtype: torch.dtype,
     *,
     matrices: Mapping[str, Tensor] | None = None,

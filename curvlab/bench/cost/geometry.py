@@ -1,8 +1,10 @@
 """The matrix-form sizes of a model's Kronecker layers, read from one forward pass.
 
-The floors and the storage formulas are written in these sizes: per layer the rows r of its
-matrix form (the batch m for a Linear layer), its fan-in, its outputs, its bias and whether
-backpropagation continues below it.
+The optimizers' cost models (`curvlab.optim.base.BlockOptimizer.step_cost`) and storage
+formulas are written in these sizes (`curvlab.curvature.cost.LayerShape`): per layer the rows r
+of its matrix form (the batch m for a Linear layer), its fan-in, its outputs, its bias and
+whether backpropagation continues below it; `LayerGeometry` adds the tensor shapes seen, for
+the report.
 """
 
 from __future__ import annotations
@@ -15,39 +17,22 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from curvlab.curvature.cost import LayerShape
 from curvlab.curvature.layers import find_layers
 
 __all__ = ["LayerGeometry", "layer_geometry"]
 
 
 @dataclass(frozen=True)
-class LayerGeometry:
-    """The matrix-form sizes of one Kronecker layer in one forward pass.
+class LayerGeometry(LayerShape):
+    """A `LayerShape` with the tensor shapes seen in the forward pass.
 
     Attributes:
-        name: module name.
-        rows: r = m·|T|, rows of the layer's matrix form (m for a Linear layer).
-        fan_in: d_in (without the bias coordinate).
-        d_out: output width.
-        bias: whether the layer has a trainable bias (d_a = d_in + 1).
-        input_grad: whether backpropagation continues below this layer (its input needs a
-            gradient); False for the first layer of a network.
         input_shape, output_shape: tensor shapes seen in the forward pass.
     """
 
-    name: str
-    rows: int
-    fan_in: int
-    d_out: int
-    bias: bool
-    input_grad: bool
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
-
-    @property
-    def d_a(self) -> int:
-        """Input-side factor size: fan-in plus the bias coordinate."""
-        return self.fan_in + int(self.bias)
 
 
 def layer_geometry(model: nn.Module, inputs: Tensor) -> list[LayerGeometry]:

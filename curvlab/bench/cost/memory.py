@@ -3,26 +3,25 @@
 `state_bytes`: the bytes of every tensor an optimizer keeps between steps (its ``state`` and
 tensor caches held as attributes). `storage_formula`: the storage formulas of thesis
 Tables 3.1 (K-FAC, K-BFGS, K-BFGS(L), Adam; beyond SGD-m, whose momentum is the DW column) and
-4.1 (TNT, Shampoo: Σ_i d_i² per tensor), evaluated with constant 1.
+4.1 (TNT, Shampoo: Σ_i d_i² per tensor), evaluated with constant 1: a curvlab block method
+sums its blocks' terms (`curvlab.optim.base.BlockOptimizer.storage_formula`), the
+``torch.optim`` optimizers' formulas are here (`TORCH_STORAGE`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from curvlab.bench.cost.geometry import LayerGeometry
+from curvlab.bench.cost.floors import torch_entry
+from curvlab.curvature.cost import LayerShape, StorageFormula
 from curvlab.curvature.factors import FactorBuffers
-from curvlab.linalg.modes import tensor_shape
-from curvlab.optim.kbfgs import KBFGS
-from curvlab.optim.kfac import KFAC
-from curvlab.optim.tensorwise import TensorwiseOptimizer
+from curvlab.optim.base import BlockOptimizer
 
-__all__ = ["StorageFormula", "state_bytes", "storage_formula"]
+__all__ = ["TORCH_STORAGE", "StorageFormula", "state_bytes", "storage_formula"]
 
 
 def _tensors(value: Any) -> Iterable[Tensor]:
@@ -64,17 +63,22 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
-@dataclass(frozen=True)
-class StorageFormula:
-    """A storage formula of the thesis (constant 1) evaluated on a model, in elements."""
+def _adam(optimizer: torch.optim.Optimizer) -> StorageFormula:
+    total = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    return StorageFormula(total, "Σ numel (DW⊙DW)", "thesis Table 3.1, Adam")
 
-    elements: int
-    formula: str
-    table: str
+
+#: The storage formulas of ``torch.optim``'s optimizers beyond SGD-m, by class (thesis
+#: Table 3.1: SGD-m's momentum is the baseline, Adam adds DW⊙DW).
+TORCH_STORAGE: dict[type[torch.optim.Optimizer], Callable[[torch.optim.Optimizer], StorageFormula]]
+TORCH_STORAGE = {
+    torch.optim.SGD: lambda optimizer: StorageFormula(0, "0", "—"),
+    torch.optim.Adam: _adam,
+}
 
 
 def storage_formula(
-    optimizer: torch.optim.Optimizer, geometry: Sequence[LayerGeometry]
+    optimizer: torch.optim.Optimizer, geometry: Sequence[LayerShape]
 ) -> StorageFormula | None:
     """The thesis's storage beyond SGD-m for this optimizer on this model (None: no table).
 
@@ -83,23 +87,7 @@ def storage_formula(
     ``Σ_l d_a² + p·d_out``, Adam ``Σ_l d_out·d_a`` (DW⊙DW); Table 4.1 (TNT, Shampoo):
     ``Σ_tensors Σ_i d_i²``; SGD-m 0.
     """
-    if isinstance(optimizer, torch.optim.SGD):
-        return StorageFormula(0, "0", "—")
-    if isinstance(optimizer, KFAC | KBFGS):
-        used = [g for g in geometry if g.name in optimizer.layers]
-        if isinstance(optimizer, KBFGS) and optimizer.memory is not None:
-            p = optimizer.memory
-            total = sum(g.d_a**2 + p * g.d_out for g in used)
-            return StorageFormula(total, f"Σ d_a² + {p}·d_out", "thesis Table 3.1, K-BFGS(L)")
-        name = "KFAC" if isinstance(optimizer, KFAC) else "K-BFGS"
-        total = sum(g.d_a**2 + g.d_out**2 for g in used)
-        return StorageFormula(total, "Σ d_a² + d_out²", f"thesis Table 3.1, {name}")
-    if isinstance(optimizer, TensorwiseOptimizer):
-        total = sum(
-            sum(d * d for d in tensor_shape(p.shape)) for p in optimizer.params if p.numel() > 0
-        )
-        return StorageFormula(total, "Σ_tensors Σ_i d_i²", "thesis Table 4.1")
-    if isinstance(optimizer, torch.optim.Adam):
-        total = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-        return StorageFormula(total, "Σ numel (DW⊙DW)", "thesis Table 3.1, Adam")
-    return None
+    if isinstance(optimizer, BlockOptimizer):
+        return optimizer.storage_formula(geometry)
+    formula = torch_entry(TORCH_STORAGE, optimizer)
+    return None if formula is None else formula(optimizer)

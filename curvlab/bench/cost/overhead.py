@@ -23,15 +23,14 @@ Measurement (`measure_overhead`):
   turns of the turn mean, and the median over all its timed steps is reported next to it;
 * ratios are to sgd-m's time from the same run.
 
-Floor (`curvlab.bench.cost.floor_model`; each method's operations in
-`curvlab.bench.cost.floors`): the time each method must spend beyond an SGD-m step — extra
-passes, statistics, preconditioning products, and its amortised decompositions — every
-operation timed at the shape where it occurs, decompositions timed on the method's own
-factors after the turns. The floor ratio is ``(t_sgd + extra floor) / t_sgd`` with the
-measured t_sgd. As a cross-check, the FLOPs each method executes per step (over one full
-statistics / inverse period) are counted with ``FlopCounterMode`` after the timing and
-compared with the floor's matrix-product FLOPs: the difference is work the method does beyond
-its floor.
+Floor (`curvlab.bench.cost.floor_model`; each method's operations as its optimizer lists them,
+`curvlab.optim.base.BlockOptimizer.step_cost`): the time each method must spend beyond an SGD-m
+step — extra passes, statistics, preconditioning products, and its amortised decompositions —
+every operation timed at the shape where it occurs, decompositions timed on the method's own
+factors after the turns. The floor ratio is ``(t_sgd + extra floor) / t_sgd`` with the measured
+t_sgd. As a cross-check, the FLOPs each method executes per step (over one full statistics /
+inverse period) are counted with ``FlopCounterMode`` after the timing and compared with the
+floor's matrix-product FLOPs: the difference is work the method does beyond its floor.
 
 The timing learning rates are a tenth of the thesis presets (`TIMING_LR`; K-FAC:
 `KFAC_TIMING_LR`): a diverged method skips its steps, which would time the wrong thing, and
@@ -53,20 +52,27 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab.bench.cost.floor_model import FLOOR_TERMS, FloorItem, floor_flops, measure_floor_model
+from curvlab.bench.cost.floor_model import FLOOR_TERMS, floor_flops, measure_floor_model
 from curvlab.bench.cost.floors import floor_items, real_factors
-from curvlab.bench.cost.geometry import LayerGeometry, layer_geometry
+from curvlab.bench.cost.geometry import layer_geometry
 from curvlab.bench.cost.memory import state_bytes, storage_formula
-from curvlab.bench.cost.operations import Decomposition, Gemm, RowSum, counted_flops
+from curvlab.bench.cost.operations import counted_flops
 from curvlab.bench.problems import Problem, get_problem
 from curvlab.bench.records import environment, to_jsonable, write_json
 from curvlab.bench.runner import RUNNER_KEYS
 from curvlab.bench.specs import get_optimizer, presets_for
+from curvlab.curvature.cost import (
+    CostItem,
+    LayerShape,
+    cost_items,
+    forward_product,
+    output_gradient_product,
+    weight_gradient_ops,
+)
 from curvlab.data import batches
+from curvlab.linalg.cost import Decomposition, Gemm, Op
 from curvlab.objective import Objective
-from curvlab.optim.kbfgs import KBFGS
-from curvlab.optim.kfac import KFAC
-from curvlab.optim.tensorwise import TensorwiseOptimizer
+from curvlab.optim.base import BlockOptimizer
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -229,30 +235,15 @@ def _hyperparameters(variant: Variant, problem: Problem) -> dict[str, Any]:
 
 
 def _steady_after(optimizer: torch.optim.Optimizer) -> int:
-    """Steps before the optimizer's per-step cost is that of its steady state.
-
-    K-BFGS(L): p curvature updates fill its pair buffer (its cost grows with the pairs);
-    TNT / Shampoo with ``inverse_warmup`` and K-FAC with ``inverse_warmup=k`` refresh more
-    often during their first T2 (k) steps.
-    """
-    group = optimizer.param_groups[0]
-    if isinstance(optimizer, KBFGS) and optimizer.memory is not None:
-        return int(optimizer.memory) * int(group["curvature_every"]) + 1
-    if isinstance(optimizer, TensorwiseOptimizer) and optimizer.inverse_warmup:
-        return int(group["inverse_every"])
-    if isinstance(optimizer, KFAC):
-        return int(group["inverse_warmup"])
-    return 0
+    """Steps before the optimizer's per-step cost is that of its steady state (a curvlab
+    block method says: `curvlab.optim.base.BlockOptimizer.cost_warmup_steps`; 0 for others)."""
+    return optimizer.cost_warmup_steps() if isinstance(optimizer, BlockOptimizer) else 0
 
 
 def _period(optimizer: torch.optim.Optimizer) -> int:
-    """Steps of one full statistics / decomposition cycle (for counting FLOPs per step)."""
-    group = optimizer.param_groups[0]
-    if isinstance(optimizer, KFAC | TensorwiseOptimizer):
-        return math.lcm(int(group["curvature_every"]), int(group["inverse_every"]))
-    if isinstance(optimizer, KBFGS):
-        return int(group["curvature_every"])
-    return 1
+    """Steps of one full statistics / decomposition cycle (for counting FLOPs per step;
+    `curvlab.optim.base.BlockOptimizer.cost_period`; 1 for others)."""
+    return optimizer.cost_period() if isinstance(optimizer, BlockOptimizer) else 1
 
 
 # --------------------------------------------------------------------------- measurement
@@ -381,37 +372,24 @@ def measure_overhead(
 
 
 def _diagnostics(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """State that decides a step's cost: decompositions that were retried (float64 or more
-    damping) or failed, K-BFGS's skipped pairs, K-BFGS(L)'s stored pairs."""
+    """State that decides a step's cost (`curvlab.optim.base.BlockOptimizer.cost_diagnostics`:
+    decompositions that were retried or failed, K-BFGS's skipped pairs, K-BFGS(L)'s stored
+    pairs); for other optimizers the retries and failures their ``last_step_info`` reports."""
+    if isinstance(optimizer, BlockOptimizer):
+        return optimizer.cost_diagnostics()
     info = getattr(optimizer, "last_step_info", None) or {}
-    out: dict[str, Any] = {
-        key: info[key] for key in ("retried_decompositions", "failed_refreshes") if key in info
-    }
-    if not isinstance(optimizer, KBFGS):
-        return out
-    glob = optimizer.global_state
-    out["skipped_g_pairs_total"] = glob.get("skipped_g_pairs_total", 0)
-    out["skipped_a_pairs_total"] = glob.get("skipped_a_pairs_total", 0)
-    if optimizer.memory is not None:
-        out["lbfgs_pairs"] = {
-            name: int(optimizer.layer_state(name)["pair_count"])
-            for name in optimizer.layers
-            if "pair_count" in optimizer.layer_state(name)
-        }
-    return out
+    return {key: info[key] for key in ("retried_decompositions", "failed_refreshes") if key in info}
 
 
-def _sgd_items(geometry: Sequence[LayerGeometry]) -> list[FloorItem]:
+def _sgd_items(geometry: Sequence[LayerShape]) -> list[CostItem]:
     """SGD-m's own products (forward, backward, weight gradients), for the report."""
-    out: list[FloorItem] = []
+    out: list[CostItem] = []
     for g in geometry:
-        ops: list[Gemm | RowSum] = [Gemm(g.rows, g.fan_in, g.d_out, "nt")]
+        ops: list[Op] = [forward_product(g)]
         if g.input_grad:
-            ops.append(Gemm(g.rows, g.d_out, g.fan_in, "nn"))
-        ops.append(Gemm(g.d_out, g.rows, g.fan_in, "tn"))
-        if g.bias:
-            ops.append(RowSum(g.rows, g.d_out))
-        out += [FloorItem("sgd", op, 1.0, g.name, "forward / backward") for op in ops]
+            ops.append(output_gradient_product(g))
+        ops += weight_gradient_ops(g)
+        out += cost_items("sgd", ops, 1.0, g.name, "forward / backward")
     return out
 
 
@@ -471,7 +449,7 @@ def _measure(
 
     x0 = data[0][0]
     geometry = layer_geometry(contenders[0].model, x0)
-    items: dict[str, list[FloorItem] | None] = {}
+    items: dict[str, list[CostItem] | None] = {}
     matrices: dict[str, Tensor] = {}
     for c in contenders:
         prefix = f"{c.variant.name}/"
@@ -499,7 +477,7 @@ def _measure(
         counted_extra = counted[c.variant.name] - counted[BASELINE]
         by_layer: dict[str, dict[str, float]] = {}
         for item in its or []:
-            row = by_layer.setdefault(item.layer, dict.fromkeys(FLOOR_TERMS, 0.0))
+            row = by_layer.setdefault(item.block, dict.fromkeys(FLOOR_TERMS, 0.0))
             row[item.term] += 1e3 * item.per_step * floor.seconds[item.op]
         held = state_bytes(c.optimizer)
         formula = storage_formula(c.optimizer, geometry)

@@ -159,12 +159,9 @@ def _step(
     x: torch.Tensor,
     y: torch.Tensor,
 ) -> None:
-    objective = Objective(model, loss_fn, x, y)
-    if type(opt).__module__.startswith("torch.optim"):
-        objective()
-        opt.step()
-    else:
-        opt.step(objective)  # type: ignore[arg-type]
+    # Every optimizer takes the closure: torch.optim's call it (zero_grad, forward, backward)
+    # before their update, curvlab's need the Objective itself.
+    opt.step(Objective(model, loss_fn, x, y))  # type: ignore[arg-type]
 
 
 def format_smw_cost(result: dict[str, Any]) -> str:

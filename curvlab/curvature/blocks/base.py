@@ -22,8 +22,11 @@ step):
 * the data-parallel exchange of `curvlab.distributed.SharedInverse` (``local_statistics``,
   ``inverse_tensors``, ``inverse_templates``, ``load_inverse_tensors``) and
   ``refresh_cost()``, the work of one refresh, for the owner assignment;
-* ``cost(rows)``: the operations of its statistics, refresh and preconditioning at the shapes
-  that occur (`curvlab.curvature.cost`), for the cost model of ``curvlab overhead``.
+* its cost (`curvlab.curvature.cost`), for the cost model of ``curvlab overhead``:
+  ``cost(shape, statistics=, refresh=, damping=)``, the operations of its statistics, refresh
+  and preconditioning at the shapes that occur; ``refresh_matrices(state)``, the matrices a
+  refresh decomposes (to time the decompositions on them); ``storage()``, its term of the
+  thesis's storage formula.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from curvlab.curvature.cost import CostItem, LayerShape, StorageFormula
 from curvlab.curvature.layers import KroneckerLayer
 from curvlab.linalg import DecompositionInfo
 
@@ -129,3 +133,30 @@ class CurvatureBlock(ABC):
 
     def load_inverse_tensors(self, state: State, tensors: list[Tensor]) -> None:  # noqa: B027
         """Store inverses refreshed on another rank (none by default)."""
+
+    # ------------------------------------------------- cost (curvlab.curvature.cost)
+    @abstractmethod
+    def cost(
+        self, shape: LayerShape | None, *, statistics: float, refresh: float, damping: float
+    ) -> list[CostItem]:
+        """The operations of the block's work in a step beyond SGD-m: its statistics (terms
+        ``factor_A`` / ``factor_G``, ``statistics`` times per step), its refresh
+        (``inversion``, ``refresh`` times per step, at ``damping``) and its preconditioning
+        (``precondition``, every step).
+
+        Args:
+            shape: the block's layer in the forward pass (None for a tensor block, whose
+                shape is its parameter's).
+            statistics: statistics updates per step (1/T1).
+            refresh: refreshes per step (1/T2; 0 for a block that never refreshes).
+            damping: the damping of the refresh.
+        """
+
+    def refresh_matrices(self, state: State) -> dict[str, Tensor]:
+        """The matrices a `refresh` decomposes (undamped), keyed by the ``source`` names of
+        the block's `cost` decompositions; empty without statistics or a refresh."""
+        return {}
+
+    @abstractmethod
+    def storage(self) -> StorageFormula:
+        """The block's term of the thesis's storage formula (thesis Table 3.1 / 4.1)."""

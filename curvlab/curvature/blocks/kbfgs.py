@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.curvature.blocks.base import CurvatureBlock, State
+from curvlab.curvature.cost import CostItem, LayerShape, StorageFormula, cost_items
 from curvlab.curvature.layers import KroneckerLayer
 from curvlab.linalg import DecompositionError, damped_inverse, kron_to_dense
 from curvlab.linalg.bfgs import (
@@ -49,6 +50,7 @@ from curvlab.linalg.bfgs import (
     lbfgs_multiply,
     lbfgs_push_,
 )
+from curvlab.linalg.cost import Gemm, Matvec, Op, RowSum, gram_ops, lbfgs_multiply_ops
 
 __all__ = ["FirstPass", "KBFGSBlock", "PendingPair"]
 
@@ -425,6 +427,77 @@ class KBFGSBlock(CurvatureBlock):
             if weight_decay != 0:
                 direction.add_(p, alpha=weight_decay)
             p.add_(direction, alpha=-lr)
+
+    # ------------------------------------------------- cost (curvlab.curvature.cost)
+    def cost(
+        self, shape: LayerShape | None, *, statistics: float, refresh: float, damping: float
+    ) -> list[CostItem]:
+        """The block's work per step (thesis Alg 9; Alg 4 for ``a_update="ema"``), for a layer
+        with r rows, fan-in n, d_out outputs and d_a = n + 1; ``statistics`` = 1/T, curvature
+        updates per step. No decomposition at all (``refresh`` and ``damping`` are unused).
+
+        * ``factor_A`` (lines 16–17): ā (column sums of the inputs), s_A = H_A ā, the
+          matrix-free Hessian action ``Ã s_A = (1/m) Xᵀ(X s_A)`` (two matrix–vector products
+          over the r×n inputs, eq. 3.15; ``a_update="ema"``, Alg 4 lines 20–22, instead forms
+          A by `curvlab.linalg.gram` and multiplies it), H_A y_A and the rank-2 BFGS update of
+          H_A (an ``addmm_`` with inner dimension 2);
+        * ``factor_G`` (lines 19–21): h̄ = [W b] ā at the old and the new weights, ā⁺ of the
+          second pass, D̄h and D̄h⁺ (column sums of the output gradients), then for BFGS
+          H_G y (Powell damping, not for ``"dpi_dlm"``), H_G ỹ and the rank-2 update of H_G;
+          for L-BFGS with p = ``memory`` pairs (the steady state: the buffer full) one compact
+          product H_G y (Powell damping, `curvlab.linalg.bfgs.lbfgs_multiply`) and the new
+          row of SᵀY and YᵀY (three (p×d_out) matrix–vector products);
+        * ``precondition`` (line 9), every step: ``V H_A`` (d_out×d_a)(d_a×d_a), then
+          ``H_G (V H_A)`` (d_out×d_out)(d_out×d_a), or for L-BFGS the compact form with SᵀY,
+          YᵀY known on the d_a columns of V H_A.
+
+        The second pass (line 13) is the method's (`curvlab.optim.kbfgs.KBFGS`).
+        """
+        assert shape is not None, "a K-BFGS block is costed at its layer's shape"
+        name, c, k = self.name, statistics, self.memory
+        n, do, da, r = shape.fan_in, shape.d_out, shape.d_a, shape.rows
+        # Alg 9 lines 16–17: H_A.
+        a_ops: list[Op] = [RowSum(r, n), Matvec(da, da)]  # ā, s_A = H_A ā
+        if self.a_update == "minibatch":
+            a_ops += [Matvec(r, n), Matvec(r, n, transposed=True)]  # Ã s_A = Xᵀ(X s_A)/m
+        else:  # Alg 4 line 20: A's EMA formed, then A s_A
+            a_ops += list(gram_ops(r, n))
+            if shape.bias:
+                a_ops.append(RowSum(r, n))
+            a_ops.append(Matvec(da, da))
+        a_ops += [Matvec(da, da), Gemm(da, 2, da, "nn", accumulate=True)]  # H_A y_A, rank 2
+        # Alg 9 lines 19–21: H_G.
+        g_ops: list[Op] = [
+            Matvec(do, da),  # h̄ = [W b] ā (old weights)
+            Matvec(do, da),  # h̄⁺ (new weights)
+            RowSum(r, n),  # ā⁺ of the second pass
+            RowSum(r, do),  # D̄h
+            RowSum(r, do),  # D̄h⁺
+        ]
+        if k is None:
+            if self.pair_damping != "dpi_dlm":
+                g_ops.append(Matvec(do, do))  # H_G y (Powell damping)
+            g_ops += [Matvec(do, do), Gemm(do, 2, do, "nn", accumulate=True)]  # H_G ỹ, rank 2
+        else:
+            if self.pair_damping != "dpi_dlm":
+                g_ops += lbfgs_multiply_ops(k, do)  # H_G y (Powell damping)
+            g_ops += [Matvec(k, do), Matvec(k, do), Matvec(k, do)]  # new row of SᵀY, YᵀY
+        # Alg 9 line 9: p = H_G D̂W H_A.
+        p_ops: list[Op] = [Gemm(do, da, da, "nn")]
+        p_ops += [Gemm(do, do, da, "nn")] if k is None else lbfgs_multiply_ops(k, do, da)
+        return [
+            *cost_items("factor_A", a_ops, c, name, "ā, Hessian-action pair, BFGS on H_A"),
+            *cost_items("factor_G", g_ops, c, name, "h̄, D̄h, damped pair, update of H_G"),
+            *cost_items("precondition", p_ops, 1.0, name, "H_G (V H_A)"),
+        ]
+
+    def storage(self) -> StorageFormula:
+        """Thesis Table 3.1: H_A and H_G, ``d_a² + d_out²`` (K-BFGS), or H_A and p pairs,
+        ``d_a² + p·d_out`` (K-BFGS(L))."""
+        da, do, p = self.layer.d_a, self.layer.d_out, self.memory
+        if p is None:
+            return StorageFormula(da**2 + do**2, "Σ d_a² + d_out²", "thesis Table 3.1, K-BFGS")
+        return StorageFormula(da**2 + p * do, f"Σ d_a² + {p}·d_out", "thesis Table 3.1, K-BFGS(L)")
 
 
 def _all_finite(total: float, tensors: list[Tensor]) -> bool:

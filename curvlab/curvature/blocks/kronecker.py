@@ -26,6 +26,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from curvlab.curvature.blocks.base import CurvatureBlock, State, count_retry
+from curvlab.curvature.cost import CostItem, LayerShape, StorageFormula, cost_items
 from curvlab.curvature.layers import KroneckerLayer
 from curvlab.linalg import (
     DecompositionError,
@@ -37,6 +38,7 @@ from curvlab.linalg import (
     kron_to_dense,
     pi_damping,
 )
+from curvlab.linalg.cost import Decomposition, Gemm, Op, RowSum, gram_ops
 
 __all__ = ["DampingSplit", "KroneckerBlock"]
 
@@ -165,3 +167,65 @@ class KroneckerBlock(CurvatureBlock):
     def load_inverse_tensors(self, state: State, tensors: list[Tensor]) -> None:
         """Store inverses refreshed on another rank."""
         state["A_inv"], state["G_inv"] = tensors
+
+    # ------------------------------------------------- cost (curvlab.curvature.cost)
+    def cost(
+        self, shape: LayerShape | None, *, statistics: float, refresh: float, damping: float
+    ) -> list[CostItem]:
+        """The block's work per step, for a layer with r rows, fan-in n, d_out outputs and
+        d_a = n + 1 (bias) (thesis Alg 12; TSO-ALRA: seed 001 Alg 1):
+
+        * ``factor_A``, ``factor_G`` (Alg 12 line 14; seed 001 line 3), ``statistics`` per
+          step: the GEMMs of `curvlab.linalg.gram` on the (r×n) inputs and the (r×d_out)
+          output gradients (the upper block triangle for ≥ 192 columns) and, with a bias, the
+          column sums of the inputs;
+        * ``precondition`` (Alg 12 line 8; seed 001 line 8), every step:
+          ``G⁻¹ V`` (d_out×d_out)(d_out×d_a), then ``(G⁻¹V) A⁻ᵀ`` (d_out×d_a)(d_a×d_a);
+        * ``inversion`` (Alg 12 lines 17–19; seed 001 line 5), ``refresh`` per step: the damped
+          inverse (`curvlab.linalg.damped_inverse`) or inverse root (eigh,
+          `curvlab.linalg.damped_inverse_root`) of A and of G, measured (sources
+          ``name:A``, ``name:G``; `refresh_matrices`).
+
+        Conv layers are costed as their im2col GEMMs (r = m·|T| rows).
+        """
+        assert shape is not None, "a Kronecker block is costed at its layer's shape"
+        name, r, n, do, da = self.name, shape.rows, shape.fan_in, shape.d_out, shape.d_a
+        a_ops: list[Op] = list(gram_ops(r, n))
+        if shape.bias:
+            a_ops.append(RowSum(r, n))
+        root: float = 1
+        if self.root == 1:  # as `_inverse_root`
+            method, what = "cholesky", "(A + λ_A I)⁻¹, (G + λ_G I)⁻¹"
+        else:
+            method, root = "eigh", self.root
+            what = f"(A + λ_A I)^(-1/{root:g}), (G + λ_G I)^(-1/{root:g})"
+        inverses = [
+            Decomposition(method, da, root, damping, f"{name}:A"),
+            Decomposition(method, do, root, damping, f"{name}:G"),
+        ]
+        return [
+            *cost_items("factor_A", a_ops, statistics, name, "A = āᵀā / m"),
+            *cost_items("factor_G", gram_ops(r, do), statistics, name, "G = ĝᵀĝ"),
+            *cost_items(
+                "precondition",
+                [Gemm(do, do, da, "nn"), Gemm(do, da, da, "nt")],
+                1.0,
+                name,
+                "G⁻¹ V A⁻ᵀ",
+            ),
+            *cost_items("inversion", inverses, refresh, name, what),
+        ]
+
+    def refresh_matrices(self, state: State) -> dict[str, Tensor]:
+        """The undamped factors A and G (``name:A``, ``name:G``), once there are statistics."""
+        if not self.has_statistics(state):
+            return {}
+        return {f"{self.name}:{key}": state[key].detach().clone() for key in ("A", "G")}
+
+    def storage(self) -> StorageFormula:
+        """``d_a² + d_out²``: A and G, thesis Table 3.1 (K-FAC's row; the inverses and
+        reused buffers it keeps as well are not in the formula)."""
+        layer = self.layer
+        return StorageFormula(
+            layer.d_a**2 + layer.d_out**2, "Σ d_a² + d_out²", "thesis Table 3.1, KFAC"
+        )

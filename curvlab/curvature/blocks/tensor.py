@@ -23,6 +23,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from curvlab.curvature.blocks.base import CurvatureBlock, State, count_retry
+from curvlab.curvature.cost import CostItem, LayerShape, StorageFormula, cost_items
 from curvlab.linalg import (
     DecompositionError,
     add_to_diagonal,
@@ -30,6 +31,7 @@ from curvlab.linalg import (
     damped_inverse_root,
     ema_,
 )
+from curvlab.linalg.cost import Decomposition, mode_product_op, mode_statistics_ops
 from curvlab.linalg.modes import (
     kron_dense,
     mode_statistics,
@@ -211,3 +213,50 @@ class TensorBlock(CurvatureBlock):
     def load_inverse_tensors(self, state: State, tensors: list[Tensor]) -> None:
         """Store preconditioners refreshed on another rank."""
         state["preconditioners"] = list(tensors)
+
+    # ------------------------------------------------- cost (curvlab.curvature.cost)
+    def cost(
+        self, shape: LayerShape | None, *, statistics: float, refresh: float, damping: float
+    ) -> list[CostItem]:
+        """The block's work per step, per mode i of its tensor shape d_1×…×d_k (thesis Alg 15,
+        Alg 16; ``shape`` is unused: the block's shape is its parameter's):
+
+        * ``factor_G`` (mode 0: the output side of a weight, and every bias) or ``factor_A``
+          (the other modes), ``statistics`` per step (Alg 15 line 12, Alg 16 line 9): the
+          contraction ``mat_i(G) mat_i(G)ᵀ`` by `curvlab.linalg.gram`
+          (`curvlab.linalg.cost.mode_statistics_ops`);
+        * ``precondition`` (Alg 15 line 18, Alg 16 line 14), every step: one mode product per
+          mode, ``U₀ X`` (d_out×d_out)(d_out×n) and ``X U₁ᵀ`` (d_out×n)(n×n) for a weight,
+          ``x Uᵀ`` (1×d)(d×d) for a bias, batched over the leading modes for a middle mode;
+        * ``inversion`` (Alg 15 lines 15–16, Alg 16 line 12), ``refresh`` per step: every
+          factor's Cholesky inverse (TNT) or eigh / coupled-Newton inverse ``2k``-th root
+          (Shampoo) at ``damping``, measured (source ``name:i``; `refresh_matrices`).
+
+        Conv weights are costed by their 3-way mode products (an approximation of the conv
+        tensors' cost); an empty parameter costs nothing.
+        """
+        if self.param.numel() == 0:
+            return []
+        name, dims = self.name, self.shape
+        out: list[CostItem] = []
+        for mode, d in enumerate(dims):
+            term = "factor_G" if mode == 0 else "factor_A"
+            grams = mode_statistics_ops(dims, mode)
+            out += cost_items(term, grams, statistics, name, f"mode-{mode} contraction")
+            prod = mode_product_op(dims, mode)
+            out += cost_items("precondition", [prod], 1.0, name, f"×_{mode} P_{mode}")
+            dec = Decomposition(self.method, d, self.root, damping, f"{name}:{mode}")
+            out += cost_items("inversion", [dec], refresh, name, f"mode-{mode} factor")
+        return out
+
+    def refresh_matrices(self, state: State) -> dict[str, Tensor]:
+        """The undamped factors `factors` (``name:i``), once there are statistics."""
+        if not self.has_statistics(state):
+            return {}
+        return {f"{self.name}:{i}": F.detach().clone() for i, F in enumerate(self.factors(state))}
+
+    def storage(self) -> StorageFormula:
+        """``Σ_i d_i²``, thesis Table 4.1 (the statistics; the preconditioners it keeps as well
+        are not in the formula)."""
+        elements = sum(d * d for d in self.shape) if self.param.numel() > 0 else 0
+        return StorageFormula(elements, "Σ_tensors Σ_i d_i²", "thesis Table 4.1")
