@@ -76,7 +76,9 @@ Where [P3] is silent ([R]) and deviations:
   statistics move only in the build, once per step, as in a training pass). For a model whose
   training pass draws random numbers (`curvlab.optim.modelwise.has_random_forward`: dropout)
   the step keeps the ordinary training pass (the closure, which fills ``.grad``) for loss and
-  g and builds the operator after it: one gradient more per step.
+  g and builds the operator after it: one gradient more per step. The operator and the trial
+  loss F(x_t + z_t) of q_t replay the closure's dropout masks
+  (`ModelwiseOptimizer.step_randomness`), so that q_t compares one sampled network.
 
 `HybridTRSGD` is [P3] §4's Hybrid: "runs trust region method until the accuracy
 no longer increases, and then uses the last epoch to initialize SGD method. When the training

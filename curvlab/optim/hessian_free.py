@@ -48,9 +48,12 @@ Cost per step: with N2 = N1 the GGN operator's build is also the gradient pass o
 (`HessianFree.evaluate` takes the loss and g_t from it, so ``.grad`` is not filled): one gradient
 + (CG products + 1) products + one trial forward. With N2 < N1 the operator lives on S2 and
 cannot give g_t on S1: the closure computes it (filling ``.grad``), one gradient more. The same
-holds for a model whose training pass draws random numbers, which the operator's functional
-passes do not share (`curvlab.optim.modelwise.has_random_forward`: dropout); BatchNorm running
-statistics move in the operator's build, once per step, as in a training pass.
+holds for a model whose training pass draws random numbers (`curvlab.optim.modelwise.
+has_random_forward`: dropout), because the operator's functional passes do not advance the
+global RNG; the operator and the trial loss of ρ_t then replay the closure's dropout masks
+(`ModelwiseOptimizer.step_randomness`; with N2 < N1 the operator's masks have S2's shape).
+BatchNorm running statistics move in the operator's build, once per step, as in a training
+pass.
 The operator is dropped at the end of ``step``: no autograd graph outlives a step.
 
 The LM rule of line 7 is `curvlab.optim.control.levenberg_marquardt_update`; λ_LM's state,

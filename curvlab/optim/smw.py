@@ -30,7 +30,10 @@ Passes per step: NG and NG-BD take g_i and ā_i from the gradient pass of line 4
 on the layers during the closure, `_SubsampledLM.evaluate`; §5.3.3), so beyond SGD they add
 only the trial forward pass of ρ on S1; GN adds one forward pass on S2 and m_L backward passes
 to the layer outputs (no weight gradients). The gradient pass is the ordinary closure (it fills
-``.grad``): S2 ⊆ S1 and the per-sample quantities need hooks, not a curvature operator.
+``.grad``): S2 ⊆ S1 and the per-sample quantities need hooks, not a curvature operator. With
+dropout, GN's forward pass on S2 and the trial forward pass of ρ_t replay the masks of the
+gradient pass (`ModelwiseOptimizer.step_randomness`), so that g_t, D_t and both losses of ρ_t
+belong to one sampled network (for S2 ⊂ S1, masks of S2's shape from the same RNG state).
 
 LM rule (§5.2.3, `curvlab.optim.control.levenberg_marquardt_update`; its state and the accept
 rule are `curvlab.optim.levenberg_marquardt.LevenbergMarquardtDamping`'s, shared with
@@ -233,8 +236,10 @@ class _SubsampledLM(LevenbergMarquardtDamping):
         else:
             inputs = objective.inputs if index is None else objective.inputs[index]
             # The forward pass in the objective's precision (mixed precision: its autocast
-            # state); rows are recorded, and H formed, in the parameters' dtype.
-            with preserved_buffers(self.model), objective.autocast():
+            # state); rows are recorded, and H formed, in the parameters' dtype. With dropout
+            # it replays the masks of the gradient pass (`step_randomness`; S2 = S1: the same
+            # network as g_t, S2 ⊂ S1: masks of S2's shape from the same RNG state).
+            with preserved_buffers(self.model), objective.autocast(), self.step_randomness():
                 rows, outputs = output_jacobian_rows(self.layers, self.model, inputs)
             targets = objective.targets
             if index is not None and targets.dim() > 0:

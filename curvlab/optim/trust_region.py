@@ -68,8 +68,10 @@ Options and deviations:
   functional (the global RNG not advanced; BatchNorm running statistics move only in the build,
   once per step, as in a training pass); for a model whose training pass draws random numbers
   (`curvlab.optim.modelwise.has_random_forward`: dropout) the ordinary training pass (the
-  closure) gives loss and g_t and the operator is built after it (one gradient more). The
-  operator is dropped at the end of ``step``: no autograd graph outlives a step.
+  closure) gives loss and g_t and the operator is built after it (one gradient more), with the
+  closure's dropout masks, which the trial loss of line 6 replays too
+  (`ModelwiseOptimizer.step_randomness`: ρ_t compares one sampled network). The operator is
+  dropped at the end of ``step``: no autograd graph outlives a step.
 """
 
 from __future__ import annotations
