@@ -65,6 +65,13 @@ Where [P3] is silent ([R]) and deviations:
 * Deviation: a non-finite trial loss counts as q_t = −∞ (reject, shrink) because it is the
   worst possible agreement; the paper does not treat it. With ``radius_rule="fixed"`` no
   trial loss is evaluated (the code has no ratio test), so ρ is NaN in ``last_step_info``.
+* Deviation: f(0) − f(z_t) ≤ −1e-15 gives q_t = −∞ (reject, shrink), where line 4 divides
+  whatever the sign (docs/deviations.md, "A model that predicts no decrease";
+  `curvlab.optim.control.reduction_ratio`). Alg 2 can return it with the paper's own settings:
+  f(z₀) > 0 when α r ĝᵀHĝ > 2‖g‖, and N1 = 1 GD steps need not reach f < 0. The decision is
+  line 5/6's whenever the loss went down (q_t < 0); it differs when the loss went up as the
+  model predicted, which the literal q_t ≥ 0.9 would accept and answer with r_{t+1} = 2 r_t.
+  |f(0) − f(z_t)| < 1e-15 (round-off) gives q_t = 1 unless the loss went up.
 * Deviation: a non-finite curvature product (solver status ``"non_finite"``) skips the step
   (parameters and radius untouched) because no step of the model can be trusted.
 * Deviation: the radius never falls below 1e-100 (nor rises above the largest float) because

@@ -39,6 +39,10 @@ Deviations (marked in the code):
   ``ratio_point="step"`` measures ρ at αp_t instead of p_t (eq. 5.5 vs Alg 23 line 7, A21), a
   non-finite trial loss rejects the step (λ_LM boosted), and a non-finite gradient / product /
   CG result skips the step with nothing changed.
+* Deviation: a model reduction m_t(0) − m_t(p_t) ≤ −1e-15 gives ρ_t = −∞: the step is not
+  taken and λ_LM is boosted (docs/deviations.md, "A model that predicts no decrease"). Lemma 11
+  rules it out for the exact solve; a truncated CG from the warm start ζ p_{t−1} can end
+  there, and (5.5) would divide whatever the sign.
 * Curvature batch: B_t on the first or a random ``curvature_batch_size`` rows of S1 (the
   optimizer's own generator, saved in ``state_dict``), scaled to the objective's loss
   reduction: with L = c Σ_{S1} l_n, B_t is N1 c /(N2 c₂) times the GGN of the S2 loss

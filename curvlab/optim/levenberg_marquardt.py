@@ -10,8 +10,10 @@ thesis §5.2.3 (Martens 2010's heuristic; `curvlab.optim.control.levenberg_marqu
     then            λ_{t+1} = λ_LM + τ
 
 Alg 23 then always steps (line 7); with ``accept_threshold=η`` (0 < η < ε) θ moves only when
-ρ_t ≥ η (thesis Theorem 6). Deviation: a non-finite ρ_t (a non-finite trial loss) rejects the
-step even in the practical version, and λ_LM is boosted.
+ρ_t ≥ η (thesis Theorem 6). Deviation: a non-finite ρ_t rejects the step even in the practical
+version, and λ_LM is boosted: a non-finite trial loss, or a model reduction ≤ −1e-15, which
+Lemma 11 rules out for the exact solve (ρ_t = −∞ then; `curvlab.optim.control.reduction_ratio`,
+docs/deviations.md, "A model that predicts no decrease").
 """
 
 from __future__ import annotations
@@ -60,6 +62,6 @@ class LevenbergMarquardtDamping(ModelwiseOptimizer):
         )
         proposal.info["next_damping"] = self.damping  # λ_{t+1} = λ_LM + τ
         if not math.isfinite(rho):
-            return False  # Deviation: never step towards a non-finite loss (module docstring)
+            return False  # Deviation: a non-finite loss, or no predicted decrease (docstring)
         threshold = group["accept_threshold"]
         return threshold is None or rho >= threshold

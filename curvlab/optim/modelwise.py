@@ -7,7 +7,7 @@ reject, adapt the radius / σ / LM damping from the reduction ratio ρ)::
     loss, g = evaluate(objective)              # loss and flat gradient on the mini-batch
     s, predicted = propose(objective, loss, g)  # e.g. Steihaug-CG, cubic, MINRES, SMW
     trial = objective.loss_at(θ + t)            # t = s, or the proposal's trial_step
-    ρ = (loss − trial) / predicted              # predicted = m(0) − m(t)
+    ρ = (loss − trial) / predicted              # predicted = m(0) − m(t); control.reduction_ratio
     if control(ρ, ...): θ ← θ + s               # a rejected step leaves θ exactly as it was
 
 Non-finite losses, gradients or proposals skip the step (reported in ``last_step_info``), and
@@ -35,7 +35,11 @@ of ρ belong to one sampled network, and a tiny step gives ρ ≈ 1 as without d
 leave the global RNG where the gradient pass left it (one set of masks drawn per step). A model
 without random modules is not touched: no RNG state is read or set. A pass on another batch (a
 curvature subset S2 ⊂ S1) replays the same state but draws masks of its own shape.
-A non-finite trial loss counts as ρ = −∞: the step is rejected and `control` shrinks.
+A non-finite trial loss counts as ρ = −∞: the step is rejected and `control` shrinks; so does a
+predicted reduction ≤ −1e-15, a model that promises no decrease, where the papers divide
+whatever the sign (a deviation: docs/deviations.md, "A model that predicts no decrease";
+`curvlab.optim.control.reduction_ratio`). A |predicted| below 1e-15 (round-off) or None gives
+ρ = 1 unless the loss went up.
 Global state (radius, σ, λ, counters) lives in ``global_state`` so ``state_dict`` has it.
 
 Data-parallel (`ModelwiseOptimizer.distribute`): each rank evaluates its shard of the global
@@ -65,6 +69,7 @@ from curvlab.autodiff import CurvatureOperator, curvature_operator
 from curvlab.autodiff.functional import RngState, capture_rng, replayed_rng
 from curvlab.distributed import Communicator, is_ddp
 from curvlab.objective import Objective
+from curvlab.optim.control import reduction_ratio
 from curvlab.optim.guard import SampledLabels, StepGuard, require_objective, step_guard
 
 __all__ = [
@@ -338,13 +343,9 @@ class ModelwiseOptimizer(SampledLabels, Optimizer, ABC):
             with self.step_randomness():  # L(θ + s) with the masks of L(θ)
                 trial_loss = objective.loss_at(self.trial_parameters(objective, point))
             trial = self._mean_trial_loss(trial_loss)
-            predicted = proposal.predicted_reduction
-            if not math.isfinite(trial):
-                rho = -math.inf
-            elif predicted is not None and predicted > 0:
-                rho = (float(loss) - trial) / predicted
-            else:
-                rho = -math.inf if trial > float(loss) else 1.0
+            # ρ with the guards of `control.reduction_ratio`: round-off, and a model that
+            # predicts no decrease (a deviation: docs/deviations.md)
+            rho = reduction_ratio(float(loss) - trial, proposal.predicted_reduction)
         accepted = self.control(rho, proposal)
         if accepted:
             for p, d in zip(self.params, self.unflatten(proposal.step), strict=True):

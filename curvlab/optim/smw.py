@@ -61,6 +61,9 @@ Options and deviations:
   N2 = N1 (the whole batch); the thesis uses N2 = N1/2 in every experiment (§8.4 presets).
 * Deviation: a step whose trial loss is not finite is rejected even in the practical version
   (which always accepts), because it would move θ towards a non-finite loss; λ_LM is boosted.
+  So is a step whose model reduction is ≤ −1e-15 (ρ_t = −∞; Lemma 11 rules it out for the
+  exact solve, so only round-off gets there: docs/deviations.md, "A model that predicts no
+  decrease").
 * Deviation: a non-finite Gram matrix or J g, or a D that cannot be factorised even in float64
   with extra damping (`curvlab.linalg.DecompositionError`), skips the step: parameters and λ
   are untouched and ``last_step_info`` gives the reason. When D needed the retry's extra

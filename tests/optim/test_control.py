@@ -23,14 +23,33 @@ from curvlab.optim.control import (
 def test_reduction_ratio_divides_and_guards() -> None:
     assert reduction_ratio(0.3, 0.6) == 0.5
     assert reduction_ratio(-0.3, 0.6) == -0.5
-    # [C-AN]: a model decrease below 1e-15 counts as ρ = 1, whatever the loss did.
+    # [C-AN]: a model decrease below 1e-15 (round-off) counts as ρ = 1 ...
     assert reduction_ratio(1e-3, 0.5 * RHO_GUARD) == 1.0
-    assert reduction_ratio(-1e-3, 0.0) == 1.0
+    assert reduction_ratio(1e-3, -0.5 * RHO_GUARD) == 1.0
+    assert reduction_ratio(0.0, 0.0) == 1.0
+    assert reduction_ratio(1e-3, None) == 1.0
+    # ... unless the loss went up (curvlab: the guard is not there to accept an increase).
+    assert reduction_ratio(-1e-3, 0.0) == -math.inf
+    assert reduction_ratio(-1e-3, None) == -math.inf
     assert reduction_ratio(1e-3, 2e-15) == pytest.approx(5e11)
     # A non-finite trial loss (or model) rejects.
     assert reduction_ratio(-math.inf, 1.0) == -math.inf
     assert reduction_ratio(math.nan, 1.0) == -math.inf
     assert reduction_ratio(1.0, math.nan) == -math.inf
+    assert reduction_ratio(1.0, math.inf) == -math.inf
+
+
+def test_a_model_that_predicts_an_increase_is_unsuccessful() -> None:
+    """Deviation (docs/deviations.md): the papers divide whatever the sign. Where the loss went
+    down the literal ratio is negative (the same decision); where it went up as predicted the
+    literal ratio is positive, 1 here, and would count as very successful."""
+    assert reduction_ratio(0.5, -1.0) == -math.inf  # literal: −0.5, unsuccessful too
+    assert reduction_ratio(-1.0, -1.0) == -math.inf  # literal: 1.0, very successful
+    assert reduction_ratio(-1e-3, -2 * RHO_GUARD) == -math.inf
+    for rho in (reduction_ratio(0.5, -1.0), reduction_ratio(-1.0, -1.0)):
+        assert classify_step(rho, 0.0, 0.9) == "unsuccessful"
+        assert not deterministic_radius_update(rho, 1.0)[0]
+        assert levenberg_marquardt_update(1.0, rho, boost=2.0) == 2.0
 
 
 def test_scaled_model_decrease_is_minus_the_model_along_the_ray() -> None:

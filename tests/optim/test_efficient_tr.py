@@ -533,3 +533,27 @@ def test_non_finite_batch_leaves_the_running_statistics_alone() -> None:
     assert opt.last_step_info["skipped"]
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_an_uphill_subproblem_point_is_rejected_not_accepted_as_very_successful() -> None:
+    """[P3] Alg 2 can return f(z_t) > 0 with the paper's own settings: f(z₀) > 0 when
+    α r ĝᵀHĝ > 2‖g‖ (here near a minimiser of a quadratic loss, where the model is exact). The
+    literal q_t = (F(x) − F(x + z)) / (f(0) − f(z)) is then 1 (the loss went up exactly as
+    predicted) and line 5 would accept and double r; curvlab rejects and halves it
+    (docs/deviations.md, "A model that predicts no decrease")."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1, bias=False).double()
+    x = torch.randn(32, 4, dtype=torch.float64)
+    y = x @ torch.ones(4, 1, dtype=torch.float64) + 1e-3 * torch.randn(32, 1, dtype=torch.float64)
+    with torch.no_grad():  # near the least-squares solution: ‖g‖ small, curvature O(1)
+        model.weight.copy_(torch.linalg.lstsq(x, y).solution.T + 1e-3)
+    opt = EfficientTR(model, radius=10.0, radius_rule="deterministic", step_size=1e-6)
+    before = _flat(model)
+    loss = float(opt.step(Objective(model, nn.MSELoss(), x, y)))
+    info = opt.last_step_info
+    assert info["predicted_reduction"] < 0  # the model predicts an increase ...
+    literal = (loss - info["trial_loss"]) / info["predicted_reduction"]
+    assert literal == pytest.approx(1.0, rel=1e-6)  # ... which happens: literal q_t = 1
+    assert info["rho"] == -math.inf and not info["accepted"]
+    assert info["next_radius"] == 5.0
+    assert torch.equal(_flat(model), before)

@@ -6,6 +6,7 @@ by the model-wide methods' tests."""
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -240,6 +241,45 @@ def test_stateful_forward_detects_running_statistics_and_randomness() -> None:
     assert has_stateful_forward(nn.Sequential(nn.Linear(3, 3), nn.Dropout2d(0.1)))
     dropout.eval()
     assert not has_stateful_forward(dropout)
+
+
+class _Uphill(ModelwiseOptimizer):
+    """Proposes a small gradient step (the loss goes down) with a model that predicts an
+    increase; accepts when ρ ≥ 0.1."""
+
+    def __init__(self, params: Any, predicted: float) -> None:
+        super().__init__(params, {})
+        self.predicted = predicted
+
+    @property
+    def uses_trial_loss(self) -> bool:
+        return True
+
+    def propose(self, objective: Objective, loss: torch.Tensor, grad: torch.Tensor) -> Proposal:
+        return Proposal(-1e-3 * grad, self.predicted)
+
+    def control(self, rho: float, proposal: Proposal) -> bool:
+        return rho >= 0.1
+
+
+def test_a_model_that_predicts_no_decrease_rejects_the_step() -> None:
+    """Deviation (docs/deviations.md): ρ = −∞ for m(0) − m(s) ≤ −1e-15. Before, such a step was
+    passed as 'no prediction': ρ = 1 because the loss went down, accepted."""
+    model = tiny_mlp((4, 3, 2))
+    x, y = regression_problem(n=12, d_out=2)
+    obj = Objective(model, nn.MSELoss(), x, y)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = _Uphill(model, predicted=-1e-3)
+    loss = float(opt.step(obj))
+    info = opt.last_step_info
+    assert info["trial_loss"] < loss  # the loss went down: the literal ratio is negative ...
+    assert info["rho"] == -math.inf and not info["accepted"]  # ... and the step is rejected
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+    # Round-off (|m(0) − m(s)| < 1e-15, [C-AN]): ρ = 1 when the loss went down.
+    opt = _Uphill(model, predicted=-1e-16)
+    opt.step(obj)
+    assert opt.last_step_info["rho"] == 1.0 and opt.last_step_info["accepted"]
 
 
 # ------------------------------------------------------------- dropout: one network per step
