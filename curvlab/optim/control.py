@@ -28,6 +28,7 @@ The comparisons are ``≥`` as in the released code ([C-AN] ``Ellipsoidal_TR.ste
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -253,10 +254,14 @@ def levenberg_marquardt_update(
     (the damping of the next step is then λ_{t+1} = λ_LM + τ, kept by the optimizer). Defaults
     are the thesis's ch.5 settings (ε = 1/4, boost = 1.01, drop = 0.99, "same as in Kiros").
     The step itself is not rejected by this rule.
+
+    Deviation: drops never take a positive λ_LM below the smallest normal double (2.2e-308).
+    Below it the products lose their digits: λ_LM reaches 0 (drop ≤ 1/2) or a subnormal that
+    boost = 1.01 rounds back to itself, and the rule could never raise it again.
     """
     # Deviation: a NaN ρ counts as ρ < ε (the model failed); the thesis does not treat it.
     if math.isnan(rho) or rho < epsilon:
         return boost * damping
     if rho > 1.0 - epsilon:
-        return drop * damping
+        return max(drop * damping, min(damping, sys.float_info.min))  # Deviation: floor
     return damping

@@ -77,7 +77,7 @@ from torch import Tensor, nn
 
 from curvlab.autodiff import CurvatureOperator
 from curvlab.objective import Objective
-from curvlab.optim.levenberg_marquardt import LevenbergMarquardtDamping
+from curvlab.optim.levenberg_marquardt import LevenbergMarquardtDamping, check_initial_damping
 from curvlab.optim.modelwise import Proposal, SkipStep, has_random_forward
 from curvlab.optim.validation import check_choice, check_int, check_range
 from curvlab.solvers import cg
@@ -95,7 +95,7 @@ class HessianFree(LevenbergMarquardtDamping):
     Args:
         model: the network (or an iterable of its parameters).
         lr: α of Alg 23 line 7 (thesis: 0.1 MNIST, 0.01 CIFAR-10, 0.05 webspam).
-        damping: initial λ_LM (thesis 1); afterwards λ_LM evolves in ``state``.
+        damping: initial λ_LM > 0 (thesis 1); afterwards λ_LM evolves in ``state``.
         tau: τ > 0 added to λ_LM (thesis 0.001).
         boost: λ_LM factor when ρ < ε (> 1; thesis 1.01, Martens 3/2).
         drop: λ_LM factor when ρ > 1 − ε (in (0, 1); thesis 0.99, Martens 2/3).
@@ -297,7 +297,7 @@ def _subset_scale(objective: Objective, sub: Objective, index: Tensor) -> float:
 
 def _validate(group: dict[str, Any]) -> None:
     check_range("lr", group["lr"], 0.0)
-    check_range("damping", group["damping"], 0.0)
+    check_initial_damping(group["damping"])
     check_range("tau", group["tau"], 0.0, low_open=True)
     check_range("boost", group["boost"], 1.0, low_open=True)
     check_range("drop", group["drop"], 0.0, 1.0, low_open=True, high_open=True)

@@ -102,7 +102,7 @@ from curvlab.curvature.per_sample import (
 from curvlab.linalg import DecompositionError
 from curvlab.linalg.woodbury import WoodburyForm, woodbury_coefficients
 from curvlab.objective import Objective, preserved_buffers
-from curvlab.optim.levenberg_marquardt import LevenbergMarquardtDamping
+from curvlab.optim.levenberg_marquardt import LevenbergMarquardtDamping, check_initial_damping
 from curvlab.optim.modelwise import Proposal, SkipStep
 from curvlab.optim.validation import check_choice, check_int, check_range
 
@@ -381,7 +381,7 @@ class SMWGN(_SubsampledLM):
     Args:
         model: the network; every trainable parameter in nn.Linear / nn.Conv2d layers.
         lr: α (thesis: 0.1 MNIST, 0.01 CIFAR-10, 0.05 webspam).
-        damping: initial λ_LM (thesis 1); afterwards λ_LM evolves in ``state``.
+        damping: initial λ_LM > 0 (thesis 1); afterwards λ_LM evolves in ``state``.
         tau: τ > 0 added to λ_LM (thesis 0.001).
         boost: λ_LM factor when ρ < ε (> 1; thesis 1.01).
         drop: λ_LM factor when ρ > 1 − ε (in (0, 1); thesis 0.99).
@@ -442,7 +442,7 @@ def _validated(
     eps = check_range("epsilon", epsilon, 0.0, 0.5, low_open=True, high_open=True)
     return {
         "lr": check_range("lr", lr, 0.0),
-        "damping": check_range("damping", damping, 0.0),
+        "damping": check_initial_damping(damping),
         "tau": check_range("tau", tau, 0.0, low_open=True),
         "boost": check_range("boost", boost, 1.0, low_open=True),
         "drop": check_range("drop", drop, 0.0, 1.0, low_open=True, high_open=True),

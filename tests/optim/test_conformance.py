@@ -100,7 +100,7 @@ INVALID_SHAMPOO = {
 
 INVALID_SMW = {
     "lr": -1.0,
-    "damping": -1.0,
+    "damping": 0.0,
     "tau": 0.0,
     "boost": 1.0,
     "drop": 1.0,
@@ -159,7 +159,7 @@ INVALID_EDF = {
 
 INVALID_HF = {
     "lr": -1.0,
-    "damping": -1.0,
+    "damping": 0.0,
     "tau": 0.0,
     "boost": 1.0,
     "drop": 1.0,

@@ -4,6 +4,7 @@ seed 003's Alg 1, ARC's σ, and the thesis's Levenberg–Marquardt rule."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 
@@ -207,3 +208,20 @@ def test_stochastic_rule_caps_at_max_radius_and_scales_the_gradient_test() -> No
         True,
         2.0,
     )
+
+
+def test_levenberg_marquardt_drops_stop_at_the_smallest_normal_float() -> None:
+    """Without the floor, 0.5ⁿ reaches 0 and 0.99ⁿ a subnormal that boost = 1.01 rounds back to
+    itself: λ_LM could never grow again."""
+    tiny = sys.float_info.min
+    for drop in (0.5, 0.99):
+        damping = 1.0
+        for _ in range(80_000):
+            damping = levenberg_marquardt_update(damping, 1.0, drop=drop)
+            if damping == tiny:
+                break
+        assert damping == tiny
+        assert levenberg_marquardt_update(damping, 1.0, drop=drop) == tiny
+        assert levenberg_marquardt_update(damping, 0.0) == 1.01 * tiny > tiny  # boost recovers
+    assert levenberg_marquardt_update(0.0, 1.0) == 0.0  # the rule itself keeps 0 (validated
+    assert levenberg_marquardt_update(1.0, 1.0) == 0.99  # by the optimizers: damping > 0)

@@ -408,3 +408,20 @@ def test_a_direction_without_model_decrease_is_not_taken() -> None:
     assert opt.global_state["lambda_lm"] == 2.0
     for p, q in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cls", ["HessianFree", "SMWGN", "SMWNG", "SMWNGBD"])
+def test_zero_initial_damping_is_rejected_naming_it(cls: str) -> None:
+    """λ_LM(0) = 0 would stay 0: the LM rule of thesis §5.2.3 only multiplies it (before, it was
+    accepted and λ_t = τ at every step, whatever ρ_t)."""
+    import curvlab.optim
+
+    model = tiny_mlp((4, 3, 2))
+    make = getattr(curvlab.optim, cls)
+    with pytest.raises(ValueError, match=r"^damping: .*stays 0"):
+        make(model, damping=0.0)
+    opt = make(model, damping=1.0)
+    opt.param_groups[0]["damping"] = 0.0  # set later: rejected at the step
+    x, y = regression_problem(n=12, d_out=2)
+    with pytest.raises(ValueError, match=r"^damping: "):
+        opt.step(Objective(model, nn.MSELoss(), x, y))
