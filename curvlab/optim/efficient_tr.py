@@ -56,6 +56,11 @@ Where [P3] is silent ([R]) and deviations:
 * ``max_radius`` (r_max of line 6) is not given. ``None`` means: the stochastic rule caps at
   the initial ``radius`` ("the trust region radius is set to 1", §4) and the deterministic rule
   has no cap (line 5 as printed).
+* Assumption 1 of Alg 2 (η = ``step_size`` < 1/‖H‖) is not enforced (the experiments fix η),
+  but checked by the solver against its products (`curvlab.solvers.tr_gd_subproblem`): a
+  solve that breaks it reports ``solver_status="step_size_too_large"`` and
+  ``hessian_norm_bound`` (a lower bound on ‖H‖) in ``last_step_info``. The step is still
+  measured by q_t; a point whose model value rose above f(0) is rejected (below).
 * α of Assumption 2 (``init_scale`` 0.5) and the Armijo constants (σ = 1e-4, first trial η,
   shrink 0.5, 20 backtracks) are curvlab's [R] choices, passed through to the solver.
 * Extension: ``lr`` scales the accepted step, x_{t+1} = x_t + lr·z_t (1.0 = the paper), so
@@ -170,9 +175,11 @@ class EfficientTR(ModelwiseOptimizer):
 
     ``step`` takes a `curvlab.Objective`. ``last_step_info``: ``loss``, ``trial_loss``,
     ``rho`` (q_t), ``accepted``, ``radius`` (r_t), ``next_radius`` (r_{t+1}),
-    ``radius_update``, ``grad_norm``, ``predicted_reduction``, ``solver_status``,
+    ``radius_update``, ``grad_norm``, ``predicted_reduction``, ``solver_status`` (
+    ``"step_size_too_large"`` when a product showed ``step_size`` ≥ 1/‖H‖, Assumption 1),
     ``solver_iterations``, ``phase1_iterations``, ``phase2_iterations``, ``hit_boundary``,
-    ``hvp_products``, ``step_norm``.
+    ``hvp_products``, ``hessian_norm_bound`` (max ‖Hz‖/‖z‖ of the solver's products; None for
+    the code's loop), ``step_norm``.
 
     Loss and gradient come from the curvature operator's build (`evaluate`), so ``.grad`` is
     not filled by ``step`` (it is for a model whose training pass is random: dropout).
@@ -326,6 +333,7 @@ class EfficientTR(ModelwiseOptimizer):
             "phase2_iterations": result.info.get("phase2_iterations", 0),
             "hit_boundary": result.hit_boundary,
             "hvp_products": operator.products,
+            "hessian_norm_bound": result.info.get("hessian_norm_bound"),
         }
         return Proposal(z if lr == 1.0 else lr * z, predicted, info)
 

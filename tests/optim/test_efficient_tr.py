@@ -557,3 +557,18 @@ def test_an_uphill_subproblem_point_is_rejected_not_accepted_as_very_successful(
     assert info["rho"] == -math.inf and not info["accepted"]
     assert info["next_radius"] == 5.0
     assert torch.equal(_flat(model), before)
+
+
+def test_a_step_size_that_breaks_assumption_1_is_reported_in_the_step_info() -> None:
+    """η ≥ 1/‖H‖ (Alg 2's Assumption 1): the solver's status says so, with its bound on ‖H‖."""
+    model = tiny_mlp((4, 8, 3))
+    x, y = regression_problem(n=16, d_out=3, seed=1)
+    obj = Objective(model, nn.MSELoss(), x, y)
+    H, _ = _dense_hessian_and_grad(model, obj)
+    beta = float(torch.linalg.eigvalsh(H).abs().max())
+    for step_size, status in ((0.5 / beta, "max_iterations"), (20.0 / beta, "step_size_too_large")):
+        opt = EfficientTR(copy.deepcopy(model), step_size=step_size, n1=3, n2=3)
+        opt.step(Objective(opt.model, nn.MSELoss(), x, y))
+        info = opt.last_step_info
+        assert info["solver_status"] == status
+        assert 0.0 < info["hessian_norm_bound"] <= beta * (1 + 1e-9)
