@@ -35,11 +35,13 @@ of ρ belong to one sampled network, and a tiny step gives ρ ≈ 1 as without d
 leave the global RNG where the gradient pass left it (one set of masks drawn per step). A model
 without random modules is not touched: no RNG state is read or set. A pass on another batch (a
 curvature subset S2 ⊂ S1) replays the same state but draws masks of its own shape.
+
 A non-finite trial loss counts as ρ = −∞: the step is rejected and `control` shrinks; so does a
 predicted reduction ≤ −1e-15, a model that promises no decrease, where the papers divide
 whatever the sign (a deviation: docs/deviations.md, "A model that predicts no decrease";
 `curvlab.optim.control.reduction_ratio`). A |predicted| below 1e-15 (round-off) or None gives
 ρ = 1 unless the loss went up.
+
 Global state (radius, σ, λ, counters) lives in ``global_state`` so ``state_dict`` has it.
 
 Data-parallel (`ModelwiseOptimizer.distribute`): each rank evaluates its shard of the global
