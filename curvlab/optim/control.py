@@ -28,6 +28,7 @@ The comparisons are ``≥`` as in the released code ([C-AN] ``Ellipsoidal_TR.ste
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -47,8 +48,8 @@ __all__ = [
 
 Outcome = Literal["very_successful", "successful", "unsuccessful"]
 
-#: |m(0) − m(s)| below this counts as "no predicted decrease": ρ := 1 ([C-AN]
-#: ``update_procedure_2nd_order``).
+#: |m(0) − m(s)| below this counts as round-off: ρ := 1 unless the loss went up ([C-AN]
+#: ``update_procedure_2nd_order``: ρ := 1).
 RHO_GUARD = 1e-15
 
 
@@ -61,23 +62,43 @@ class StepControl:
     outcome: Outcome
 
 
-def reduction_ratio(actual: float, predicted: float, *, guard: float = RHO_GUARD) -> float:
-    """ρ = actual / predicted reduction (CGT eq. 6.1.6), with the released code's guards.
+def reduction_ratio(actual: float, predicted: float | None, *, guard: float = RHO_GUARD) -> float:
+    """ρ = actual / predicted reduction (CGT eq. 6.1.6; seed 002 Alg 1 line 6, seed 003 Alg 1
+    line 4, thesis eq. 5.5), as `curvlab.optim.ModelwiseOptimizer.step` forms it.
+
+    ::
+
+        actual or predicted not finite     ρ = −∞
+        predicted None or |predicted| < guard
+                                           ρ = 1, or −∞ if actual < 0
+        predicted ≤ −guard                 ρ = −∞            (deviation, below)
+        otherwise                          ρ = actual / predicted
 
     Args:
         actual: ``L(θ) − L(θ + s)`` on the same mini-batch; a non-finite value (an overflowing
             or NaN trial loss) gives ρ = −∞, so the step is rejected and the region shrinks.
-        predicted: ``m(0) − m(s)``; ``|predicted| < guard`` gives ρ = 1 ([C-AN]: "if function
-            or model improvement are too small we set the ratio to 1 because of possible
-            numerical instabilities").
-        guard: the threshold of the second rule (default `RHO_GUARD` = 1e-15).
+        predicted: ``m(0) − m(s)``, or None where a method has no usable prediction.
+            ``|predicted| < guard`` is round-off: [C-AN] sets ρ := 1 ("if function or model
+            improvement are too small we set the ratio to 1 because of possible numerical
+            instabilities"); curvlab does so unless the loss went up (then −∞: the guard
+            protects against round-off, not for accepting an increase).
+        guard: the round-off threshold (default `RHO_GUARD` = 1e-15, [C-AN]).
+
+    Deviation (docs/deviations.md, "A model that predicts no decrease"): a predicted reduction
+    ≤ −guard gives ρ = −∞, where the papers divide whatever the sign. Their analyses never
+    meet it (a Cauchy decrease, seed 002 Assumption 2; Alg 2 from z₀ under Assumptions 1–2,
+    seed 003 Thm 3; thesis Lemma 11 for the exact LM solve), but a truncated or warm-started
+    solver, seed 003's z₀ itself (f(z₀) > 0 when α r ĝᵀHĝ > 2‖g‖) or an ``lr`` > 1 can. The
+    decision is the literal ratio's whenever the loss went down (then actual / predicted < 0:
+    unsuccessful); it differs where the literal ratio is positive because the loss went up as
+    the model predicted, which would count as success and enlarge the region (or drop λ).
     """
     if not math.isfinite(actual):
         return -math.inf
-    if not math.isfinite(predicted):
-        return -math.inf
-    if abs(predicted) < guard:
-        return 1.0
+    if predicted is None or (math.isfinite(predicted) and abs(predicted) < guard):
+        return -math.inf if actual < 0.0 else 1.0
+    if not math.isfinite(predicted) or predicted < 0.0:
+        return -math.inf  # Deviation: the model predicts an increase (docstring)
     return actual / predicted
 
 
@@ -233,10 +254,14 @@ def levenberg_marquardt_update(
     (the damping of the next step is then λ_{t+1} = λ_LM + τ, kept by the optimizer). Defaults
     are the thesis's ch.5 settings (ε = 1/4, boost = 1.01, drop = 0.99, "same as in Kiros").
     The step itself is not rejected by this rule.
+
+    Deviation: drops never take a positive λ_LM below the smallest normal double (2.2e-308).
+    Below it the products lose their digits: λ_LM reaches 0 (drop ≤ 1/2) or a subnormal that
+    boost = 1.01 rounds back to itself, and the rule could never raise it again.
     """
     # Deviation: a NaN ρ counts as ρ < ε (the model failed); the thesis does not treat it.
     if math.isnan(rho) or rho < epsilon:
         return boost * damping
     if rho > 1.0 - epsilon:
-        return drop * damping
+        return max(drop * damping, min(damping, sys.float_info.min))  # Deviation: floor
     return damping

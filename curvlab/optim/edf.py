@@ -81,7 +81,7 @@ Deviations and conventions:
   numbers (`curvlab.optim.modelwise.has_random_forward`: dropout), and for the output-space
   operator of a model with running statistics (`has_stateful_forward`), the ordinary training
   pass (the closure) gives loss and g, and the operator is built after it on the same batch
-  (dropout masks for the products from the RNG state at that point): one gradient more. The
+  with the closure's dropout masks (`ModelwiseOptimizer.step_randomness`): one gradient more. The
   operator is dropped at the end of ``step``: no autograd graph outlives a step.
 """
 
@@ -366,7 +366,8 @@ class EDF(ModelwiseOptimizer):
     ) -> CurvatureOperator | _OutputSpaceOperator:
         """A = G or H by products (parameter space), or H_L J Jᵀ (output space)."""
         if self.space == "output":
-            return _OutputSpaceOperator(objective, self.params)
+            with self.step_randomness():  # dropout: the masks of the step's gradient pass
+                return _OutputSpaceOperator(objective, self.params)
         return self.curvature_operator(objective, self.kind, update_buffers=update_buffers)
 
     def propose(self, objective: Objective, loss: Tensor, grad: Tensor) -> Proposal:

@@ -56,6 +56,11 @@ Where [P3] is silent ([R]) and deviations:
 * ``max_radius`` (r_max of line 6) is not given. ``None`` means: the stochastic rule caps at
   the initial ``radius`` ("the trust region radius is set to 1", §4) and the deterministic rule
   has no cap (line 5 as printed).
+* Assumption 1 of Alg 2 (η = ``step_size`` < 1/‖H‖) is not enforced (the experiments fix η),
+  but checked by the solver against its products (`curvlab.solvers.tr_gd_subproblem`): a
+  solve that breaks it reports ``solver_status="step_size_too_large"`` and
+  ``hessian_norm_bound`` (a lower bound on ‖H‖) in ``last_step_info``. The step is still
+  measured by q_t; a point whose model value rose above f(0) is rejected (below).
 * α of Assumption 2 (``init_scale`` 0.5) and the Armijo constants (σ = 1e-4, first trial η,
   shrink 0.5, 20 backtracks) are curvlab's [R] choices, passed through to the solver.
 * Extension: ``lr`` scales the accepted step, x_{t+1} = x_t + lr·z_t (1.0 = the paper), so
@@ -65,6 +70,13 @@ Where [P3] is silent ([R]) and deviations:
 * Deviation: a non-finite trial loss counts as q_t = −∞ (reject, shrink) because it is the
   worst possible agreement; the paper does not treat it. With ``radius_rule="fixed"`` no
   trial loss is evaluated (the code has no ratio test), so ρ is NaN in ``last_step_info``.
+* Deviation: f(0) − f(z_t) ≤ −1e-15 gives q_t = −∞ (reject, shrink), where line 4 divides
+  whatever the sign (docs/deviations.md, "A model that predicts no decrease";
+  `curvlab.optim.control.reduction_ratio`). Alg 2 can return it with the paper's own settings:
+  f(z₀) > 0 when α r ĝᵀHĝ > 2‖g‖, and N1 = 1 GD steps need not reach f < 0. The decision is
+  line 5/6's whenever the loss went down (q_t < 0); it differs when the loss went up as the
+  model predicted, which the literal q_t ≥ 0.9 would accept and answer with r_{t+1} = 2 r_t.
+  |f(0) − f(z_t)| < 1e-15 (round-off) gives q_t = 1 unless the loss went up.
 * Deviation: a non-finite curvature product (solver status ``"non_finite"``) skips the step
   (parameters and radius untouched) because no step of the model can be trusted.
 * Deviation: the radius never falls below 1e-100 (nor rises above the largest float) because
@@ -76,7 +88,9 @@ Where [P3] is silent ([R]) and deviations:
   statistics move only in the build, once per step, as in a training pass). For a model whose
   training pass draws random numbers (`curvlab.optim.modelwise.has_random_forward`: dropout)
   the step keeps the ordinary training pass (the closure, which fills ``.grad``) for loss and
-  g and builds the operator after it: one gradient more per step.
+  g and builds the operator after it: one gradient more per step. The operator and the trial
+  loss F(x_t + z_t) of q_t replay the closure's dropout masks
+  (`ModelwiseOptimizer.step_randomness`), so that q_t compares one sampled network.
 
 `HybridTRSGD` is [P3] §4's Hybrid: "runs trust region method until the accuracy
 no longer increases, and then uses the last epoch to initialize SGD method. When the training
@@ -161,9 +175,11 @@ class EfficientTR(ModelwiseOptimizer):
 
     ``step`` takes a `curvlab.Objective`. ``last_step_info``: ``loss``, ``trial_loss``,
     ``rho`` (q_t), ``accepted``, ``radius`` (r_t), ``next_radius`` (r_{t+1}),
-    ``radius_update``, ``grad_norm``, ``predicted_reduction``, ``solver_status``,
+    ``radius_update``, ``grad_norm``, ``predicted_reduction``, ``solver_status`` (
+    ``"step_size_too_large"`` when a product showed ``step_size`` ≥ 1/‖H‖, Assumption 1),
     ``solver_iterations``, ``phase1_iterations``, ``phase2_iterations``, ``hit_boundary``,
-    ``hvp_products``, ``step_norm``.
+    ``hvp_products``, ``hessian_norm_bound`` (max ‖Hz‖/‖z‖ of the solver's products; None for
+    the code's loop), ``step_norm``.
 
     Loss and gradient come from the curvature operator's build (`evaluate`), so ``.grad`` is
     not filled by ``step`` (it is for a model whose training pass is random: dropout).
@@ -317,6 +333,7 @@ class EfficientTR(ModelwiseOptimizer):
             "phase2_iterations": result.info.get("phase2_iterations", 0),
             "hit_boundary": result.hit_boundary,
             "hvp_products": operator.products,
+            "hessian_norm_bound": result.info.get("hessian_norm_bound"),
         }
         return Proposal(z if lr == 1.0 else lr * z, predicted, info)
 

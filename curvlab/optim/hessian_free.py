@@ -39,6 +39,10 @@ Deviations (marked in the code):
   ``ratio_point="step"`` measures ρ at αp_t instead of p_t (eq. 5.5 vs Alg 23 line 7, A21), a
   non-finite trial loss rejects the step (λ_LM boosted), and a non-finite gradient / product /
   CG result skips the step with nothing changed.
+* Deviation: a model reduction m_t(0) − m_t(p_t) ≤ −1e-15 gives ρ_t = −∞: the step is not
+  taken and λ_LM is boosted (docs/deviations.md, "A model that predicts no decrease"). Lemma 11
+  rules it out for the exact solve; a truncated CG from the warm start ζ p_{t−1} can end
+  there, and (5.5) would divide whatever the sign.
 * Curvature batch: B_t on the first or a random ``curvature_batch_size`` rows of S1 (the
   optimizer's own generator, saved in ``state_dict``), scaled to the objective's loss
   reduction: with L = c Σ_{S1} l_n, B_t is N1 c /(N2 c₂) times the GGN of the S2 loss
@@ -48,9 +52,12 @@ Cost per step: with N2 = N1 the GGN operator's build is also the gradient pass o
 (`HessianFree.evaluate` takes the loss and g_t from it, so ``.grad`` is not filled): one gradient
 + (CG products + 1) products + one trial forward. With N2 < N1 the operator lives on S2 and
 cannot give g_t on S1: the closure computes it (filling ``.grad``), one gradient more. The same
-holds for a model whose training pass draws random numbers, which the operator's functional
-passes do not share (`curvlab.optim.modelwise.has_random_forward`: dropout); BatchNorm running
-statistics move in the operator's build, once per step, as in a training pass.
+holds for a model whose training pass draws random numbers (`curvlab.optim.modelwise.
+has_random_forward`: dropout), because the operator's functional passes do not advance the
+global RNG; the operator and the trial loss of ρ_t then replay the closure's dropout masks
+(`ModelwiseOptimizer.step_randomness`; with N2 < N1 the operator's masks have S2's shape).
+BatchNorm running statistics move in the operator's build, once per step, as in a training
+pass.
 The operator is dropped at the end of ``step``: no autograd graph outlives a step.
 
 The LM rule of line 7 is `curvlab.optim.control.levenberg_marquardt_update`; λ_LM's state,
@@ -70,7 +77,7 @@ from torch import Tensor, nn
 
 from curvlab.autodiff import CurvatureOperator
 from curvlab.objective import Objective
-from curvlab.optim.levenberg_marquardt import LevenbergMarquardtDamping
+from curvlab.optim.levenberg_marquardt import LevenbergMarquardtDamping, check_initial_damping
 from curvlab.optim.modelwise import Proposal, SkipStep, has_random_forward
 from curvlab.optim.validation import check_choice, check_int, check_range
 from curvlab.solvers import cg
@@ -88,7 +95,7 @@ class HessianFree(LevenbergMarquardtDamping):
     Args:
         model: the network (or an iterable of its parameters).
         lr: α of Alg 23 line 7 (thesis: 0.1 MNIST, 0.01 CIFAR-10, 0.05 webspam).
-        damping: initial λ_LM (thesis 1); afterwards λ_LM evolves in ``state``.
+        damping: initial λ_LM > 0 (thesis 1); afterwards λ_LM evolves in ``state``.
         tau: τ > 0 added to λ_LM (thesis 0.001).
         boost: λ_LM factor when ρ < ε (> 1; thesis 1.01, Martens 3/2).
         drop: λ_LM factor when ρ > 1 − ε (in (0, 1); thesis 0.99, Martens 2/3).
@@ -290,7 +297,7 @@ def _subset_scale(objective: Objective, sub: Objective, index: Tensor) -> float:
 
 def _validate(group: dict[str, Any]) -> None:
     check_range("lr", group["lr"], 0.0)
-    check_range("damping", group["damping"], 0.0)
+    check_initial_damping(group["damping"])
     check_range("tau", group["tau"], 0.0, low_open=True)
     check_range("boost", group["boost"], 1.0, low_open=True)
     check_range("drop", group["drop"], 0.0, 1.0, low_open=True, high_open=True)

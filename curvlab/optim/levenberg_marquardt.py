@@ -9,19 +9,43 @@ thesis §5.2.3 (Martens 2010's heuristic; `curvlab.optim.control.levenberg_marqu
     ρ_t > 1 − ε:    λ_LM ← drop·λ_LM
     then            λ_{t+1} = λ_LM + τ
 
+λ_LM(0) = ``damping`` must be > 0 (`check_initial_damping`: the rule only multiplies it).
 Alg 23 then always steps (line 7); with ``accept_threshold=η`` (0 < η < ε) θ moves only when
-ρ_t ≥ η (thesis Theorem 6). Deviation: a non-finite ρ_t (a non-finite trial loss) rejects the
-step even in the practical version, and λ_LM is boosted.
+ρ_t ≥ η (thesis Theorem 6). Deviation: a non-finite ρ_t rejects the step even in the practical
+version, and λ_LM is boosted: a non-finite trial loss, or a model reduction ≤ −1e-15, which
+Lemma 11 rules out for the exact solve (ρ_t = −∞ then; `curvlab.optim.control.reduction_ratio`,
+docs/deviations.md, "A model that predicts no decrease").
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from curvlab.optim.control import levenberg_marquardt_update
 from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal
+from curvlab.optim.validation import check_range
 
-__all__ = ["LevenbergMarquardtDamping"]
+__all__ = ["LevenbergMarquardtDamping", "check_initial_damping"]
+
+
+def check_initial_damping(value: Any) -> float:
+    """λ_LM(0) (the ``damping`` hyperparameter) as a float > 0.
+
+    The rule above only multiplies λ_LM, so λ_LM(0) = 0 would stay 0 at every step: λ_t = τ
+    forever, however bad ρ_t. Thesis §5.2.3 starts from λ_LM(0) = 1, and the proof of Theorem 6
+    needs λ_t → ∞ when steps keep being rejected.
+
+    Raises:
+        ValueError: ``value`` is not a finite number > 0 (the message names ``damping``).
+    """
+    damping = check_range("damping", value, 0.0)
+    if damping == 0.0:
+        raise ValueError(
+            "damping: expected a finite number > 0, got 0.0 (λ_LM(0) = 0 stays 0: the "
+            "Levenberg–Marquardt rule of thesis §5.2.3 only multiplies it by boost or drop)"
+        )
+    return damping
 
 
 class LevenbergMarquardtDamping(ModelwiseOptimizer):
@@ -60,6 +84,6 @@ class LevenbergMarquardtDamping(ModelwiseOptimizer):
         )
         proposal.info["next_damping"] = self.damping  # λ_{t+1} = λ_LM + τ
         if not math.isfinite(rho):
-            return False  # Deviation: never step towards a non-finite loss (module docstring)
+            return False  # Deviation: a non-finite loss, or no predicted decrease (docstring)
         threshold = group["accept_threshold"]
         return threshold is None or rho >= threshold

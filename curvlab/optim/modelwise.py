@@ -7,7 +7,7 @@ reject, adapt the radius / σ / LM damping from the reduction ratio ρ)::
     loss, g = evaluate(objective)              # loss and flat gradient on the mini-batch
     s, predicted = propose(objective, loss, g)  # e.g. Steihaug-CG, cubic, MINRES, SMW
     trial = objective.loss_at(θ + t)            # t = s, or the proposal's trial_step
-    ρ = (loss − trial) / predicted              # predicted = m(0) − m(t)
+    ρ = (loss − trial) / predicted              # predicted = m(0) − m(t); control.reduction_ratio
     if control(ρ, ...): θ ← θ + s               # a rejected step leaves θ exactly as it was
 
 Non-finite losses, gradients or proposals skip the step (reported in ``last_step_info``), and
@@ -15,13 +15,33 @@ so does a `SkipStep` raised by a hook (e.g. a failed decomposition), with its re
 `evaluate` runs the closure by default; a method that builds a curvature operator can override
 it to take the loss and gradient from the operator's own pass, so one step costs one gradient
 plus the products (then ``.grad`` is not filled). The operator's passes are functional: they
-leave the global RNG where it was, so such an override keeps the closure for a model whose
-training pass draws random numbers (`has_random_forward`: dropout); they move no BatchNorm
+leave the global RNG where it was (every step would see the same masks), so such an override
+keeps the closure for a model whose training pass draws random numbers (`has_random_forward`:
+dropout; see below for the masks of the later passes); they move no BatchNorm
 running statistics except in that build, which then stands for the training pass
 (``update_buffers=True``: the running statistics move once per step, as with the closure).
 A method whose ratio is measured at a point other than the step (thesis Alg 23: ρ at p_t, step
 α p_t) gives that point as ``Proposal.trial_step``.
-A non-finite trial loss counts as ρ = −∞: the step is rejected and `control` shrinks.
+
+Random training passes (dropout, `has_random_forward`): L(θ) and L(θ + s) of ρ are two draws of
+the random network unless both see the same masks, and then ρ is noise (measured, seed 002's
+ellipsoidal TR with Δ = 1e-4 on a tiny MLP with ``Dropout(0.5)``: ρ = 184, −72, 691, 111, 93
+where the same model without dropout gives 1 at every step). So the step snapshots the global
+RNG (CPU and the parameters' CUDA device) right before `evaluate`, whose pass draws this step's
+masks, and every later pass of the step at the same batch replays that snapshot
+(`ModelwiseOptimizer.step_randomness`): the curvature operator's build (hence all its
+products, which replay the build's state) and the trial loss of ρ, so that g, B and both losses
+of ρ belong to one sampled network, and a tiny step gives ρ ≈ 1 as without dropout. The replays
+leave the global RNG where the gradient pass left it (one set of masks drawn per step). A model
+without random modules is not touched: no RNG state is read or set. A pass on another batch (a
+curvature subset S2 ⊂ S1) replays the same state but draws masks of its own shape.
+
+A non-finite trial loss counts as ρ = −∞: the step is rejected and `control` shrinks; so does a
+predicted reduction ≤ −1e-15, a model that promises no decrease, where the papers divide
+whatever the sign (a deviation: docs/deviations.md, "A model that predicts no decrease";
+`curvlab.optim.control.reduction_ratio`). A |predicted| below 1e-15 (round-off) or None gives
+ρ = 1 unless the loss went up.
+
 Global state (radius, σ, λ, counters) lives in ``global_state`` so ``state_dict`` has it.
 
 Data-parallel (`ModelwiseOptimizer.distribute`): each rank evaluates its shard of the global
@@ -39,6 +59,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -47,8 +68,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from curvlab.autodiff import CurvatureOperator, curvature_operator
+from curvlab.autodiff.functional import RngState, capture_rng, replayed_rng
 from curvlab.distributed import Communicator, is_ddp
 from curvlab.objective import Objective
+from curvlab.optim.control import reduction_ratio
 from curvlab.optim.guard import SampledLabels, StepGuard, require_objective, step_guard
 
 __all__ = [
@@ -142,6 +165,7 @@ class ModelwiseOptimizer(SampledLabels, Optimizer, ABC):
             )
         self.last_step_info: dict[str, Any] = {}
         self._comm = Communicator.local()
+        self._step_rng: RngState | None = None
 
     @property
     def params(self) -> list[Tensor]:
@@ -213,12 +237,21 @@ class ModelwiseOptimizer(SampledLabels, Optimizer, ABC):
         """Raise ``ValueError`` if this configuration cannot be averaged over ranks (a method
         whose subproblem couples the examples of different ranks). Default: it can."""
 
+    def step_randomness(self) -> AbstractContextManager[None]:
+        """Run the body with the random numbers of this step's gradient pass (module
+        docstring): for a model with a random training pass (dropout), the global RNG state
+        taken right before `evaluate` is replayed, and the global RNG is left as it was; for
+        any other model (or outside a step) nothing is done."""
+        return nullcontext() if self._step_rng is None else replayed_rng(self._step_rng)
+
     def curvature_operator(
         self, objective: Objective, kind: str, **kwargs: Any
     ) -> CurvatureOperator:
         """`curvlab.autodiff.curvature_operator` over this optimizer's parameters; in a
-        data-parallel run each of its products is averaged over ranks."""
-        operator = curvature_operator(objective, self.params, kind, **kwargs)
+        data-parallel run each of its products is averaged over ranks. Built under
+        `step_randomness`, so with dropout its passes use the masks of the step's gradient."""
+        with self.step_randomness():
+            operator = curvature_operator(objective, self.params, kind, **kwargs)
         if self._comm.is_distributed:
             operator.reduce = self._mean_product
         return operator
@@ -279,6 +312,7 @@ class ModelwiseOptimizer(SampledLabels, Optimizer, ABC):
             try:
                 return self._step(require_objective(closure, type(self).__name__), guard)
             finally:
+                self._step_rng = None
                 self.end_step()
 
     def end_step(self) -> None:
@@ -292,6 +326,9 @@ class ModelwiseOptimizer(SampledLabels, Optimizer, ABC):
                 f"model: {type(self).__name__} averages gradients and curvature products over "
                 "ranks itself; give it the plain per-rank model, not a DistributedDataParallel"
             )
+        # The masks of this step (module docstring): the state `evaluate`'s pass draws from.
+        if has_random_forward(objective.model):
+            self._step_rng = capture_rng(self.params[0].device)
         loss, grad = self._mean_loss_and_gradient(*self.evaluate(objective))
         if not torch.isfinite(loss) or not bool(torch.isfinite(grad).all()):
             return self._skip(guard, loss, "non-finite loss or gradient")
@@ -305,16 +342,12 @@ class ModelwiseOptimizer(SampledLabels, Optimizer, ABC):
         trial = None
         if self.uses_trial_loss:
             point = proposal.step if proposal.trial_step is None else proposal.trial_step
-            trial = self._mean_trial_loss(
-                objective.loss_at(self.trial_parameters(objective, point))
-            )
-            predicted = proposal.predicted_reduction
-            if not math.isfinite(trial):
-                rho = -math.inf
-            elif predicted is not None and predicted > 0:
-                rho = (float(loss) - trial) / predicted
-            else:
-                rho = -math.inf if trial > float(loss) else 1.0
+            with self.step_randomness():  # L(θ + s) with the masks of L(θ)
+                trial_loss = objective.loss_at(self.trial_parameters(objective, point))
+            trial = self._mean_trial_loss(trial_loss)
+            # ρ with the guards of `control.reduction_ratio`: round-off, and a model that
+            # predicts no decrease (a deviation: docs/deviations.md)
+            rho = reduction_ratio(float(loss) - trial, proposal.predicted_reduction)
         accepted = self.control(rho, proposal)
         if accepted:
             for p, d in zip(self.params, self.unflatten(proposal.step), strict=True):

@@ -394,7 +394,7 @@ _TSO: dict[str, Real | Int] = {
 }
 _LEVENBERG_MARQUARDT: dict[str, Real | Int] = {  # SMW and Hessian-free (thesis §5.2.3)
     "lr": NONNEGATIVE,
-    "damping": NONNEGATIVE,
+    "damping": POSITIVE,  # λ_LM(0) = 0 would stay 0 (the rule only multiplies it)
     "tau": POSITIVE,
     "boost": Real(1.0, low_open=True),
     "drop": OPEN_UNIT,

@@ -30,7 +30,10 @@ Passes per step: NG and NG-BD take g_i and ā_i from the gradient pass of line 4
 on the layers during the closure, `_SubsampledLM.evaluate`; §5.3.3), so beyond SGD they add
 only the trial forward pass of ρ on S1; GN adds one forward pass on S2 and m_L backward passes
 to the layer outputs (no weight gradients). The gradient pass is the ordinary closure (it fills
-``.grad``): S2 ⊆ S1 and the per-sample quantities need hooks, not a curvature operator.
+``.grad``): S2 ⊆ S1 and the per-sample quantities need hooks, not a curvature operator. With
+dropout, GN's forward pass on S2 and the trial forward pass of ρ_t replay the masks of the
+gradient pass (`ModelwiseOptimizer.step_randomness`), so that g_t, D_t and both losses of ρ_t
+belong to one sampled network (for S2 ⊂ S1, masks of S2's shape from the same RNG state).
 
 LM rule (§5.2.3, `curvlab.optim.control.levenberg_marquardt_update`; its state and the accept
 rule are `curvlab.optim.levenberg_marquardt.LevenbergMarquardtDamping`'s, shared with
@@ -58,6 +61,9 @@ Options and deviations:
   N2 = N1 (the whole batch); the thesis uses N2 = N1/2 in every experiment (§8.4 presets).
 * Deviation: a step whose trial loss is not finite is rejected even in the practical version
   (which always accepts), because it would move θ towards a non-finite loss; λ_LM is boosted.
+  So is a step whose model reduction is ≤ −1e-15 (ρ_t = −∞; Lemma 11 rules it out for the
+  exact solve, so only round-off gets there: docs/deviations.md, "A model that predicts no
+  decrease").
 * Deviation: a non-finite Gram matrix or J g, or a D that cannot be factorised even in float64
   with extra damping (`curvlab.linalg.DecompositionError`), skips the step: parameters and λ
   are untouched and ``last_step_info`` gives the reason. When D needed the retry's extra
@@ -96,7 +102,7 @@ from curvlab.curvature.per_sample import (
 from curvlab.linalg import DecompositionError
 from curvlab.linalg.woodbury import WoodburyForm, woodbury_coefficients
 from curvlab.objective import Objective, preserved_buffers
-from curvlab.optim.levenberg_marquardt import LevenbergMarquardtDamping
+from curvlab.optim.levenberg_marquardt import LevenbergMarquardtDamping, check_initial_damping
 from curvlab.optim.modelwise import Proposal, SkipStep
 from curvlab.optim.validation import check_choice, check_int, check_range
 
@@ -233,8 +239,10 @@ class _SubsampledLM(LevenbergMarquardtDamping):
         else:
             inputs = objective.inputs if index is None else objective.inputs[index]
             # The forward pass in the objective's precision (mixed precision: its autocast
-            # state); rows are recorded, and H formed, in the parameters' dtype.
-            with preserved_buffers(self.model), objective.autocast():
+            # state); rows are recorded, and H formed, in the parameters' dtype. With dropout
+            # it replays the masks of the gradient pass (`step_randomness`; S2 = S1: the same
+            # network as g_t, S2 ⊂ S1: masks of S2's shape from the same RNG state).
+            with preserved_buffers(self.model), objective.autocast(), self.step_randomness():
                 rows, outputs = output_jacobian_rows(self.layers, self.model, inputs)
             targets = objective.targets
             if index is not None and targets.dim() > 0:
@@ -373,7 +381,7 @@ class SMWGN(_SubsampledLM):
     Args:
         model: the network; every trainable parameter in nn.Linear / nn.Conv2d layers.
         lr: α (thesis: 0.1 MNIST, 0.01 CIFAR-10, 0.05 webspam).
-        damping: initial λ_LM (thesis 1); afterwards λ_LM evolves in ``state``.
+        damping: initial λ_LM > 0 (thesis 1); afterwards λ_LM evolves in ``state``.
         tau: τ > 0 added to λ_LM (thesis 0.001).
         boost: λ_LM factor when ρ < ε (> 1; thesis 1.01).
         drop: λ_LM factor when ρ > 1 − ε (in (0, 1); thesis 0.99).
@@ -434,7 +442,7 @@ def _validated(
     eps = check_range("epsilon", epsilon, 0.0, 0.5, low_open=True, high_open=True)
     return {
         "lr": check_range("lr", lr, 0.0),
-        "damping": check_range("damping", damping, 0.0),
+        "damping": check_initial_damping(damping),
         "tau": check_range("tau", tau, 0.0, low_open=True),
         "boost": check_range("boost", boost, 1.0, low_open=True),
         "drop": check_range("drop", drop, 0.0, 1.0, low_open=True, high_open=True),

@@ -51,11 +51,13 @@ Options and deviations:
 * Extension: ``lr`` scales the step (θ ← θ + lr·s, trial loss and predicted reduction taken at
   lr·s); the paper has no learning rate, the default 1.0 is the paper's method. It lets LR
   schedulers act (lr = 0 freezes θ; the step control then keeps Δ, since nothing was measured).
-* ρ (line 6) is computed by `ModelwiseOptimizer.step`: a non-finite trial loss gives ρ = −∞
-  (reject, shrink). Deviation: [C-AN] sets ρ := 1 when |m(0) − m(s)| < 1e-15; here such a step is
-  passed without a predicted reduction, so ρ = 1 unless the trial loss went up (then ρ = −∞),
-  because accepting a step that increased the loss and enlarging Δ after it is not what the
-  guard (round-off protection) is for.
+* ρ (line 6) is computed by `ModelwiseOptimizer.step` (`curvlab.optim.control.reduction_ratio`):
+  a non-finite trial loss gives ρ = −∞ (reject, shrink). Deviation: [C-AN] sets ρ := 1 when
+  |m(0) − m(s)| < 1e-15; here ρ = 1 unless the trial loss went up (then ρ = −∞), because
+  accepting a step that increased the loss and enlarging Δ after it is not what the guard
+  (round-off protection) is for. Deviation: m(0) − m(s) ≤ −1e-15 (possible with ``lr`` > 1, or
+  a solver failure; Steihaug–Toint CG decreases m from 0) gives ρ = −∞ where line 6 and [C-AN]
+  divide whatever the sign (docs/deviations.md, "A model that predicts no decrease").
 * Non-finite curvature products (solver status ``"non_finite"``, a zero step): the step is
   rejected and Δ kept (the radius did not cause it); ``last_step_info["rho"]`` is NaN.
 * Not implemented (extras of [C-AN] that the paper does not describe): the pivot check on the
@@ -68,8 +70,10 @@ Options and deviations:
   functional (the global RNG not advanced; BatchNorm running statistics move only in the build,
   once per step, as in a training pass); for a model whose training pass draws random numbers
   (`curvlab.optim.modelwise.has_random_forward`: dropout) the ordinary training pass (the
-  closure) gives loss and g_t and the operator is built after it (one gradient more). The
-  operator is dropped at the end of ``step``: no autograd graph outlives a step.
+  closure) gives loss and g_t and the operator is built after it (one gradient more), with the
+  closure's dropout masks, which the trial loss of line 6 replays too
+  (`ModelwiseOptimizer.step_randomness`: ρ_t compares one sampled network). The operator is
+  dropped at the end of ``step``: no autograd graph outlives a step.
 """
 
 from __future__ import annotations
@@ -85,7 +89,6 @@ from torch import Tensor, nn
 from curvlab.autodiff import CurvatureOperator
 from curvlab.objective import Objective
 from curvlab.optim.control import (
-    RHO_GUARD,
     StepControl,
     scaled_model_decrease,
     trust_region_update,
@@ -291,15 +294,14 @@ class AdaptiveNormNewton(ModelwiseOptimizer):
     def _predicted(
         lr: float, model_decrease: float, linear: float, cubic: float = 0.0
     ) -> float | None:
-        """m(0) − m(lr·s) from the solver's m(0) − m(s); None below the ρ guard (see module)."""
+        """m(0) − m(lr·s) from the solver's m(0) − m(s), None if not finite; the ρ guards
+        (round-off, no predicted decrease) are `control.reduction_ratio`'s (see module)."""
         if lr == 1.0:
             predicted = model_decrease
         else:
             quadratic = -model_decrease - linear - cubic  # ½ sᵀBs
             predicted = scaled_model_decrease(lr, linear, quadratic, cubic)
-        if not math.isfinite(predicted) or predicted < RHO_GUARD:
-            return None
-        return predicted
+        return predicted if math.isfinite(predicted) else None
 
 
 class EllipsoidalTR(AdaptiveNormNewton):

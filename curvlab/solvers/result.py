@@ -26,6 +26,7 @@ __all__ = [
     "NEGATIVE_CURVATURE",
     "NON_FINITE",
     "STATUSES",
+    "STEP_SIZE_TOO_LARGE",
     "Matvec",
     "SolverResult",
 ]
@@ -47,6 +48,9 @@ NEGATIVE_CURVATURE = "negative_curvature"
 BREAKDOWN = "breakdown"
 #: The Armijo backtracking of the seed-003 solver found no acceptable step (round-off level).
 LINE_SEARCH_FAILED = "line_search_failed"
+#: The seed-003 solver ran with a step size its Assumption 1 (η < 1/‖H‖) rules out, as a
+#: product with H showed (‖Hz‖ ≥ ‖z‖/η): its iterate is feasible, but Thm 3 no longer holds.
+STEP_SIZE_TOO_LARGE = "step_size_too_large"
 #: Non-finite input or matrix-vector product: the solution is a zero step.
 NON_FINITE = "non_finite"
 
@@ -57,6 +61,7 @@ STATUSES = (
     NEGATIVE_CURVATURE,
     BREAKDOWN,
     LINE_SEARCH_FAILED,
+    STEP_SIZE_TOO_LARGE,
     NON_FINITE,
 )
 

@@ -51,6 +51,18 @@ How this implementation reads the algorithm:
   ``"line_search_failed"``.
 * Optional ``tol`` (default 0 = the paper's fixed ``N1``/``N2``): stop when the gradient (phase
   I) or the Riemannian gradient (phase II) has norm ``≤ tol·‖g‖``.
+* Assumption 1 is checked, not assumed: every product gives ``‖H z‖/‖z‖ ≤ ‖H‖``, a lower bound
+  β̂ on β at no extra cost (its norm joins the host synchronisation the step makes anyway), and
+  ``η·β̂ ≥ 1`` proves the assumption false. The iteration still runs as printed (the paper's
+  experiments fix η = 0.1 whatever ‖H‖), but the result has status ``"step_size_too_large"``
+  instead of ``"max_iterations"`` / ``"converged"`` / ``"line_search_failed"``, and
+  ``info["hessian_norm_bound"]`` = β̂. What then happens: for η ∈ [1/β, 2/β) phase I still
+  decreases f, but Thm 3's sign invariant z⁽ⁱ⁾g⁽ⁱ⁾ ≤ 0 can break (factors 1 − ηλᵢ < 0), so the
+  global minimiser is no longer guaranteed; for η ≥ 2/β the components with |1 − ηλᵢ| > 1 grow
+  geometrically, held in the ball only by the projection, and the returned point can be worse
+  than z₀, even f(z) > 0 = f(0) (the caller's ratio test then sees a model that predicts an
+  increase). Such growth makes ‖Hz‖/‖z‖ approach the eigenvalue that drives it, so it is always
+  reported; a violation that no product reveals (g with no component where |λᵢ| ≥ 1/η) is not.
 
 ``variant="code"`` is the released code's loop ([C-TR] ``iter_TR``), which is not
 Algorithm 2: ``z = −η g``; then ``N1`` times ``z ← z − (η/2)(H z + g)`` and ``z ← r z/(‖z‖ +
@@ -74,6 +86,7 @@ from curvlab.solvers.result import (
     CONVERGED,
     LINE_SEARCH_FAILED,
     MAX_ITERATIONS,
+    STEP_SIZE_TOO_LARGE,
     Matvec,
     SolverResult,
     check_iterations,
@@ -125,8 +138,9 @@ def tr_gd_subproblem(
         radius: Trust-region radius ``r > 0`` (1 in the paper's experiments).
         n1: ``N1``, the last phase-I index (at most ``N1 + 1`` gradient steps).
         n2: ``N2``, the last phase-II index (phase II runs ``t' = t .. N2``).
-        step_size: ``η`` of line 5 (Assumption 1: ``η < 1/‖H‖``; 0.1 in the paper's
-            experiments, 0.01 for MobileNet). In ``variant="code"`` the code's ``η'``.
+        step_size: ``η`` of line 5 (Assumption 1: ``η < 1/‖H‖``, checked against the products:
+            status ``"step_size_too_large"``; 0.1 in the paper's experiments, 0.01 for
+            MobileNet). In ``variant="code"`` the code's ``η'`` (not checked: no assumption).
         init_scale: ``α`` of Assumption 2, in (0, 1); not given by the paper ([R] default 0.5).
         armijo_sigma: ``σ`` of the Armijo condition, in (0, 1) ([R] 1e-4).
         armijo_shrink: Backtracking factor, in (0, 1) ([R] 0.5).
@@ -143,7 +157,10 @@ def tr_gd_subproblem(
         gradient norm on the sphere for a phase-II result (at the last evaluated iterate when
         ``compute_model_decrease`` is off and the final product was skipped); ``model_decrease =
         f(0) − f(z)``; ``info`` has ``"phase1_iterations"``, ``"phase2_iterations"``,
-        ``"phase1_norms"`` (``‖z_t‖``, paper variant), ``"matvecs"``.
+        ``"phase1_norms"`` (``‖z_t‖``, paper variant), ``"matvecs"`` and (paper variant)
+        ``"hessian_norm_bound"``, the largest ``‖Hz‖/‖z‖`` of its products (≤ ‖H‖). The status
+        is ``"step_size_too_large"`` when ``step_size · hessian_norm_bound ≥ 1`` (Assumption 1
+        fails; module docstring), except for ``"non_finite"``.
     """
     check_vector(grad, "grad")
     radius = check_positive(radius, "radius")
@@ -177,6 +194,7 @@ def tr_gd_subproblem(
     z = g * (-init_scale * radius / g_norm)  # line 1, Assumption 2 (scaled to radius r)
     hz: Tensor | None = None
     norms = [init_scale * radius]
+    bound = 0.0  # β̂ = max ‖Hz‖/‖z‖ over the products, a lower bound on β = ‖H‖
     on_sphere = False
     boundary = False  # line 2
     status = MAX_ITERATIONS
@@ -193,9 +211,12 @@ def tr_gd_subproblem(
         candidate = z - eta * grad_f  # line 5
         candidate_norm_t = torch.linalg.vector_norm(candidate)
         scale = radius / torch.clamp(candidate_norm_t, min=radius)  # Prox: projection on ball
-        candidate_norm, grad_norm = fetch(candidate_norm_t, torch.linalg.vector_norm(grad_f))
+        candidate_norm, grad_norm, hz_norm = fetch(
+            candidate_norm_t, torch.linalg.vector_norm(grad_f), torch.linalg.vector_norm(hz)
+        )
         if not (math.isfinite(candidate_norm) and math.isfinite(grad_norm)):
             return non_finite_step(g, iterations=phase1, matvecs=matvecs)
+        bound = max(bound, hz_norm / norms[-1])  # Assumption 1: ‖H z_t‖/‖z_t‖ ≤ β
         residual = grad_norm
         if grad_norm <= tol * g_norm:  # optional early stop at z_t (H z_t is known)
             status = CONVERGED
@@ -226,9 +247,16 @@ def tr_gd_subproblem(
                 hz_trial = matvec(trial)
                 matvecs += 1
                 f_trial_t = 0.5 * (trial @ hz_trial) + g @ trial
-                f_trial, f_now, grad_r2 = fetch(f_trial_t, f, grad_r2_t)
+                f_trial, f_now, grad_r2, hz_norm, hz_trial_norm = fetch(
+                    f_trial_t,
+                    f,
+                    grad_r2_t,
+                    torch.linalg.vector_norm(hz),
+                    torch.linalg.vector_norm(hz_trial),
+                )
                 if not (math.isfinite(f_trial) and math.isfinite(f_now)):
                     return non_finite_step(g, iterations=phase1 + phase2, matvecs=matvecs)
+                bound = max(bound, hz_norm / radius, hz_trial_norm / radius)  # on the sphere
                 residual = math.sqrt(grad_r2)
                 if residual <= tol * g_norm or grad_r2 == 0.0:
                     status = CONVERGED
@@ -254,9 +282,18 @@ def tr_gd_subproblem(
         if hz is None:
             hz = matvec(z)
             matvecs += 1
-        f_value, residual = fetch(0.5 * (z @ hz) + g @ z, torch.linalg.vector_norm(hz + g))
+        f_value, residual, hz_norm, z_norm = fetch(
+            0.5 * (z @ hz) + g @ z,
+            torch.linalg.vector_norm(hz + g),
+            torch.linalg.vector_norm(hz),
+            torch.linalg.vector_norm(z),
+        )
+        if z_norm > 0.0:
+            bound = max(bound, hz_norm / z_norm)
     if f_value is not None and not (math.isfinite(f_value) and math.isfinite(residual)):
         return non_finite_step(g, iterations=phase1 + phase2, matvecs=matvecs)
+    if eta * bound >= 1.0:  # Assumption 1 (η < 1/β) is false: say so (module docstring)
+        status = STEP_SIZE_TOO_LARGE
 
     return SolverResult(
         solution=z,
@@ -270,6 +307,7 @@ def tr_gd_subproblem(
             "phase2_iterations": phase2,
             "phase1_norms": norms,
             "matvecs": matvecs,
+            "hessian_norm_bound": bound,
         },
     )
 

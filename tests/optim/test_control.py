@@ -4,6 +4,7 @@ seed 003's Alg 1, ARC's σ, and the thesis's Levenberg–Marquardt rule."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 
@@ -23,14 +24,33 @@ from curvlab.optim.control import (
 def test_reduction_ratio_divides_and_guards() -> None:
     assert reduction_ratio(0.3, 0.6) == 0.5
     assert reduction_ratio(-0.3, 0.6) == -0.5
-    # [C-AN]: a model decrease below 1e-15 counts as ρ = 1, whatever the loss did.
+    # [C-AN]: a model decrease below 1e-15 (round-off) counts as ρ = 1 ...
     assert reduction_ratio(1e-3, 0.5 * RHO_GUARD) == 1.0
-    assert reduction_ratio(-1e-3, 0.0) == 1.0
+    assert reduction_ratio(1e-3, -0.5 * RHO_GUARD) == 1.0
+    assert reduction_ratio(0.0, 0.0) == 1.0
+    assert reduction_ratio(1e-3, None) == 1.0
+    # ... unless the loss went up (curvlab: the guard is not there to accept an increase).
+    assert reduction_ratio(-1e-3, 0.0) == -math.inf
+    assert reduction_ratio(-1e-3, None) == -math.inf
     assert reduction_ratio(1e-3, 2e-15) == pytest.approx(5e11)
     # A non-finite trial loss (or model) rejects.
     assert reduction_ratio(-math.inf, 1.0) == -math.inf
     assert reduction_ratio(math.nan, 1.0) == -math.inf
     assert reduction_ratio(1.0, math.nan) == -math.inf
+    assert reduction_ratio(1.0, math.inf) == -math.inf
+
+
+def test_a_model_that_predicts_an_increase_is_unsuccessful() -> None:
+    """Deviation (docs/deviations.md): the papers divide whatever the sign. Where the loss went
+    down the literal ratio is negative (the same decision); where it went up as predicted the
+    literal ratio is positive, 1 here, and would count as very successful."""
+    assert reduction_ratio(0.5, -1.0) == -math.inf  # literal: −0.5, unsuccessful too
+    assert reduction_ratio(-1.0, -1.0) == -math.inf  # literal: 1.0, very successful
+    assert reduction_ratio(-1e-3, -2 * RHO_GUARD) == -math.inf
+    for rho in (reduction_ratio(0.5, -1.0), reduction_ratio(-1.0, -1.0)):
+        assert classify_step(rho, 0.0, 0.9) == "unsuccessful"
+        assert not deterministic_radius_update(rho, 1.0)[0]
+        assert levenberg_marquardt_update(1.0, rho, boost=2.0) == 2.0
 
 
 def test_scaled_model_decrease_is_minus_the_model_along_the_ray() -> None:
@@ -188,3 +208,20 @@ def test_stochastic_rule_caps_at_max_radius_and_scales_the_gradient_test() -> No
         True,
         2.0,
     )
+
+
+def test_levenberg_marquardt_drops_stop_at_the_smallest_normal_float() -> None:
+    """Without the floor, 0.5ⁿ reaches 0 and 0.99ⁿ a subnormal that boost = 1.01 rounds back to
+    itself: λ_LM could never grow again."""
+    tiny = sys.float_info.min
+    for drop in (0.5, 0.99):
+        damping = 1.0
+        for _ in range(80_000):
+            damping = levenberg_marquardt_update(damping, 1.0, drop=drop)
+            if damping == tiny:
+                break
+        assert damping == tiny
+        assert levenberg_marquardt_update(damping, 1.0, drop=drop) == tiny
+        assert levenberg_marquardt_update(damping, 0.0) == 1.01 * tiny > tiny  # boost recovers
+    assert levenberg_marquardt_update(0.0, 1.0) == 0.0  # the rule itself keeps 0 (validated
+    assert levenberg_marquardt_update(1.0, 1.0) == 0.99  # by the optimizers: damping > 0)

@@ -384,3 +384,42 @@ def test_radius_survives_state_dict(rule: str) -> None:
 @pytest.mark.parametrize("save_at", [2, 5])  # before and after the switch at step 4
 def test_hybrid_resume_across_the_switch_is_bit_identical(save_at: int) -> None:
     check_state_dict_round_trip(lambda m: HybridTRSGD(m, switch_at_step=4), save_at, total=8)
+
+
+def test_an_uphill_subproblem_point_is_rejected_not_accepted_as_very_successful() -> None:
+    """[P3] Alg 2 can return f(z_t) > 0 with the paper's own settings: f(z₀) > 0 when
+    α r ĝᵀHĝ > 2‖g‖ (here near a minimiser of a quadratic loss, where the model is exact). The
+    literal q_t = (F(x) − F(x + z)) / (f(0) − f(z)) is then 1 (the loss went up exactly as
+    predicted) and line 5 would accept and double r; curvlab rejects and halves it
+    (docs/deviations.md, "A model that predicts no decrease")."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1, bias=False).double()
+    x = torch.randn(32, 4, dtype=torch.float64)
+    y = x @ torch.ones(4, 1, dtype=torch.float64) + 1e-3 * torch.randn(32, 1, dtype=torch.float64)
+    with torch.no_grad():  # near the least-squares solution: ‖g‖ small, curvature O(1)
+        model.weight.copy_(torch.linalg.lstsq(x, y).solution.T + 1e-3)
+    opt = EfficientTR(model, radius=10.0, radius_rule="deterministic", step_size=1e-6)
+    before = _flat(model)
+    loss = float(opt.step(Objective(model, nn.MSELoss(), x, y)))
+    info = opt.last_step_info
+    assert info["predicted_reduction"] < 0  # the model predicts an increase ...
+    literal = (loss - info["trial_loss"]) / info["predicted_reduction"]
+    assert literal == pytest.approx(1.0, rel=1e-6)  # ... which happens: literal q_t = 1
+    assert info["rho"] == -math.inf and not info["accepted"]
+    assert info["next_radius"] == 5.0
+    assert torch.equal(_flat(model), before)
+
+
+def test_a_step_size_that_breaks_assumption_1_is_reported_in_the_step_info() -> None:
+    """η ≥ 1/‖H‖ (Alg 2's Assumption 1): the solver's status says so, with its bound on ‖H‖."""
+    model = tiny_mlp((4, 8, 3))
+    x, y = regression_problem(n=16, d_out=3, seed=1)
+    obj = Objective(model, nn.MSELoss(), x, y)
+    H, _ = _dense_hessian_and_grad(model, obj)
+    beta = float(torch.linalg.eigvalsh(H).abs().max())
+    for step_size, status in ((0.5 / beta, "max_iterations"), (20.0 / beta, "step_size_too_large")):
+        opt = EfficientTR(copy.deepcopy(model), step_size=step_size, n1=3, n2=3)
+        opt.step(Objective(opt.model, nn.MSELoss(), x, y))
+        info = opt.last_step_info
+        assert info["solver_status"] == status
+        assert 0.0 < info["hessian_norm_bound"] <= beta * (1 + 1e-9)

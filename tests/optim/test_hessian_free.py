@@ -285,3 +285,47 @@ def test_subset_larger_than_batch_and_plain_closure() -> None:
         opt.step(Objective(model, loss_fn, x, y))
     with pytest.raises(TypeError):
         HessianFree(model).step(lambda: loss_fn(model(x), y))
+
+
+def test_a_direction_without_model_decrease_is_not_taken() -> None:
+    """Deviation (docs/deviations.md, "A model that predicts no decrease"): ρ_t = −∞, the step
+    is not taken even by the always-step Alg 23 and λ_LM is boosted. (A truncated CG from a
+    bad warm start can end there; simulated by negating the model reduction.) Before, ρ_t = 1
+    because the loss went down, and the step was taken with λ_LM dropped."""
+    from curvlab.optim.modelwise import Proposal
+
+    model = tiny_mlp((4, 3, 2))
+    x, y = regression_problem(n=12, d_out=2)
+    opt = HessianFree(model, lr=1.0, damping=1.0, boost=2.0)
+    original = opt.propose
+
+    def uphill(objective: Objective, loss: Tensor, g: Tensor) -> Proposal:
+        p = original(objective, loss, g)
+        assert p.predicted_reduction is not None and p.predicted_reduction > 0
+        return Proposal(p.step, -p.predicted_reduction, p.info, trial_step=p.trial_step)
+
+    opt.propose = uphill  # type: ignore[method-assign]
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = float(opt.step(Objective(model, nn.MSELoss(), x, y)))
+    info = opt.last_step_info
+    assert info["trial_loss"] < loss and info["rho"] == -math.inf and not info["accepted"]
+    assert opt.global_state["lambda_lm"] == 2.0
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cls", ["HessianFree", "SMWGN", "SMWNG", "SMWNGBD"])
+def test_zero_initial_damping_is_rejected_naming_it(cls: str) -> None:
+    """λ_LM(0) = 0 would stay 0: the LM rule of thesis §5.2.3 only multiplies it (before, it was
+    accepted and λ_t = τ at every step, whatever ρ_t)."""
+    import curvlab.optim
+
+    model = tiny_mlp((4, 3, 2))
+    make = getattr(curvlab.optim, cls)
+    with pytest.raises(ValueError, match=r"^damping: .*stays 0"):
+        make(model, damping=0.0)
+    opt = make(model, damping=1.0)
+    opt.param_groups[0]["damping"] = 0.0  # set later: rejected at the step
+    x, y = regression_problem(n=12, d_out=2)
+    with pytest.raises(ValueError, match=r"^damping: "):
+        opt.step(Objective(model, nn.MSELoss(), x, y))

@@ -5,6 +5,7 @@ helpers of the model-wide methods' tests: curvlab.testing.spies.)"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -13,7 +14,17 @@ from torch import nn
 from torch.func import hessian
 
 from curvlab import Objective
-from curvlab.optim import ARC, SMWGN, EllipsoidalTR, HessianFree
+from curvlab.optim import (
+    ARC,
+    EDF,
+    SMWGN,
+    SMWNG,
+    SMWNGBD,
+    EfficientTR,
+    EllipsoidalTR,
+    HessianFree,
+)
+from curvlab.optim import modelwise as modelwise_module
 from curvlab.optim.modelwise import ModelwiseOptimizer, Proposal, has_stateful_forward
 from curvlab.testing.models import regression_problem, tiny_cnn, tiny_mlp
 
@@ -193,6 +204,213 @@ def test_stateful_forward_detects_running_statistics_and_randomness() -> None:
     assert has_stateful_forward(nn.Sequential(nn.Linear(3, 3), nn.Dropout2d(0.1)))
     dropout.eval()
     assert not has_stateful_forward(dropout)
+
+
+class _Uphill(ModelwiseOptimizer):
+    """Proposes a small gradient step (the loss goes down) with a model that predicts an
+    increase; accepts when ρ ≥ 0.1."""
+
+    def __init__(self, params: Any, predicted: float) -> None:
+        super().__init__(params, {})
+        self.predicted = predicted
+
+    @property
+    def uses_trial_loss(self) -> bool:
+        return True
+
+    def propose(self, objective: Objective, loss: torch.Tensor, grad: torch.Tensor) -> Proposal:
+        return Proposal(-1e-3 * grad, self.predicted)
+
+    def control(self, rho: float, proposal: Proposal) -> bool:
+        return rho >= 0.1
+
+
+def test_a_model_that_predicts_no_decrease_rejects_the_step() -> None:
+    """Deviation (docs/deviations.md): ρ = −∞ for m(0) − m(s) ≤ −1e-15. Before, such a step was
+    passed as 'no prediction': ρ = 1 because the loss went down, accepted."""
+    model = tiny_mlp((4, 3, 2))
+    x, y = regression_problem(n=12, d_out=2)
+    obj = Objective(model, nn.MSELoss(), x, y)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = _Uphill(model, predicted=-1e-3)
+    loss = float(opt.step(obj))
+    info = opt.last_step_info
+    assert info["trial_loss"] < loss  # the loss went down: the literal ratio is negative ...
+    assert info["rho"] == -math.inf and not info["accepted"]  # ... and the step is rejected
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+    # Round-off (|m(0) − m(s)| < 1e-15, [C-AN]): ρ = 1 when the loss went down.
+    opt = _Uphill(model, predicted=-1e-16)
+    opt.step(obj)
+    assert opt.last_step_info["rho"] == 1.0 and opt.last_step_info["accepted"]
+
+
+# ------------------------------------------------------------- dropout: one network per step
+def dropout_mlp(p: float) -> nn.Sequential:
+    """6–16–3 tanh MLP, with ``Dropout(p)`` after the hidden layer when p > 0 (same weights)."""
+    torch.manual_seed(0)
+    dropout: list[nn.Module] = [nn.Dropout(p)] if p else []
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), *dropout, nn.Linear(16, 3)).double()
+
+
+def classification_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 6, generator=gen, dtype=torch.float64)
+    return x, torch.randint(0, 3, (32,), generator=gen)
+
+
+#: Every model-wide method with a trial loss, set up for a tiny step (radius 1e-4, σ or the LM
+#: damping large), where the model of the loss is accurate and ρ ≈ 1 (ARC: 3/2, the cubic
+#: term's share of m(0) − m(s) when σ dominates).
+TINY_STEP = {
+    "EllipsoidalTR": lambda m: EllipsoidalTR(m, radius=1e-4),
+    "EllipsoidalTR-ggn": lambda m: EllipsoidalTR(m, norm="uniform", curvature="ggn", radius=1e-4),
+    "ARC": lambda m: ARC(m, norm="uniform", sigma=1e6),
+    "EfficientTR": lambda m: EfficientTR(m, radius=1e-4, radius_rule="deterministic"),
+    "EfficientTR-fd": lambda m: EfficientTR(
+        m, radius=1e-4, radius_rule="deterministic", hvp="hessian-fd"
+    ),
+    "HessianFree": lambda m: HessianFree(m, damping=1e4),
+    "SMWGN": lambda m: SMWGN(m, damping=1e4),
+    "SMWNG": lambda m: SMWNG(m, damping=1e4),
+    "SMWNGBD": lambda m: SMWNGBD(m, damping=1e4),
+}
+
+
+@pytest.mark.parametrize("name", list(TINY_STEP))
+def test_tiny_step_ratio_with_dropout_is_the_ratio_without(name: str) -> None:
+    """L(θ) and L(θ + s) of ρ with the same masks. Measured before, when the trial loss drew
+    fresh masks (ellipsoidal TR, Δ = 1e-4, Dropout(0.5)): ρ = 184, −72, 691, 111 where the
+    model without dropout gives 1, 1, 1, 1."""
+    x, y = classification_batch()
+    ratios = {}
+    for p in (0.0, 0.5):
+        model = dropout_mlp(p)
+        opt = TINY_STEP[name](model)
+        torch.manual_seed(1)
+        ratios[p] = []
+        for _ in range(4):
+            opt.step(Objective(model, nn.CrossEntropyLoss(), x, y))
+            ratios[p].append(opt.last_step_info["rho"])
+    assert ratios[0.5] == pytest.approx(ratios[0.0], abs=1e-2)
+    assert ratios[0.0] == pytest.approx([1.5 if name == "ARC" else 1.0] * 4, abs=1e-2)
+
+
+class _ZeroStep(ModelwiseOptimizer):
+    """Proposes s = 0 with a model reduction of 1: ρ = L(θ) − L(θ + 0)."""
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params, {})
+
+    @property
+    def uses_trial_loss(self) -> bool:
+        return True
+
+    def propose(self, objective: Objective, loss: torch.Tensor, grad: torch.Tensor) -> Proposal:
+        return Proposal(torch.zeros_like(grad), 1.0)
+
+
+def test_trial_loss_at_the_same_point_is_the_loss_with_dropout() -> None:
+    model = dropout_mlp(0.5)
+    x, y = classification_batch()
+    opt = _ZeroStep(model)
+    for _ in range(3):
+        loss = opt.step(Objective(model, nn.CrossEntropyLoss(), x, y))
+        assert opt.last_step_info["trial_loss"] == float(loss)  # the same masks, bit for bit
+        assert opt.last_step_info["rho"] == 0.0
+
+
+#: Methods whose curvature comes from a curvature operator (built after the closure's pass on a
+#: dropout model); the operator's gradient must be the closure's: the same masks.
+OPERATOR_METHODS = {
+    "EllipsoidalTR": lambda m: EllipsoidalTR(m, radius=1e-2),
+    "ARC": lambda m: ARC(m),
+    "EfficientTR": lambda m: EfficientTR(m, radius=1e-2, radius_rule="deterministic"),
+    "EfficientTR-fd": lambda m: EfficientTR(
+        m, radius=1e-2, radius_rule="deterministic", hvp="hessian-fd"
+    ),
+    "HessianFree": lambda m: HessianFree(m),
+    "EDF": lambda m: EDF(m),
+    "EDF-output": lambda m: EDF(m, space="output"),
+}
+
+
+@pytest.mark.parametrize("name", list(OPERATOR_METHODS))
+def test_curvature_operator_sees_the_masks_of_the_gradient_pass(name: str) -> None:
+    model = dropout_mlp(0.5)
+    x, y = classification_batch()
+    opt = OPERATOR_METHODS[name](model)
+    gradients: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = opt.propose
+
+    def propose(objective: Objective, loss: torch.Tensor, g: torch.Tensor) -> Proposal:
+        proposal = original(objective, loss, g)
+        gradients.append((opt._operator.gradient(), opt.flat_grad()))
+        return proposal
+
+    opt.propose = propose
+    for _ in range(2):
+        opt.step(Objective(model, nn.CrossEntropyLoss(), x, y))
+    for from_operator, from_closure in gradients:
+        torch.testing.assert_close(from_operator, from_closure, rtol=1e-12, atol=1e-14)
+
+
+def test_smw_gauss_newton_rows_see_the_masks_of_the_gradient_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from curvlab.optim import smw
+
+    model = dropout_mlp(0.5)
+    x, y = classification_batch()
+    opt = SMWGN(model)
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = smw.output_jacobian_rows
+
+    def rows(layers: Any, net: nn.Module, inputs: torch.Tensor) -> Any:
+        out = original(layers, net, inputs)
+        pairs.append((out[1], objective.outputs))
+        return out
+
+    monkeypatch.setattr(smw, "output_jacobian_rows", rows)
+    for _ in range(2):
+        objective = Objective(model, nn.CrossEntropyLoss(), x, y)
+        opt.step(objective)
+    assert len(pairs) == 2
+    for outputs, closure_outputs in pairs:
+        assert torch.equal(outputs, closure_outputs)
+
+
+@pytest.mark.parametrize("name", [*TINY_STEP, "EDF", "EDF-output"])
+def test_a_step_draws_one_set_of_masks(name: str) -> None:
+    """The replays leave the global RNG where the gradient pass left it."""
+    make = TINY_STEP.get(name) or OPERATOR_METHODS[name]
+    model = dropout_mlp(0.5)
+    x, y = classification_batch()
+    opt = make(model)
+    objective = Objective(model, nn.CrossEntropyLoss(), x, y)
+    for _ in range(2):
+        start = torch.get_rng_state()
+        objective()  # one training pass
+        after_one_pass = torch.get_rng_state()
+        torch.set_rng_state(start)
+        opt.step(objective)
+        assert torch.equal(torch.get_rng_state(), after_one_pass)
+
+
+def test_a_model_without_random_modules_never_reads_the_rng(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def fail(device: torch.device) -> Any:
+        raise AssertionError("the RNG state was read")
+
+    monkeypatch.setattr(modelwise_module, "capture_rng", fail)
+    x, y = classification_batch()
+    for make in TINY_STEP.values():
+        model = dropout_mlp(0.0)
+        make(model).step(Objective(model, nn.CrossEntropyLoss(), x, y))
+    model = dropout_mlp(0.5)
+    with pytest.raises(AssertionError, match="RNG state was read"):
+        EllipsoidalTR(model).step(Objective(model, nn.CrossEntropyLoss(), x, y))
 
 
 # A saved state_dict holds these keys (per method, after a step); the step control must keep

@@ -226,7 +226,7 @@ def test_theorem6_semi_stochastic_steps_never_increase_the_loss() -> None:
 
 def test_non_finite_trial_loss_is_rejected() -> None:
     model, loss_fn, x, y = _problem("mse")
-    opt = SMWNG(model, lr=1.0, damping=0.0, tau=1e-300)
+    opt = SMWNG(model, lr=1.0, damping=1e-300, tau=1e-300)
     with torch.no_grad():
         model[0].weight.mul_(1e150)  # finite loss and gradient; p overflows the trial loss
     before = _flat(model)

@@ -325,3 +325,14 @@ def test_norm_matrix_stays_positive_when_the_accumulator_underflows() -> None:
     )
     assert moment is not None
     torch.testing.assert_close(moment, torch.full((3,), 0.8e-10 + 0.2 * 4.0))
+
+
+def test_a_negative_scaled_model_decrease_is_passed_on_not_hidden() -> None:
+    """lr > 1 can turn the solver's m(0) − m(s) > 0 into m(0) − m(lr·s) < 0; it reaches the
+    base's ρ (−∞, docs/deviations.md "A model that predicts no decrease") instead of being
+    passed as 'no prediction' (ρ = 1 when the loss went down). Round-off values pass too (the
+    base's guard handles them); only a non-finite value is None."""
+    # gᵀs = −1, ½ sᵀBs = 0.5: m(0) − m(s) = 0.5, m(0) − m(3s) = 3 − 4.5
+    assert EllipsoidalTR._predicted(3.0, 0.5, -1.0) == pytest.approx(-1.5)
+    assert EllipsoidalTR._predicted(1.0, -1e-16, -1.0) == -1e-16
+    assert EllipsoidalTR._predicted(1.0, math.inf, -1.0) is None

@@ -139,6 +139,69 @@ def test_inconsistent_singular_system_is_a_breakdown_with_least_squares_iterate(
     assert result.residual_norm == pytest.approx(float(b_null.norm()), rel=1e-8)
 
 
+def reported_singular_case(seed: int, dtype: torch.dtype = F64) -> tuple[torch.Tensor, ...]:
+    """n = 12, eigenvalues 0, 0, 0 and nine N(0, 1) draws, λ = 0, a random (inconsistent) b:
+    (A, b, the part of b in range(A))."""
+    gen = torch.Generator().manual_seed(seed)
+    eigenvalues = torch.cat([torch.zeros(3, dtype=F64), torch.randn(9, generator=gen, dtype=F64)])
+    U = torch.linalg.qr(torch.randn(12, 12, generator=gen, dtype=F64)).Q
+    A = (U * eigenvalues) @ U.T
+    A = 0.5 * (A + A.T)
+    b = torch.randn(12, generator=gen, dtype=F64)
+    b_range = U[:, 3:] @ (U[:, 3:].T @ b)
+    return A.to(dtype), b.to(dtype), b_range.to(dtype)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_numerically_singular_inconsistent_system_is_a_breakdown_with_bounded_iterate(
+    seed: int,
+) -> None:
+    """The computed A has eigenvalues ~1e-16 where the exact ones are 0, and β on the invariant
+    Krylov space is ~1e-13 (not ~ε‖T‖): the old round-off guard missed it and ‖x‖ grew to
+    1e9–1e14 (seed 0: 1.1e10 at k = 10, status "max_iterations" at k = 12)."""
+    A, b, b_range = reported_singular_case(seed)
+    for k in (10, 12, 24):
+        result = minres(matvec_of(A), b, max_iters=k)
+        assert float(result.solution.norm()) < 100.0
+        if k >= 12:
+            assert result.status == "breakdown"
+            # a least-squares solution: A x is the projection of b on range(A)
+            torch.testing.assert_close(A @ result.solution, b_range, rtol=1e-7, atol=1e-7)
+            assert result.residual_norm == pytest.approx(float((b - b_range).norm()), rel=1e-7)
+
+
+def test_numerically_singular_inconsistent_system_in_float32() -> None:
+    A, b, b_range = reported_singular_case(0, torch.float32)
+    result = minres(matvec_of(A), b, max_iters=12)
+    assert result.status == "breakdown"
+    assert float(result.solution.norm()) < 100.0
+    torch.testing.assert_close(A @ result.solution, b_range, rtol=1e-3, atol=1e-3)
+
+
+def test_least_squares_stop_keeps_the_iterate_of_the_last_regular_step() -> None:
+    """After the stop every iteration is a no-op: more iterations change nothing."""
+    A, b, _ = reported_singular_case(1)
+    first = minres(matvec_of(A), b, max_iters=12)
+    later = minres(matvec_of(A), b, max_iters=40)
+    assert first.status == later.status == "breakdown"
+    torch.testing.assert_close(first.solution, later.solution, rtol=0.0, atol=0.0)
+    assert first.residual_norm == later.residual_norm
+
+
+def test_ill_conditioned_nonsingular_system_is_solved_not_stopped() -> None:
+    """κ = 1e6 in float64 is far from 1/√ε: the least-squares test must not fire."""
+    gen = torch.Generator().manual_seed(11)
+    n = 20
+    magnitudes = torch.logspace(0, -6, n, dtype=F64)
+    signs = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0).to(F64)
+    A = symmetric_with_spectrum(magnitudes * signs, gen)
+    b = torch.randn(n, generator=gen, dtype=F64)
+    result = minres(matvec_of(A), b, max_iters=10 * n)  # round-off: more than n iterations
+    assert result.status != "breakdown"
+    expected = torch.linalg.solve(A, b)
+    assert float((result.solution - expected).norm() / expected.norm()) <= 1e-6
+
+
 def test_consistent_singular_system_converges() -> None:
     gen = torch.Generator().manual_seed(9)
     eigenvalues = torch.tensor([3.0, -2.0, 1.0, 0.0], dtype=F64)

@@ -218,3 +218,36 @@ def test_invalid_arguments(kwargs: dict[str, object], match: str) -> None:
     arguments: dict[str, object] = {"radius": 1.0, "n1": 1, "n2": 1, **kwargs}
     with pytest.raises(ValueError, match=match):
         tr_gd_subproblem(matvec_of(torch.eye(3, dtype=F64)), torch.ones(3, dtype=F64), **arguments)  # type: ignore[arg-type]
+
+
+def test_a_step_size_above_one_over_the_hessian_norm_is_reported() -> None:
+    """Assumption 1 (η < 1/‖H‖) checked from the products: here η‖H‖ = 3. Before, the status
+    was "max_iterations" and nothing said that Thm 3 did not apply."""
+    H = torch.diag(torch.tensor([30.0, 2.0, -1.0, 0.5], dtype=F64))
+    g = torch.ones(4, dtype=F64)
+    result = tr_gd_subproblem(matvec_of(H), g, 1.0, n1=1, n2=1, step_size=0.1)
+    assert result.status == "step_size_too_large"
+    bound = result.info["hessian_norm_bound"]
+    assert 10.0 <= bound <= 30.0 + 1e-12  # a lower bound on ‖H‖ that proves η‖H‖ ≥ 1
+    assert float(result.solution.norm()) <= 1.0 + 1e-12  # still feasible
+
+
+def test_interior_divergence_with_a_too_large_step_is_reported_not_silent() -> None:
+    """η‖H‖ = 3: the top component of the phase-I iterate grows by |1 − ηλ| = 2 per step, held
+    in a large ball only by the projection; the result is far worse than z₀ (f(z) > 0 = f(0)).
+    Before, this ended with status "max_iterations"."""
+    H = torch.diag(torch.tensor([30.0, 1.0], dtype=F64))
+    g = torch.tensor([1.0, 1.0], dtype=F64)
+    result = tr_gd_subproblem(matvec_of(H), g, 1e3, n1=12, n2=0, step_size=0.1)
+    z0 = -0.5 * 1e3 * g / g.norm()
+    assert quadratic_model(H, g, result.solution) > max(0.0, quadratic_model(H, g, z0))
+    assert result.status == "step_size_too_large"
+    assert 25.0 <= result.info["hessian_norm_bound"] <= 30.0 + 1e-12  # growth → the top λ
+
+
+def test_a_step_size_within_assumption_1_keeps_the_usual_status() -> None:
+    H = torch.diag(torch.tensor([5.0, 1.0, -1.0], dtype=F64))  # η‖H‖ = 0.5
+    g = torch.ones(3, dtype=F64)
+    result = tr_gd_subproblem(matvec_of(H), g, 1.0, n1=3, n2=3, step_size=0.1)
+    assert result.status == "max_iterations"
+    assert 0.0 < result.info["hessian_norm_bound"] <= 5.0 + 1e-12
