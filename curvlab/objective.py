@@ -5,19 +5,12 @@ it is an ordinary `torch.optim` closure (zero_grad → forward → loss → back
 optimizer accepts it. It also exposes
 
 * ``outputs`` / ``loss`` of the last call (detached);
-* the predictive distribution behind the loss, to sample labels from (true Fisher):
-  cross-entropy → categorical, BCE / BCE-with-logits → Bernoulli, MSE → Gaussian;
-* ``loss_scale`` c: the loss is ``L = c · Σ_n l_n`` with ``l_n`` the per-example negative
-  log-likelihood summed over output entries (c = 1/m for a batch mean, 1/numel for an
-  element mean, 1 for a sum); curvature statistics use it to recover per-example gradients;
+* the predictive distribution behind the loss, to sample labels from (true Fisher), and
+  ``loss_scale`` c: the loss is ``L = c · Σ_n l_n`` with ``l_n`` the per-example negative
+  log-likelihood summed over output entries; curvature statistics use it to recover
+  per-example gradients (both from `curvlab.losses.LossModel`, which recognises the loss
+  modules and their functional forms);
 * a functional view (``functional_outputs``, ``loss_at``) for `torch.func` and trial points.
-
-Sampling conventions (per example n, output entries j):
-
-* CE (class-index targets): ``y ~ Categorical(softmax(z))``;
-* BCE on probabilities p: ``y ~ Bernoulli(p)``; BCE-with-logits: ``y ~ Bernoulli(sigmoid(z))``;
-* MSE: ``l = Σ_j (f_j − y_j)²`` is the NLL of ``N(f, ½ I)`` up to a constant, so
-  ``y = f + ε/√2``, ``ε ~ N(0, I)``; then ``E[∇l ∇lᵀ] = ∇²l = 2I`` (the GGN).
 
 Mixed precision: an `Objective` records the autocast state (device types cpu and cuda: on or
 off, and the dtype) at construction and re-enters it around every forward pass it runs
@@ -32,19 +25,18 @@ it would otherwise replay the casts of the weights before the last step.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from curvlab.losses import Likelihood, LossModel
+
 __all__ = [
     "AUTOCAST_DEVICES",
     "AutocastState",
-    "Likelihood",
     "Objective",
     "autocast_off",
     "autocast_state",
@@ -52,23 +44,11 @@ __all__ = [
     "run_with_autocast",
 ]
 
-Likelihood = Literal["categorical", "bernoulli_logits", "bernoulli", "gaussian"]
-
-_LIKELIHOODS: dict[type[nn.Module], Likelihood] = {
-    nn.CrossEntropyLoss: "categorical",
-    nn.BCEWithLogitsLoss: "bernoulli_logits",
-    nn.BCELoss: "bernoulli",
-    nn.MSELoss: "gaussian",
-}
-
-
 #: Device types whose autocast state is recorded and re-entered.
 AUTOCAST_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 
 #: ``((device_type, enabled, dtype), ...)`` for every device type in `AUTOCAST_DEVICES`.
 AutocastState = tuple[tuple[str, bool, torch.dtype], ...]
-
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def autocast_state() -> AutocastState:
@@ -133,9 +113,10 @@ class Objective:
 
     Args:
         model: the network.
-        loss_fn: a loss module. Sampling (true Fisher) and ``loss_scale`` are available for
-            `nn.CrossEntropyLoss` (class-index targets, no weights, no label smoothing),
-            `nn.BCELoss`, `nn.BCEWithLogitsLoss` (no weights) and `nn.MSELoss`, each with
+        loss_fn: the loss, a module or a function ``loss_fn(outputs, targets)``. Sampling (true
+            Fisher) and ``loss_scale`` are available for the losses `curvlab.losses.LossModel`
+            recognises (cross-entropy, NLL on log-probabilities, BCE, BCE-with-logits, MSE;
+            modules, functional forms or ``functools.partial`` of them), each with
             ``reduction`` ``"mean"`` or ``"sum"``. Any other callable works as a plain closure.
         inputs: the model input batch; its first dimension is the batch size m.
         targets: the labels for ``loss_fn``.
@@ -166,7 +147,8 @@ class Objective:
             raise ValueError(
                 f"targets: batch size {targets.shape[0]} does not match inputs' {inputs.shape[0]}"
             )
-        reduction = getattr(loss_fn, "reduction", None)
+        self.loss_model = LossModel(loss_fn)
+        reduction = self.loss_model.reduction
         if reduction == "none":
             raise ValueError("loss_fn: reduction='none' does not give a scalar loss")
         if batch_average and reduction != "sum":
@@ -239,57 +221,16 @@ class Objective:
     # --------------------------------------------------------------- likelihood
     @property
     def likelihood(self) -> Likelihood | None:
-        """The predictive distribution behind ``loss_fn``, or None if it is not supported."""
-        for cls, kind in _LIKELIHOODS.items():
-            if type(self.loss_fn) is cls:
-                return kind
-        return None
-
-    def _check_samplable(self) -> Likelihood:
-        kind = self.likelihood
-        if kind is None:
-            raise ValueError(
-                f"loss_fn: cannot sample labels from {type(self.loss_fn).__name__}; the true "
-                "Fisher needs nn.CrossEntropyLoss, nn.BCELoss, nn.BCEWithLogitsLoss or nn.MSELoss "
-                "(use the empirical Fisher for other losses)"
-            )
-        if getattr(self.loss_fn, "weight", None) is not None:
-            raise ValueError("loss_fn: per-class/element weights are not supported for sampling")
-        if getattr(self.loss_fn, "pos_weight", None) is not None:
-            raise ValueError("loss_fn: pos_weight is not supported for sampling")
-        if getattr(self.loss_fn, "label_smoothing", 0.0):
-            raise ValueError("loss_fn: label_smoothing is not supported for sampling")
-        return kind
+        """The predictive distribution behind ``loss_fn``, or None if it is not recognised."""
+        return self.loss_model.kind
 
     def loss_scale(self, outputs: Tensor) -> float:
         """c in ``L = c · Σ_n l_n`` (l_n: per-example NLL summed over output entries)."""
-        self._check_samplable()
-        reduction = getattr(self.loss_fn, "reduction", "mean")
-        if reduction == "sum":
-            return 1.0 / self.batch_size if self.batch_average else 1.0
-        if isinstance(self.loss_fn, nn.CrossEntropyLoss):
-            return 1.0 / (outputs.numel() // outputs.shape[1] if outputs.dim() > 1 else 1)
-        return 1.0 / outputs.numel()
+        return self.loss_model.scale(outputs, self.batch_size, self.batch_average)
 
-    @torch.no_grad()
     def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Labels drawn from the model's predictive distribution at ``outputs`` (bfloat16 /
-        float16 outputs are sampled, and labels returned, in float32)."""
-        kind = self._check_samplable()
-        out = outputs.detach()
-        if out.dtype in _LOW_PRECISION:
-            out = out.float()
-        if kind == "categorical":
-            if out.dim() != 2:
-                raise ValueError("CrossEntropyLoss sampling expects outputs of shape (m, classes)")
-            probs = torch.softmax(out.float(), dim=1)
-            return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        if kind in ("bernoulli_logits", "bernoulli"):
-            p = torch.sigmoid(out) if kind == "bernoulli_logits" else out.clamp(0.0, 1.0)
-            u = torch.rand(p.shape, generator=generator, dtype=p.dtype, device=p.device)
-            return (u < p).to(out.dtype)
-        noise = torch.randn(out.shape, generator=generator, dtype=out.dtype, device=out.device)
-        return out + noise * math.sqrt(0.5)
+        """Labels drawn from the model's predictive distribution at ``outputs``."""
+        return self.loss_model.sample(outputs, generator)
 
     def sampled_loss(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The loss at ``outputs`` against labels sampled from the model (same reduction)."""

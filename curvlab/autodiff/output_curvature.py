@@ -98,14 +98,12 @@ class _Autodiff(OutputCurvature):
 def _analytic_likelihood(objective: Objective, outputs: Tensor) -> str | None:
     """The likelihood whose H_L has a closed form here, or None (autodiff fallback)."""
     kind = objective.likelihood
-    loss_fn = objective.loss_fn
-    if kind is None:
+    options = objective.loss_model.options
+    if kind is None or kind == "categorical_log":  # NLL is linear in its log-probabilities
         return None
-    if getattr(loss_fn, "weight", None) is not None:
+    if options.get("weight") is not None or options.get("pos_weight") is not None:
         return None
-    if getattr(loss_fn, "pos_weight", None) is not None:
-        return None
-    if getattr(loss_fn, "label_smoothing", 0.0):
+    if options.get("label_smoothing", 0.0):
         return None
     targets = objective.targets
     if kind == "categorical":
@@ -113,7 +111,7 @@ def _analytic_likelihood(objective: Objective, outputs: Tensor) -> str | None:
             return None
         if targets.is_floating_point():
             return kind if targets.shape == outputs.shape else None
-        ignore = getattr(loss_fn, "ignore_index", -100)
+        ignore = options.get("ignore_index", -100)
         expected = outputs.shape[:1] + outputs.shape[2:]
         if targets.shape != expected or bool((targets == ignore).any()):
             return None
