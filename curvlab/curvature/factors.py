@@ -23,15 +23,24 @@ autoencoder, as much as the factor products' own mirror copies.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from curvlab.curvature.hooks import Capture
+from curvlab.curvature.hooks import Capture, capture
 from curvlab.curvature.layers import KroneckerLayer
 from curvlab.linalg import gram
+from curvlab.objective import preserved_buffers
 
-__all__ = ["FactorBuffers", "input_factor", "layer_factors", "output_factor"]
+__all__ = [
+    "FactorBuffers",
+    "batch_factors",
+    "input_factor",
+    "layer_factors",
+    "output_factor",
+    "statistics_pass",
+]
 
 
 def _homogeneous_gram(rows: Tensor, scale: float, out: Tensor | None) -> Tensor:
@@ -133,3 +142,45 @@ class FactorBuffers:
             )
             self._buffers[name] = buffers
         return buffers
+
+
+def batch_factors(
+    layers: Mapping[str, KroneckerLayer],
+    cap: Capture,
+    batch: Any,
+    outputs: Tensor,
+    sampled: bool,
+    buffers: Callable[[str, Tensor], tuple[Tensor, Tensor]] | None = None,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """`layer_factors` of a captured pass over ``batch`` (a `curvlab.Objective` or a
+    `curvlab.curvature.recorded.RecordedBatch`): the output gradients of the sampled-label
+    backward (``sampled``) or of the true loss, scaled by the batch's ``loss_scale``."""
+    phase = "sampled" if sampled else "loss"
+    m, scale = batch.batch_size, batch.loss_scale(outputs)
+    return layer_factors(layers, cap, phase, m, scale, buffers)
+
+
+def statistics_pass(
+    model: nn.Module,
+    layers: Mapping[str, KroneckerLayer],
+    batch: Any,
+    sampler: torch.Generator | None,
+    buffers: Callable[[str, Tensor], tuple[Tensor, Tensor]] | None = None,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Another pass over ``batch`` for the factors alone (thesis Alg 12 line 12): with a
+    ``sampler``, the loss at labels sampled from the model (true Fisher), else the loss at the
+    true targets (empirical Fisher); only layer-output gradients are computed, and the
+    model's buffers (BatchNorm running statistics) are restored. A plain closure's batch runs
+    the closure again (a full backward pass; it needs the targets only it knows)."""
+    with preserved_buffers(model), capture(layers) as cap:
+        if sampler is not None:
+            cap.phase = "sampled"
+            outputs = batch.model_outputs()
+            cap.backward_to_outputs(batch.sampled_loss(outputs, sampler), retain_graph=False)
+        elif getattr(batch, "closure", None) is not None:
+            batch.closure()  # the output gradients are recorded by its own backward pass
+            outputs = batch.outputs
+        else:
+            outputs, loss = batch.forward()
+            cap.backward_to_outputs(loss, retain_graph=False)
+    return batch_factors(layers, cap, batch, outputs.detach(), sampler is not None, buffers)

@@ -28,6 +28,7 @@ precision. Without autocast nothing is converted.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,9 +40,9 @@ from torch.autograd.graph import get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
 from curvlab.curvature.layers import KroneckerLayer
-from curvlab.objective import Objective
+from curvlab.objective import AutocastState, Objective, autocast_state
 
-__all__ = ["Capture", "LayerRecord", "capture", "captured_gradient_pass"]
+__all__ = ["Capture", "LayerRecord", "ModelCall", "Recorder", "capture", "captured_gradient_pass"]
 
 
 @dataclass
@@ -79,31 +80,38 @@ class Capture:
             torch.autograd.grad(loss, self._targets, retain_graph=retain_graph, allow_unused=True)
 
     # -------------------------------------------------------------------- hooks
+    def record_input(self, name: str, dtype: torch.dtype, x: Tensor) -> None:
+        """A forward call of layer ``name``: its input (before anything can modify it)."""
+        self.records[name].inputs.append(_as_dtype(x.detach(), dtype))
+
+    def watch_output(self, name: str, dtype: torch.dtype, output: Tensor) -> Tensor:
+        """A forward call's output: keep its gradient edge, record its gradient in the
+        backward pass (per phase); returns the output (a probe added when it needs none)."""
+        call = len(self.records[name].inputs) - 1
+        out = output
+        if output.requires_grad:
+            self._targets.append(get_gradient_edge(output))
+        else:  # a frozen layer on data: a probe makes its output gradient exist
+            probe = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+            self._targets.append(probe)
+            out = output + probe
+
+        def grad_hook(grad: Tensor) -> None:
+            grads = self.records[name].grads.setdefault(self.phase, {})
+            grads[call] = _as_dtype(grad.detach(), dtype)
+
+        out.register_hook(grad_hook)
+        return out
+
     def _pre_hook(self, name: str, dtype: torch.dtype) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            self.records[name].inputs.append(_as_dtype(args[0].detach(), dtype))
+            self.record_input(name, dtype, args[0])
 
         return hook
 
     def _forward_hook(self, name: str, dtype: torch.dtype) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-            call = len(self.records[name].inputs) - 1
-            out = output
-            if output.requires_grad:
-                self._targets.append(get_gradient_edge(output))
-            else:  # a frozen layer on data: a probe makes its output gradient exist
-                probe = torch.zeros(
-                    (), dtype=output.dtype, device=output.device, requires_grad=True
-                )
-                self._targets.append(probe)
-                out = output + probe
-
-            def grad_hook(grad: Tensor) -> None:
-                grads = self.records[name].grads.setdefault(self.phase, {})
-                grads[call] = _as_dtype(grad.detach(), dtype)
-
-            out.register_hook(grad_hook)
-            return out
+            return self.watch_output(name, dtype, output)
 
         return hook
 
@@ -158,3 +166,123 @@ def captured_gradient_pass(
             cap.phase = "loss"
 
         return objective.forward_backward(before_backward=sampled_pass), cap
+
+
+@dataclass
+class ModelCall:
+    """One forward call of the model: its inputs, the autocast state it ran under, and its
+    (detached) output."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    autocast: AutocastState
+    output: Any = None
+
+
+class Recorder:
+    """Hooks that stay on a model and record the user's own passes between two steps.
+
+    While ``armed``, every call of ``model`` with autograd enabled records its inputs, its
+    autocast state and its output (`ModelCall`), and — with ``layer_records`` — every call of
+    a layer of ``layers`` records its input and its output gradient, as `capture` does
+    (phase ``"loss"``). Passes under ``torch.no_grad()`` (evaluation) are not recorded.
+    `take` hands the records over and starts afresh; `remove` takes the hooks off. The hooks
+    hold the recorder weakly: once its owner (the optimizer) is gone they do nothing.
+    """
+
+    def __init__(
+        self, model: nn.Module, layers: Mapping[str, KroneckerLayer], *, layer_records: bool
+    ) -> None:
+        self.layers = layers
+        self.armed = True
+        self.calls: list[ModelCall] = []
+        self.capture = Capture(layers)
+        self._handles: list[RemovableHandle] = [
+            model.register_forward_pre_hook(_Persistent(self, "on_call"), with_kwargs=True),
+            model.register_forward_hook(_Persistent(self, "on_output")),
+        ]
+        if layer_records:
+            for name, layer in layers.items():
+                dtype = layer.weight.dtype
+                pre = _Persistent(self, "on_layer_input", name, dtype)
+                post = _Persistent(self, "on_layer_output", name, dtype)
+                self._handles.append(layer.module.register_forward_pre_hook(pre))
+                self._handles.append(layer.module.register_forward_hook(post))
+
+    def _recording(self) -> bool:
+        return self.armed and torch.is_grad_enabled()
+
+    # ------------------------------------------------------------------ hooks
+    def on_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._recording():
+            self.calls.append(ModelCall(args, dict(kwargs), autocast_state()))
+
+    def on_output(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self._recording() and self.calls and self.calls[-1].output is None:
+            self.calls[-1].output = _detached(output)
+
+    def on_layer_input(
+        self, name: str, dtype: torch.dtype, module: nn.Module, args: tuple[Any, ...]
+    ) -> None:
+        if self._recording():
+            self.capture.record_input(name, dtype, args[0])
+
+    def on_layer_output(
+        self, name: str, dtype: torch.dtype, module: nn.Module, args: Any, output: Tensor
+    ) -> Tensor | None:
+        if not self._recording() or not self.capture[name].inputs:
+            return None
+        return self.capture.watch_output(name, dtype, output)
+
+    # ---------------------------------------------------------------- records
+    def take(self) -> tuple[list[ModelCall], Capture]:
+        """The calls and layer records since the last `take` (the capture closed)."""
+        calls, cap = self.calls, self.capture
+        self.calls, self.capture = [], Capture(self.layers)
+        cap._targets.clear()  # no reference cycle through the graph outlives the records
+        cap._closed = True
+        return calls, cap
+
+    def clear(self) -> None:
+        """Drop the records (e.g. of passes a step with an `Objective` does not use)."""
+        self.take()
+
+    def remove(self) -> None:
+        """Take every hook off the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class _Persistent:
+    """A hook left on the user's model: ``recorder.<method>(*bound, *hook arguments)``, with
+    the recorder held weakly (no-op once it is gone). A copy (``copy.deepcopy(model)``, e.g.
+    an EMA model) or a pickle of the model carries it as a no-op (`_Inert`): a copy is not the
+    model the optimizer records, and a pickled model must not need curvlab's hooks."""
+
+    def __init__(self, recorder: Recorder, method: str, *bound: Any) -> None:
+        self.recorder = weakref.ref(recorder)
+        self.method = method
+        self.bound = bound
+
+    def __call__(self, *args: Any) -> Any:
+        recorder = self.recorder()
+        if recorder is None:
+            return None
+        return getattr(recorder, self.method)(*self.bound, *args)
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (_Inert, ())
+
+
+class _Inert:
+    """What a copied or unpickled model holds in place of a `_Persistent` hook."""
+
+    def __call__(self, *args: Any) -> None:
+        return None
+
+
+def _detached(output: Any) -> Any:
+    if isinstance(output, Tensor):
+        return output.detach()
+    return output

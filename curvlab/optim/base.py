@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -48,12 +50,15 @@ from torch.optim import Optimizer
 
 from curvlab.curvature.blocks import CurvatureBlock
 from curvlab.curvature.cost import CostItem, LayerShape, StorageFormula
+from curvlab.curvature.hooks import Recorder
 from curvlab.curvature.layers import KroneckerLayer
+from curvlab.curvature.recorded import RecordedBatch
 from curvlab.distributed import BlockParallel
 from curvlab.linalg import all_finite
+from curvlab.losses import LossModel
 from curvlab.objective import Objective, preserved_buffers
 from curvlab.optim.data_parallel import DataParallelBlocks
-from curvlab.optim.guard import SampledLabels, StepGuard, full_precision, step_guard
+from curvlab.optim.guard import SampledLabels, full_precision, step_guard
 from curvlab.optim.validation import LAYERWISE_RULES, Rule, check_hyperparameters
 
 __all__ = ["BlockOptimizer", "MomentumStyle", "Refreshed"]
@@ -82,6 +87,13 @@ class BlockOptimizer(SampledLabels, DataParallelBlocks, Optimizer):
             parameters; by default one group with every trainable parameter. A block's
             parameters must share a group.
         momentum_style: ``"heavy_ball"`` or ``"ema"``.
+        loss_fn: the loss the training loop uses (a module or function `curvlab.losses`
+            recognises), for steps without a `curvlab.Objective`: its reduction scales the
+            statistics, its likelihood gives the true Fisher's sampled labels.
+
+    ``step`` takes a `curvlab.Objective`, a plain closure, or nothing after the user's own
+    ``loss.backward()`` (`batch_of`); what a method can do with each is its own (the model-wide
+    methods need an `Objective`).
 
     Subclasses set `hyperparameters` and `rules`, make their blocks (`make_blocks`) and
     override the hooks.
@@ -90,6 +102,9 @@ class BlockOptimizer(SampledLabels, DataParallelBlocks, Optimizer):
     #: The hyperparameters read from every group at every step, and their checks.
     hyperparameters: ClassVar[tuple[str, ...]] = ()
     rules: ClassVar[Mapping[str, Rule]] = LAYERWISE_RULES
+    #: Whether the statistics of a step without an `Objective` come from the layers' records
+    #: of the user's own pass (inputs and output gradients).
+    records_layer_passes: bool = False
 
     def __init__(
         self,
@@ -98,6 +113,7 @@ class BlockOptimizer(SampledLabels, DataParallelBlocks, Optimizer):
         *,
         params: Iterable[Any] | None = None,
         momentum_style: MomentumStyle = "heavy_ball",
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model)!r}")
@@ -115,24 +131,8 @@ class BlockOptimizer(SampledLabels, DataParallelBlocks, Optimizer):
                 if id(p) not in model_ids:
                     raise ValueError("params: every parameter must belong to the model")
                 self._group_of[id(p)] = index
-        self.blocks: dict[str, CurvatureBlock] = {}
-        for block in self.make_blocks(model):
-            groups = {self._group_of.get(id(p)) for p in block.params}
-            if groups == {None}:
-                continue
-            if len(groups) != 1 or None in groups:
-                raise ValueError(
-                    f"params: the parameters of block '{block.name}' must be in one group"
-                )
-            self.blocks[block.name] = block
-        if not self.blocks:
-            raise ValueError(
-                "model: no trainable nn.Linear or nn.Conv2d (groups=1) layer to precondition"
-            )
-        covered = {id(p) for block in self.blocks.values() for p in block.params}
-        self.fallback_params = [
-            p for g in self.param_groups for p in g["params"] if id(p) not in covered
-        ]
+        self.blocks: dict[str, CurvatureBlock]
+        self._assign_blocks()
         if self.fallback_params:
             owners = sorted(
                 {
@@ -151,6 +151,106 @@ class BlockOptimizer(SampledLabels, DataParallelBlocks, Optimizer):
         self.new_sampler(self.param_groups[0]["params"][0].device)
         self.last_step_info: dict[str, Any] = {}
         self._parallel = BlockParallel.local()
+        #: The loss the training loop uses (its likelihood and reduction), for the plain loop.
+        self.loss_model = None if loss_fn is None else LossModel(loss_fn)
+        self._start_recording()
+
+    # ------------------------------------------------------- torch.optim contract
+    def __getstate__(self) -> dict[str, Any]:
+        """Every attribute but the hooks on the model, so that ``copy.deepcopy`` and ``pickle``
+        give a working optimizer (over the copied model; torch.optim keeps only ``defaults``,
+        ``state`` and ``param_groups``, which left a copy without its blocks)."""
+        state = dict(self.__dict__)
+        state.pop("_recorder", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # A copy's parameters are new objects: the maps keyed by id() are made again.
+        self._group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        self.blocks_changed()
+        self._start_recording()
+
+    def _start_recording(self) -> None:
+        """Hooks on the model that record the user's own passes between steps (`batch_of`);
+        they come off when the optimizer is garbage-collected (or `stop_recording`)."""
+        self._recorder = Recorder(self.model, self.layers, layer_records=self.records_layer_passes)
+        weakref.finalize(self, self._recorder.remove)
+
+    def stop_recording(self) -> None:
+        """No more records of the user's passes until the next step (e.g. a first stage that
+        `curvlab.optim.switching.TwoStage` has switched away from)."""
+        self._recorder.armed = False
+        self._recorder.clear()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group of the model's parameters (`torch.optim.Optimizer.add_param_group`); the
+        layers (or tensors) it completes get their curvature blocks, the others the fallback
+        update. Raises `ValueError` for a parameter outside the model, or after `distribute`
+        (the owner plan covers the blocks it was made for)."""
+        super().add_param_group(param_group)
+        if "blocks" not in self.__dict__:
+            return  # the groups given to the constructor: __init__ makes the blocks
+        if self.parallel.is_distributed:
+            raise ValueError("params: add parameter groups before distribute()")
+        index = len(self.param_groups) - 1
+        model_ids = {id(p) for p in self.model.parameters()}
+        for p in self.param_groups[index]["params"]:
+            if id(p) not in model_ids:
+                self.param_groups.pop()
+                raise ValueError("params: every parameter must belong to the model")
+            self._group_of[id(p)] = index
+        self._assign_blocks()
+        self.blocks_changed()
+        self._recorder.remove()
+        self._start_recording()
+
+    def _warn_untrained(self) -> None:
+        """Once: the model has parameters with gradients in no group (e.g. frozen when the
+        optimizer was built, unfrozen since); they are not trained until they are added."""
+        if self.__dict__.get("_warned_untrained"):
+            return
+        names = [
+            n for n, p in self.model.named_parameters()
+            if p.grad is not None and id(p) not in self._group_of
+        ]  # fmt: skip
+        if names:
+            self._warned_untrained = True
+            warnings.warn(
+                f"{type(self).__name__}: {len(names)} parameter(s) of the model have gradients "
+                f"but are in no parameter group ({', '.join(names[:5])}"
+                f"{', ...' if len(names) > 5 else ''}), e.g. frozen when the optimizer was "
+                "built: they are not trained; add them with "
+                "opt.add_param_group({'params': [...]})",
+                stacklevel=4,
+            )
+
+    def blocks_changed(self) -> None:
+        """After `add_param_group` made new blocks: a method's caches over its blocks follow."""
+
+    def _assign_blocks(self) -> None:
+        """The blocks whose parameters are in one group (``self.blocks``, in the method's
+        order) and the fallback parameters (in no block)."""
+        blocks: dict[str, CurvatureBlock] = {}
+        for block in self.make_blocks(self.model):
+            old = self.__dict__.get("blocks", {}).get(block.name)
+            groups = {self._group_of.get(id(p)) for p in block.params}
+            if groups == {None}:
+                continue
+            if len(groups) != 1 or None in groups:
+                raise ValueError(
+                    f"params: the parameters of block '{block.name}' must be in one group"
+                )
+            blocks[block.name] = block if old is None else old
+        if not blocks:
+            raise ValueError(
+                "model: no trainable nn.Linear or nn.Conv2d (groups=1) layer to precondition"
+            )
+        self.blocks = blocks
+        covered = {id(p) for block in blocks.values() for p in block.params}
+        self.fallback_params = [
+            p for g in self.param_groups for p in g["params"] if id(p) not in covered
+        ]
 
     @classmethod
     def checked(cls, arguments: Mapping[str, Any]) -> dict[str, Any]:
@@ -203,17 +303,19 @@ class BlockOptimizer(SampledLabels, DataParallelBlocks, Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One iteration of the method on the closure's mini-batch (module docstring)."""
-        with step_guard(self, closure, self.model) as guard:
+        with step_guard(self, closure, self.model) as guard, self._recording_after():
             for group in self.param_groups:
                 check_hyperparameters({k: group[k] for k in self.hyperparameters}, self.rules)
+            batch = self.batch_of(guard.closure)
             k = self.global_state["global_step"] + 1
-            loss, record = self.gradient_pass(guard.closure, k)
+            loss, record = self.gradient_pass(batch, k)
+            self._warn_untrained()
             loss = self.synchronize_gradients(loss)  # data-parallel: mean over ranks
             if loss is not None and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
                 return guard.skip(loss, "non-finite loss")
             if not self.grads_finite():
                 return guard.skip(loss, "non-finite gradient")
-            statistics = self.statistics(guard.closure, record, k)
+            statistics = self.statistics(batch, record, k)
             del record  # the captured activations are not needed any more
             if statistics is not None and not self.statistics_finite(statistics):
                 return guard.skip(loss, "non-finite curvature statistics")
@@ -222,7 +324,7 @@ class BlockOptimizer(SampledLabels, DataParallelBlocks, Optimizer):
             applied = self.apply_update()
             if not applied:  # a non-finite direction: the parameters keep their values
                 self.withhold_update()
-            info = self.after_step(guard, k, statistics)
+            info = self.after_step(batch, k, statistics)
             self.global_state["global_step"] = k
             self.last_step_info = {
                 "skipped": False,
@@ -239,16 +341,45 @@ class BlockOptimizer(SampledLabels, DataParallelBlocks, Optimizer):
         whose parameters are in no group is left out: those parameters are not trained)."""
         raise NotImplementedError
 
-    def gradient_pass(self, closure: Any, k: int) -> tuple[Tensor | None, Any]:
-        """Loss and gradients of step ``k``, and what the statistics need (default: the
-        closure alone; ``None`` when the user's own backward pass filled ``.grad``)."""
-        if closure is None:
-            return None, None
-        with torch.enable_grad():
-            result = closure()
-        return (None if result is None else torch.as_tensor(result).detach()), None
+    def batch_of(self, closure: Any) -> Objective | RecordedBatch:
+        """The step's mini-batch: a `curvlab.Objective` as given; otherwise the passes
+        recorded since the last step — the user's own forward and backward (no closure) or
+        those of a plain closure, run now (its loss is the step's)."""
+        recorder = self._recorder
+        if isinstance(closure, Objective):
+            recorder.armed = False
+            recorder.clear()
+            return closure
+        loss = None
+        if closure is not None:
+            recorder.clear()
+            with torch.enable_grad():
+                result = closure()
+            loss = None if result is None else torch.as_tensor(result).detach()
+        recorder.armed = False
+        calls, cap = recorder.take()
+        name = type(self).__name__
+        return RecordedBatch(
+            self.model, calls, cap, self.loss_model, name, closure=closure, loss=loss
+        )
 
-    def statistics(self, closure: Any, record: Any, k: int) -> Any:
+    @contextmanager
+    def _recording_after(self) -> Iterator[None]:
+        """The recorder is off during a step and on again after it (for the next user pass)."""
+        try:
+            yield
+        finally:
+            self._recorder.armed = True
+
+    def gradient_pass(self, batch: Any, k: int) -> tuple[Tensor | None, Any]:
+        """Loss and gradients of step ``k``, and what the statistics need (default: the
+        `Objective` run as a closure; a recorded batch's loss, if a closure gave one)."""
+        if isinstance(batch, Objective):
+            with torch.enable_grad():
+                return batch(), None
+        return batch.loss, None
+
+    def statistics(self, batch: Any, record: Any, k: int) -> Any:
         """This step's statistics (default: a mapping block name → statistics; None: none are
         due)."""
         return None
@@ -266,7 +397,7 @@ class BlockOptimizer(SampledLabels, DataParallelBlocks, Optimizer):
         """The blocks whose inverses / roots are refreshed before this step's update."""
         return []
 
-    def after_step(self, guard: StepGuard, k: int, statistics: Any) -> dict[str, Any]:
+    def after_step(self, batch: Any, k: int, statistics: Any) -> dict[str, Any]:
         """What the method does after the update (e.g. a statistics pass); step information."""
         return {}
 

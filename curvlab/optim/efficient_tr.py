@@ -105,6 +105,7 @@ stopping rule, not the optimizer's.
 
 from __future__ import annotations
 
+import functools
 import sys
 from functools import partial
 from typing import Any, Literal
@@ -482,14 +483,9 @@ class HybridTRSGD(TwoStage):
     ) -> None:
         self.sgd_lr = check_range("sgd_lr", sgd_lr, 0.0)
         first = EfficientTR(model, radius, **tr_options)
-
-        def plain_sgd(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-            # [P3] §4.2 / [C-TR]: fixed step size, no momentum, no weight decay.
-            return torch.optim.SGD(groups, lr=self.sgd_lr, momentum=0.0)
-
         super().__init__(
             first,
-            plain_sgd,
+            functools.partial(_plain_sgd, lr=self.sgd_lr),
             switch_at_step=switch_at_step,
             switch_at_epoch=switch_at_epoch,
             patience=patience,
@@ -514,3 +510,9 @@ class HybridTRSGD(TwoStage):
             DataParallelSGD, synchronize=first.synchronize_gradients, lr=self.sgd_lr
         )
         return self
+
+
+def _plain_sgd(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    """The hybrid's second stage ([P3] §4.2 / [C-TR]): a fixed step size, no momentum, no
+    weight decay (a module-level function, so that the optimizer pickles)."""
+    return torch.optim.SGD(groups, lr=lr, momentum=0.0)

@@ -52,12 +52,15 @@ __all__ = [
 
 
 def require_objective(closure: Any, method: str) -> Objective:
-    """The closure as an `Objective`, or a `TypeError` that says what to pass."""
+    """The closure as an `Objective`, or a `TypeError` that says what to pass and why."""
     if isinstance(closure, Objective):
         return closure
+    got = "nothing (after your own backward pass)" if closure is None else repr(type(closure))
     raise TypeError(
-        f"{method}.step needs a curvlab.Objective(model, loss_fn, inputs, targets) as its "
-        f"closure (it uses the model outputs and the loss's likelihood); got {type(closure)!r}"
+        f"{method}.step needs a curvlab.Objective(model, loss_fn, inputs, targets): it solves "
+        "a model of the loss built from curvature-vector products (and measures the loss at "
+        "trial parameters) on the step's own mini-batch, which neither a plain closure nor "
+        f"your own loss.backward() can give; got {got}"
     )
 
 

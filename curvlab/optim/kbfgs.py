@@ -55,11 +55,11 @@ from curvlab.curvature.cost import (
     output_gradient_product,
 )
 from curvlab.curvature.factors import input_factor
-from curvlab.curvature.hooks import capture
+from curvlab.curvature.hooks import Capture, capture
 from curvlab.curvature.layers import find_layers
 from curvlab.objective import Objective, preserved_buffers
 from curvlab.optim.base import BlockOptimizer, MomentumStyle, Refreshed
-from curvlab.optim.guard import StepGuard, full_precision, require_objective
+from curvlab.optim.guard import full_precision
 from curvlab.optim.validation import (
     LAYERWISE_RULES,
     Rule,
@@ -156,6 +156,7 @@ class KBFGS(BlockOptimizer):
         momentum_style: MomentumStyle | None = None,
         fallback_lr: FallbackLR | None = None,
         params: Iterable[Any] | None = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
         self.variant = check_choice("variant", variant, tuple(_VARIANT_DEFAULTS))
         preset = _VARIANT_DEFAULTS[self.variant]
@@ -174,9 +175,12 @@ class KBFGS(BlockOptimizer):
                 f"layers, and {type(model).__name__} has no trainable one"
             )
         style = cast(MomentumStyle, self.momentum_style)
-        super().__init__(model, defaults, params=params, momentum_style=style)
+        super().__init__(model, defaults, params=params, momentum_style=style, loss_fn=loss_fn)
         self._scratch_buffers: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         # Σ_{n,t} ∂L/∂h_t(n) is a layer's bias gradient when every layer has a bias of its own.
+        self.blocks_changed()
+
+    def blocks_changed(self) -> None:
         biases = [layer.bias for layer in self.layers.values()]
         self._sums_from_bias = all(b is not None for b in biases) and len(
             {id(b) for b in biases}
@@ -203,15 +207,27 @@ class KBFGS(BlockOptimizer):
         return k % self.param_groups[0]["curvature_every"] == 0  # Alg 9 line 12
 
     # ------------------------------------------------------------ the hooks
-    def gradient_pass(self, closure: Any, k: int) -> tuple[Tensor, Recorded | None]:
-        """Lines 5–6; the inputs and Σ ∂L/∂h are recorded on curvature steps (and the first)."""
-        objective = require_objective(closure, "KBFGS")
-        if not (self._curvature_due(k) or not self.global_state.get("initialised", False)):
-            with torch.enable_grad():
-                return objective(), None
-        return self._recorded_pass(objective, weight_gradients=True)
+    #: A plain closure's pass is recorded (inputs, output gradients) for lines 6 and 16.
+    records_layer_passes = True
 
-    def statistics(self, closure: Objective, record: Recorded | None, k: int) -> Any:
+    def gradient_pass(self, batch: Any, k: int) -> tuple[Tensor | None, Recorded | None]:
+        """Lines 5–6; the inputs and Σ ∂L/∂h are recorded on curvature steps (and the first).
+        Without an `Objective`, a plain closure's recorded pass."""
+        record = self._curvature_due(k) or not self.global_state.get("initialised", False)
+        if not isinstance(batch, Objective):
+            if batch.closure is None:
+                raise ValueError(
+                    f"closure: {self.display_name}'s second pass (Alg 9 line 13) evaluates the "
+                    "loss again at the updated parameters on the same mini-batch; pass a "
+                    "closure that computes it, opt.step(closure), or a curvlab.Objective"
+                )
+            return batch.loss, self._recorded(batch.capture) if record else None
+        if not record:
+            with torch.enable_grad():
+                return batch(), None
+        return self._recorded_pass(batch, weight_gradients=True)
+
+    def statistics(self, closure: Any, record: Recorded | None, k: int) -> Any:
         """Line 3 for layers not initialised yet; on curvature steps h̄, D̄h and line 16's
         H_A pair, which need only this pass and H_A before its update."""
         if record is None:
@@ -255,13 +271,13 @@ class KBFGS(BlockOptimizer):
         self.apply_fallback()
         return True
 
-    def after_step(self, guard: StepGuard, k: int, statistics: Any) -> dict[str, Any]:
+    def after_step(self, batch: Any, k: int, statistics: Any) -> dict[str, Any]:
         """Lines 13–21 (Alg 4 lines 13–23); one host synchronisation for all layers."""
         skipped = {"g": 0, "a": 0}
         ratios: dict[str, float | None] = {}
         if not self._curvature_due(k):
             return {"skipped": skipped, "ratios": ratios}
-        second = self._second_pass(guard.closure)
+        second = self._second_pass(batch)
         first: dict[str, FirstPass] = statistics or {}
         pending = []
         for name, f in first.items():
@@ -299,34 +315,41 @@ class KBFGS(BlockOptimizer):
         }
 
     # ------------------------------------------------------------ passes
-    def _recorded_pass(
-        self, objective: Objective, weight_gradients: bool
-    ) -> tuple[Tensor, Recorded]:
+    def _recorded(self, cap: Capture) -> Recorded:
+        """(inputs, Σ_{n,t} ∂L/∂h_t(n)) of every layer used in a captured pass with weight
+        gradients: the bias gradients when every layer has its own bias, else the sums of the
+        recorded ∂L/∂h (the bias gradients are averaged over ranks in place later)."""
+        if self._sums_from_bias:
+            return {
+                n: (cap[n].inputs, la.bias.grad)
+                for n, la in self.layers.items()
+                if cap[n].inputs and la.bias is not None and la.bias.grad is not None
+            }
+        recorded = {}
+        for name, layer in self.layers.items():
+            inputs, grads = cap[name].inputs, cap[name].output_grads("loss")
+            if inputs and len(grads) == len(inputs):
+                recorded[name] = (inputs, layer.sum_outputs(grads))
+        return recorded
+
+    def _recorded_pass(self, batch: Any, weight_gradients: bool) -> tuple[Tensor, Recorded]:
         """A pass recording each used layer's inputs and Σ_{n,t} ∂L/∂h_t(n): the closure
-        (``weight_gradients``), or a forward pass and a backward pass to the layer outputs
-        only (line 13). When every layer has its own bias, Σ ∂L/∂h is the bias gradient and
-        only the inputs are recorded; otherwise `capture` records ∂L/∂h."""
+        (``weight_gradients``; without an `Objective`, always a plain closure run again), or a
+        forward pass and a backward pass to the layer outputs only (line 13). When every layer
+        has its own bias, Σ ∂L/∂h is the bias gradient and only the inputs are recorded;
+        otherwise `capture` records ∂L/∂h."""
+        if weight_gradients or not isinstance(batch, Objective):
+            closure = batch if isinstance(batch, Objective) else batch.closure
+            with capture(self.layers, output_gradients=not self._sums_from_bias) as cap:
+                loss = closure()
+            return loss, self._recorded(cap)
         if not self._sums_from_bias:
             with capture(self.layers) as cap:
-                if weight_gradients:
-                    loss = objective()
-                else:
-                    _, loss = objective.forward()
-                    cap.backward_to_outputs(loss, retain_graph=False)
-            recorded = {}
-            for name, layer in self.layers.items():
-                inputs, grads = cap[name].inputs, cap[name].output_grads("loss")
-                if inputs and len(grads) == len(inputs):
-                    recorded[name] = (inputs, layer.sum_outputs(grads))
-            return loss, recorded
+                _, loss = batch.forward()
+                cap.backward_to_outputs(loss, retain_graph=False)
+            return loss, self._recorded(cap)
         with capture(self.layers, output_gradients=False) as cap:
-            if weight_gradients:  # the bias gradients are averaged over ranks in place later
-                loss = objective()
-                return loss, {
-                    n: (cap[n].inputs, la.bias.grad)
-                    for n, la in self.layers.items()
-                    if cap[n].inputs and la.bias is not None and la.bias.grad is not None
-                }
+            objective = batch
             _, loss = objective.forward()
             used = [n for n in self.layers if cap[n].inputs]
             biases = [cast(Tensor, self.layers[n].bias) for n in used]
@@ -359,7 +382,7 @@ class KBFGS(BlockOptimizer):
         self.average_statistics([f.y_a for f in out.values()])
         return out
 
-    def _second_pass(self, objective: Objective) -> dict[str, tuple[Tensor, Tensor]]:
+    def _second_pass(self, objective: Any) -> dict[str, tuple[Tensor, Tensor]]:
         """Line 13: h̄⁺, D̄h⁺ on the same mini-batch at the new weights; no weight gradients;
         BatchNorm running statistics restored (deviation A18)."""
         with preserved_buffers(self.model):

@@ -41,7 +41,7 @@ Options where the thesis, its code and practice differ (docs/deviations.md):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
@@ -55,13 +55,12 @@ from curvlab.curvature.cost import (
     forward_product,
     output_gradient_product,
 )
-from curvlab.curvature.factors import FactorBuffers, layer_factors
-from curvlab.curvature.hooks import Capture, capture, captured_gradient_pass
+from curvlab.curvature.factors import FactorBuffers, batch_factors, statistics_pass
+from curvlab.curvature.hooks import Capture, captured_gradient_pass
 from curvlab.curvature.layers import find_layers
 from curvlab.linalg import all_finite
-from curvlab.objective import Objective, preserved_buffers
+from curvlab.objective import Objective
 from curvlab.optim.base import BlockOptimizer, MomentumStyle, Refreshed
-from curvlab.optim.guard import StepGuard, require_objective
 from curvlab.optim.validation import check_choice
 
 __all__ = ["KFAC"]
@@ -91,8 +90,16 @@ class KFAC(BlockOptimizer):
         pi_damping: Alg 12's π split (True) or Alg 7's π = 1 (False).
         momentum_style: ``"heavy_ball"`` (Alg 12) or ``"ema"`` (ch.2 code, deviation A13).
         params: optional parameter groups.
+        loss_fn: the loss of a training loop that steps without an `Objective` (``opt.step()``
+            after ``loss.backward()``, or a plain closure): its reduction scales the factors,
+            its likelihood gives the sampled labels.
 
-    ``step`` takes a `curvlab.Objective`. ``last_step_info`` reports the loss, whether the
+    ``step`` takes a `curvlab.Objective`; or, with ``loss_fn``, a plain closure or nothing
+    after the user's own ``loss.backward()``: the true Fisher's sampled-label pass then runs
+    over the recorded batch (``"after_step"``: the same extra pass as with an `Objective`;
+    ``"before_step"``: one extra forward pass), the empirical ``"before_step"`` statistics come
+    from the user's backward pass, and the empirical ``"after_step"`` pass needs the targets
+    (a closure, run again). ``last_step_info`` reports the loss, whether the
     statistics and inverses were updated, and skipped steps.
     """
 
@@ -115,6 +122,7 @@ class KFAC(BlockOptimizer):
         pi_damping: bool = True,
         momentum_style: MomentumStyle = "heavy_ball",
         params: Iterable[Any] | None = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
         defaults = self.checked(locals())
         self.fisher = check_choice("fisher", fisher, ("true", "empirical"))
@@ -123,9 +131,14 @@ class KFAC(BlockOptimizer):
         )
         self.pi_damping = bool(pi_damping)
         check_choice("momentum_style", momentum_style, ("heavy_ball", "ema"))
-        super().__init__(model, defaults, params=params, momentum_style=momentum_style)
+        super().__init__(
+            model, defaults, params=params, momentum_style=momentum_style, loss_fn=loss_fn
+        )
         # Reused outputs of the factor products (a cache, not state: every use overwrites
         # them before they are read; see curvlab.curvature.factors).
+        self._factor_buffers = FactorBuffers(self.layers)
+
+    def blocks_changed(self) -> None:
         self._factor_buffers = FactorBuffers(self.layers)
 
     def make_blocks(self, model: nn.Module) -> list[KroneckerBlock]:
@@ -144,25 +157,36 @@ class KFAC(BlockOptimizer):
         """Alg 12 line 17 (k ≡ 0 mod T2), or Alg 7's k ≤ T."""
         return self._due(k, "inverse_every") or k <= self.param_groups[0]["inverse_warmup"]
 
-    # ------------------------------------------------------------ the hooks
-    def gradient_pass(self, closure: Any, k: int) -> tuple[Tensor, Capture | None]:
-        """Line 5; ``"before_step"``: the sampled-label backward on the same forward graph."""
-        objective = require_objective(closure, "KFAC")
-        if not (self.before and self._due(k, "curvature_every")):
-            with torch.enable_grad():
-                return objective(), None
-        sampler = self._generator if self.fisher == "true" else None
-        return captured_gradient_pass(self.layers, objective, sampler)
+    @property
+    def records_layer_passes(self) -> bool:  # type: ignore[override]
+        """``"before_step"`` empirical statistics come from the user's own backward pass."""
+        return self.before and self.fisher == "empirical"
 
-    def statistics(self, closure: Any, record: Capture | None, k: int) -> Factors | None:
+    # ------------------------------------------------------------ the hooks
+    def gradient_pass(self, batch: Any, k: int) -> tuple[Tensor | None, Capture | None]:
+        """Line 5; ``"before_step"``: the statistics' pass on the same forward graph (an
+        `Objective`), or the records of the user's own backward pass (empirical Fisher)."""
+        due = self.before and self._due(k, "curvature_every")
+        if not isinstance(batch, Objective):
+            return batch.loss, batch.capture if due and self.fisher == "empirical" else None
+        if not due:
+            with torch.enable_grad():
+                return batch(), None
+        return captured_gradient_pass(self.layers, batch, self._sampler())
+
+    def statistics(self, batch: Any, record: Capture | None, k: int) -> Factors | None:
         """Lines 12–14's factors of this batch (``"before_step"``), or of the first mini-batch
-        when there are none yet (deviation A8)."""
+        when there are none yet (deviation A8). Without an `Objective`, the true Fisher's
+        sampled-label pass is one more pass over the recorded batch."""
         if record is not None:
-            assert closure.outputs is not None
-            return self._factors(record, closure, closure.outputs)
-        if any(b.has_statistics(self.block_state(n)) for n, b in self.blocks.items()):
-            return None
-        return self._statistics_pass(closure)
+            assert batch.outputs is not None
+            return batch_factors(
+                self.layers, record, batch, batch.outputs, self._sampled(), self._factor_buffers
+            )
+        due = self.before and self._due(k, "curvature_every")
+        if due or not any(b.has_statistics(self.block_state(n)) for n, b in self.blocks.items()):
+            return self._statistics_pass(batch)
+        return None
 
     def due_before_update(self, k: int, statistics: Any) -> list[str]:
         """``"before_step"``: line 17's schedule; either way the first inverses (A8)."""
@@ -170,13 +194,13 @@ class KFAC(BlockOptimizer):
             return list(self.blocks)
         return []
 
-    def after_step(self, guard: StepGuard, k: int, statistics: Any) -> dict[str, Any]:
+    def after_step(self, batch: Any, k: int, statistics: Any) -> dict[str, Any]:
         """Lines 11–19 at the new parameters (``"after_step"``, the printed order)."""
         if self.before:
             return {}
         updated = False
         if self._due(k, "curvature_every"):
-            after = self._statistics_pass(guard.closure)
+            after = self._statistics_pass(batch)
             if all_finite([t for pair in after.values() for t in pair]):
                 self.update_statistics(after, k)
                 updated = True
@@ -197,23 +221,17 @@ class KFAC(BlockOptimizer):
         }
 
     # ------------------------------------------------------------ statistics
-    def _statistics_pass(self, objective: Objective) -> Factors:
-        """Line 12: another pass over the mini-batch (labels sampled for the true Fisher);
-        only layer-output gradients are computed, BatchNorm buffers are restored."""
-        with preserved_buffers(self.model), capture(self.layers) as cap:
-            if self.fisher == "true":
-                cap.phase = "sampled"
-                outputs = objective.model_outputs()
-                loss = objective.sampled_loss(outputs, self._generator)
-            else:
-                outputs, loss = objective.forward()
-            cap.backward_to_outputs(loss, retain_graph=False)
-        return self._factors(cap, objective, outputs.detach())
+    def _sampled(self) -> bool:
+        return self.fisher == "true"
 
-    def _factors(self, cap: Capture, objective: Objective, outputs: Tensor) -> Factors:
-        phase = "sampled" if self.fisher == "true" else "loss"
-        m, scale = objective.batch_size, objective.loss_scale(outputs)
-        return layer_factors(self.layers, cap, phase, m, scale, self._factor_buffers)
+    def _sampler(self) -> torch.Generator | None:
+        return self._generator if self._sampled() else None
+
+    def _statistics_pass(self, batch: Any) -> Factors:
+        """Line 12: another pass over the mini-batch (labels sampled for the true Fisher)."""
+        return statistics_pass(
+            self.model, self.layers, batch, self._sampler(), self._factor_buffers
+        )
 
     def warm_start_statistics(self, objective: Objective) -> tuple[Factors, float]:
         """Line 2: one batch's Ω, Γ for `warm_start` (the statistics pass of line 12)."""

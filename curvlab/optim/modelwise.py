@@ -167,6 +167,20 @@ class ModelwiseOptimizer(SampledLabels, Optimizer, ABC):
         self._comm = Communicator.local()
         self._step_rng: RngState | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Every attribute, so that ``copy.deepcopy`` and ``pickle`` give a working optimizer
+        (torch.optim keeps only ``defaults``, ``state`` and ``param_groups``)."""
+        return dict(self.__dict__)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Only at construction: the step is one subproblem over one group's parameters."""
+        if self.param_groups:
+            raise ValueError(
+                f"params: {type(self).__name__} solves one subproblem over the parameters of "
+                "one parameter group; build it again over the new set of parameters instead"
+            )
+        super().add_param_group(param_group)
+
     @property
     def params(self) -> list[Tensor]:
         return list(self.param_groups[0]["params"])

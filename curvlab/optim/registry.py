@@ -214,7 +214,7 @@ EVERY = Every()
 
 
 # ------------------------------------------------------------------------------ methods
-_NOT_HYPERPARAMETERS = {"self", "model", "params", "return"}
+_NOT_HYPERPARAMETERS = {"self", "model", "params", "loss_fn", "return"}
 
 
 def _domain_of(name: str, hint: Any, declared: Real | Int | None) -> Domain:

@@ -44,7 +44,7 @@ already computed. Blocks and step: `curvlab.optim.tensorwise`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 from torch import Tensor, nn
@@ -88,6 +88,7 @@ class Shampoo(TensorwiseOptimizer):
         root_method: RootMethodChoice = "coupled_newton",
         inverse_warmup: bool = True,
         params: Iterable[Any] | None = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
         defaults = self.checked(locals())
         method = check_choice("root_method", root_method, ("coupled_newton", "eigh"))
@@ -96,11 +97,17 @@ class Shampoo(TensorwiseOptimizer):
             defaults,
             params=params,
             normalise=False,
-            root_of_order=lambda k: 2 * k,  # Alg 16 line 12: -1/(2 k_l)
+            root_of_order=_root_of_order,  # Alg 16 line 12: -1/(2 k_l)
             method=method,  # type: ignore[arg-type]
             inverse_warmup=inverse_warmup,
+            loss_fn=loss_fn,
         )
 
     def statistics_loss(self, objective: Objective, outputs: Tensor, loss: Tensor) -> Tensor:
         """The true-label loss: Ḡ_l is the empirical mini-batch gradient (Alg 16 line 9)."""
         return loss
+
+
+def _root_of_order(order: int) -> int:
+    """Shampoo's r in (Ĝ^{(i)} + εI)^{-1/r} for a tensor of order k: 2k (Alg 16 line 12)."""
+    return 2 * order

@@ -265,6 +265,7 @@ class TwoStage(Optimizer):
             return False
         if self.second is None:
             self.second = self._build_second()
+        self._stop_first()
         s = self.schedule
         s["stage"], s["stage_steps"] = 2, 0
         s["switch"] = {
@@ -275,6 +276,12 @@ class TwoStage(Optimizer):
         }
         self.last_step_info = {**self.last_step_info, "switched": True, "switch": s["switch"]}
         return True
+
+    def _stop_first(self) -> None:
+        """A first stage that records the user's passes (a curvlab block method) stops."""
+        stop = getattr(self.first, "stop_recording", None)
+        if stop is not None:
+            stop()
 
     def _build_second(self) -> Optimizer:
         assert self._factory is not None
@@ -308,6 +315,8 @@ class TwoStage(Optimizer):
         self.first.load_state_dict(state_dict["first"])
         if self._factory is not None:  # the second stage exists exactly when switched
             self.second = self._build_second() if stage == 2 else None
+        if stage == 2:
+            self._stop_first()
         if state_dict["second"] is not None:
             if self.second is None:
                 raise ValueError("state_dict: has a second-stage state but no second stage")

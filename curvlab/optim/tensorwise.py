@@ -52,7 +52,7 @@ from curvlab.curvature.cost import (
 )
 from curvlab.linalg import all_finite, contractions_bounded
 from curvlab.linalg.modes import tensor_shape
-from curvlab.objective import Objective
+from curvlab.objective import Objective, preserved_buffers
 from curvlab.optim.base import BlockOptimizer, Refreshed
 
 __all__ = ["GradientStatistics", "TensorwiseOptimizer", "check_bool"]
@@ -116,14 +116,18 @@ class TensorwiseOptimizer(BlockOptimizer):
         root_of_order: Callable[[int], int],
         method: RootMethod,
         inverse_warmup: bool,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
         self.inverse_warmup = check_bool("inverse_warmup", inverse_warmup)
         self.normalise, self.root_of_order, self.method = normalise, root_of_order, method
-        super().__init__(model, defaults, params=params)
+        super().__init__(model, defaults, params=params, loss_fn=loss_fn)
         self._name_of = {id(b.params[0]): n for n, b in self.blocks.items()}
         # Reused outputs of the statistics products (a cache, not state: each step overwrites
         # them before they are read; see curvlab.linalg.modes.mode_statistics).
         self._buffers: dict[str, list[Tensor]] = {}
+
+    def blocks_changed(self) -> None:
+        self._name_of = {id(b.params[0]): n for n, b in self.blocks.items()}
 
     def make_blocks(self, model: nn.Module) -> list[TensorBlock]:
         """A `TensorBlock` per parameter of every group, named as in the model."""
@@ -164,7 +168,9 @@ class TensorwiseOptimizer(BlockOptimizer):
         first = not any(b.has_statistics(self.block_state(n)) for n, b in self.blocks.items())
         due = first or k % self.param_groups[0]["curvature_every"] == 0
         if self.extra_backward and due:
-            return self._sampled_pass(closure)
+            if isinstance(closure, Objective):
+                return self._sampled_pass(closure)
+            return closure.loss, self._sampled_gradient(closure)
         loss, _ = super().gradient_pass(closure, k)
         if not due:
             return loss, None
@@ -188,13 +194,24 @@ class TensorwiseOptimizer(BlockOptimizer):
             loss = objective.forward_backward(before_backward=sampled_pass)
         return loss, found
 
+    def _sampled_gradient(self, batch: Any) -> dict[Tensor, Tensor]:
+        """Alg 15 line 7 without an `Objective`: the recorded batch forward again and the
+        sampled-label gradient (one more forward and backward pass than with an `Objective`,
+        whose sampled backward shares the gradient pass's forward); ``.grad`` is left alone."""
+        params = [p for p in self.params if p.requires_grad]
+        with preserved_buffers(self.model), torch.enable_grad():
+            outputs = batch.model_outputs()
+            extra = self.statistics_loss(batch, outputs, outputs)
+            grads = torch.autograd.grad(extra, params, allow_unused=True)
+        return {p: g for p, g in zip(params, grads, strict=True) if g is not None}
+
     def statistics(self, closure: Any, record: Any, k: int) -> GradientStatistics | None:
         """Alg 15 line 12 / Alg 16 line 9: the contractions of this step's gradients."""
         if record is None:
             return None
         if self.extra_backward:
             self.average_statistics(list(record.values()))  # data-parallel: the sampled gradient
-        outputs = closure.outputs if isinstance(closure, Objective) else None
+        outputs = closure.outputs
         scale = self.statistics_scale(closure, outputs)
         grads = {self._name_of[id(p)]: g for p, g in record.items() if p.numel() > 0}
         if self._can_accumulate(grads, scale):

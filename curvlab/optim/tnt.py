@@ -53,13 +53,12 @@ Options and deviations:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 from torch import Tensor, nn
 
 from curvlab.objective import Objective
-from curvlab.optim.guard import require_objective
 from curvlab.optim.tensorwise import TensorwiseOptimizer
 from curvlab.optim.validation import check_choice
 
@@ -104,6 +103,7 @@ class TNT(TensorwiseOptimizer):
         inverse_method: InverseMethod = "cholesky",
         inverse_warmup: bool = True,
         params: Iterable[Any] | None = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
         defaults = self.checked(locals())
         self.fisher = check_choice("fisher", fisher, ("true", "empirical"))
@@ -116,14 +116,11 @@ class TNT(TensorwiseOptimizer):
             defaults,
             params=params,
             normalise=True,  # Alg 15 line 15: eq. (4.10)
-            root_of_order=lambda k: 1,  # Alg 15 line 16: inverses
+            root_of_order=_inverse,  # Alg 15 line 16: inverses
             method=method,  # type: ignore[arg-type]
             inverse_warmup=inverse_warmup,
+            loss_fn=loss_fn,
         )
-
-    def gradient_pass(self, closure: Any, k: int) -> tuple[Tensor | None, Any]:
-        """Alg 15 lines 5–7 on the `curvlab.Objective`'s mini-batch."""
-        return super().gradient_pass(require_objective(closure, "TNT"), k)
 
     def statistics_loss(self, objective: Objective, outputs: Tensor, loss: Tensor) -> Tensor:
         """Alg 15 line 7: the loss at labels sampled from the model (TNT-EF: the true loss)."""
@@ -133,8 +130,13 @@ class TNT(TensorwiseOptimizer):
 
     def statistics_scale(self, closure: Any, outputs: Tensor | None) -> float:
         """1/(c·m) on the contractions, i.e. Ḡ = ∇L/√(c·m) (module docstring); 1 for a mean."""
-        if not isinstance(closure, Objective) or outputs is None:
+        if outputs is None:
             return 1.0
         if self.fisher == "empirical" and closure.likelihood is None:
             return 1.0  # TNT-EF with a loss of unknown reduction: use its gradient as it is
         return 1.0 / (closure.loss_scale(outputs) * closure.batch_size)
+
+
+def _inverse(order: int) -> int:
+    """TNT's r in (Ũ_i + εI)^{-1/r}: inverses whatever the tensor's order (Alg 15 line 16)."""
+    return 1

@@ -42,7 +42,7 @@ Choices where the paper is silent (docs/deviations.md, [P1] and [R]):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any, ClassVar, Literal
 
@@ -51,12 +51,12 @@ from torch import Tensor, nn
 
 from curvlab.curvature.blocks import KroneckerBlock
 from curvlab.curvature.cost import CostItem, LayerShape, cost_items, output_gradient_product
-from curvlab.curvature.factors import FactorBuffers, layer_factors
+from curvlab.curvature.factors import FactorBuffers, batch_factors, statistics_pass
 from curvlab.curvature.hooks import Capture, captured_gradient_pass
 from curvlab.curvature.layers import find_layers
 from curvlab.distributed import Communicator, Mode
+from curvlab.objective import Objective
 from curvlab.optim.base import BlockOptimizer, Refreshed
-from curvlab.optim.guard import require_objective
 from curvlab.optim.switching import DataParallelSGD, TwoStage
 from curvlab.optim.validation import (
     LAYERWISE_RULES,
@@ -110,12 +110,16 @@ class TSOALRAFirstStage(BlockOptimizer):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         params: Iterable[Any] | None = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
         defaults = self.checked(locals())
         self.fisher = check_choice("fisher", fisher, ("empirical", "true"))
         self.init = check_choice("init", init, ("identity", "first_batch"))
-        super().__init__(model, defaults, params=params)
+        super().__init__(model, defaults, params=params, loss_fn=loss_fn)
         self._factor_buffers = FactorBuffers(self.layers)  # a cache, not state (as K-FAC's)
+
+    def blocks_changed(self) -> None:
+        self._factor_buffers = FactorBuffers(self.layers)
 
     def make_blocks(self, model: nn.Module) -> list[KroneckerBlock]:
         """A `KroneckerBlock` per layer: ``(B + εI)^{-1/2} V (A + εI)^{-1/2}`` (§III-A)."""
@@ -124,18 +128,28 @@ class TSOALRAFirstStage(BlockOptimizer):
     def damping(self, name: str) -> float:
         return float(self.group(name)["eps"])
 
-    def gradient_pass(self, closure: Any, k: int) -> tuple[Tensor, Capture]:
-        """The closure, recording α (forward) and β (backward) of every layer (§III-C)."""
-        objective = require_objective(closure, "TSOALRAFirstStage")
-        sampler = self._generator if self.fisher == "true" else None
-        return captured_gradient_pass(self.layers, objective, sampler)
+    @property
+    def records_layer_passes(self) -> bool:  # type: ignore[override]
+        """The empirical statistics of a step without an `Objective`: the user's own pass."""
+        return self.fisher == "empirical"
 
-    def statistics(self, closure: Any, record: Capture, k: int) -> dict[str, Any]:
-        """E_n[ā āᵀ] and E_n[β βᵀ] of this batch per layer (the bracketed terms of eq. 14)."""
-        phase = "sampled" if self.fisher == "true" else "loss"
-        assert closure.outputs is not None
-        m, scale = closure.batch_size, closure.loss_scale(closure.outputs)
-        return layer_factors(self.layers, record, phase, m, scale, self._factor_buffers)
+    def gradient_pass(self, batch: Any, k: int) -> tuple[Tensor | None, Capture | None]:
+        """The closure, recording α (forward) and β (backward) of every layer (§III-C); or
+        the records of the user's own pass (the true Fisher: see `statistics`)."""
+        sampler = self._generator if self.fisher == "true" else None
+        if not isinstance(batch, Objective):
+            return batch.loss, batch.capture if sampler is None else None
+        return captured_gradient_pass(self.layers, batch, sampler)
+
+    def statistics(self, batch: Any, record: Capture | None, k: int) -> dict[str, Any]:
+        """E_n[ā āᵀ] and E_n[β βᵀ] of this batch per layer (the bracketed terms of eq. 14).
+        The true Fisher without an `Objective`: one more pass over the recorded batch."""
+        buffers = self._factor_buffers
+        if record is None:
+            return statistics_pass(self.model, self.layers, batch, self._generator, buffers)
+        assert batch.outputs is not None
+        sampled = self.fisher == "true"
+        return batch_factors(self.layers, record, batch, batch.outputs, sampled, buffers)
 
     def update_statistics(self, statistics: dict[str, Any], k: int) -> None:
         """Line 3 (eqs. 17–18); with ``init="identity"`` a new block starts from A = B = I and
@@ -231,6 +245,7 @@ class TSOALRA(TwoStage):
         patience: int | None = None,
         min_delta: float = 0.0,
         params: Iterable[Any] | None = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
         if switch_at_epoch is None and switch_at_step is None and patience is None:
             raise ValueError(
@@ -238,7 +253,17 @@ class TSOALRA(TwoStage):
                 "switch_at_step or patience); use TSOALRAFirstStage for the first stage alone"
             )
         first = TSOALRAFirstStage(
-            model, lr, ema_decay, inverse_every, eps, fisher, init, momentum, weight_decay, params
+            model,
+            lr,
+            ema_decay,
+            inverse_every,
+            eps,
+            fisher,
+            init,
+            momentum,
+            weight_decay,
+            params,
+            loss_fn,
         )
         self.first: TSOALRAFirstStage
         super().__init__(
