@@ -70,10 +70,12 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvlab.autodiff.functional import ParameterView, capture_rng, replayed_rng
 from curvlab.autodiff.output_curvature import OutputCurvature, output_curvature
@@ -177,6 +179,14 @@ def _zeros_if_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> Te
     return ParameterView.flatten_grads(grads, like)
 
 
+def twice_differentiable() -> AbstractContextManager[None]:
+    """Attention in the math kernel: the fused CPU / flash kernels of
+    ``F.scaled_dot_product_attention`` have no double backward, which the Hessian's
+    reverse-over-reverse and the GGN's double-vjp R-op need (module docstring). The math kernel
+    computes the same attention; only the passes these operators build use it."""
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 class _HessianOperator(CurvatureOperator):
     """Pearlmutter's exact HVP, reverse-over-reverse on one kept gradient graph."""
 
@@ -185,7 +195,7 @@ class _HessianOperator(CurvatureOperator):
     def __init__(self, view: ParameterView, damping: float) -> None:
         self._rng = capture_rng(view.device)
         self._values = view.current(clone=True)
-        with torch.enable_grad(), replayed_rng(self._rng):
+        with torch.enable_grad(), replayed_rng(self._rng), twice_differentiable():
             _, loss = view.loss(self._values)
             # build line 1: g = ∇L(θ) with create_graph (module docstring).
             grads = torch.autograd.grad(loss, self._values, create_graph=True, allow_unused=True)
@@ -215,7 +225,7 @@ class _GaussNewtonOperator(CurvatureOperator):
         objective = view.objective
         self._rng = capture_rng(view.device)
         self._values = view.current(clone=True)
-        with torch.enable_grad(), replayed_rng(self._rng):
+        with torch.enable_grad(), replayed_rng(self._rng), twice_differentiable():
             # line 1: z = f(θ), forward graph kept for the L-op.
             outputs = view.outputs(self._values)
             # line 2: u = ∂L/∂z, a backward through the loss alone (output space).
