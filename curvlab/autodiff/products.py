@@ -69,8 +69,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -179,12 +179,14 @@ def _zeros_if_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> Te
     return ParameterView.flatten_grads(grads, like)
 
 
-def twice_differentiable() -> AbstractContextManager[None]:
-    """Attention in the math kernel: the fused CPU / flash kernels of
-    ``F.scaled_dot_product_attention`` have no double backward, which the Hessian's
-    reverse-over-reverse and the GGN's double-vjp R-op need (module docstring). The math kernel
-    computes the same attention; only the passes these operators build use it."""
-    return sdpa_kernel([SDPBackend.MATH])
+@contextmanager
+def twice_differentiable() -> Iterator[None]:
+    """The passes the Hessian's reverse-over-reverse and the GGN's double-vjp R-op build need a
+    double backward, which neither the fused CPU / flash kernels of
+    ``F.scaled_dot_product_attention`` nor torch.compile's AOT autograd have: attention runs in
+    the math kernel and a compiled model eagerly (the same function of the same parameters)."""
+    with sdpa_kernel([SDPBackend.MATH]), torch.compiler.set_stance("force_eager"):
+        yield
 
 
 class _HessianOperator(CurvatureOperator):

@@ -39,6 +39,7 @@ __all__ = [
     "input_factor",
     "layer_factors",
     "output_factor",
+    "require_records",
     "statistics_pass",
 ]
 
@@ -100,6 +101,7 @@ def layer_factors(
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """(A, G) of every layer from one `capture` (output gradients of ``phase``); layers not in
     this forward pass are left out. ``buffers(name, grad)`` may give reused outputs."""
+    require_records(cap, layers)
     factors: dict[str, tuple[Tensor, Tensor]] = {}
     for name, layer in layers.items():
         record = cap[name]
@@ -142,6 +144,20 @@ class FactorBuffers:
             )
             self._buffers[name] = buffers
         return buffers
+
+
+def require_records(cap: Capture, layers: Mapping[str, KroneckerLayer]) -> None:
+    """A pass that recorded no layer at all cannot give statistics: raise an error that says
+    why, instead of a step without them (the usual cause: a ``torch.compile``'d model in the
+    user's own forward pass, whose compiled code runs without the recording hooks)."""
+    if layers and not any(cap[name].inputs for name in layers):
+        raise ValueError(
+            "model: no layer was recorded in the pass the statistics come from: the model did "
+            "not run (a closure must run it), or it is torch.compile'd, and compiled code runs "
+            "without the recording hooks; for the statistics of your own backward pass step "
+            "without compiling, or let the method make its own pass (a closure, a "
+            "curvlab.Objective, or statistics='after_step')"
+        )
 
 
 def batch_factors(

@@ -138,7 +138,9 @@ def capture(
             if output_gradients:
                 hook = cap._forward_hook(name, dtype)
                 handles.append(layer.module.register_forward_hook(hook))
-        with torch.enable_grad():
+        # A torch.compile'd model runs compiled code that module hooks cannot see: the passes
+        # that capture run it eagerly (the same function of the same parameters).
+        with torch.enable_grad(), torch.compiler.set_stance("force_eager"):
             yield cap
     finally:
         for handle in handles:

@@ -353,7 +353,8 @@ class BlockOptimizer(SampledLabels, DataParallelBlocks, Optimizer):
         loss = None
         if closure is not None:
             recorder.clear()
-            with torch.enable_grad():
+            # A compiled model runs eagerly here, so that the recording hooks see its layers.
+            with torch.enable_grad(), torch.compiler.set_stance("force_eager"):
                 result = closure()
             loss = None if result is None else torch.as_tensor(result).detach()
         recorder.armed = False

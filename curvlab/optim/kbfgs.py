@@ -54,7 +54,7 @@ from curvlab.curvature.cost import (
     forward_product,
     output_gradient_product,
 )
-from curvlab.curvature.factors import input_factor
+from curvlab.curvature.factors import input_factor, require_records
 from curvlab.curvature.hooks import Capture, capture
 from curvlab.curvature.layers import find_layers
 from curvlab.objective import Objective, preserved_buffers
@@ -319,6 +319,7 @@ class KBFGS(BlockOptimizer):
         """(inputs, Σ_{n,t} ∂L/∂h_t(n)) of every layer used in a captured pass with weight
         gradients: the bias gradients when every layer has its own bias, else the sums of the
         recorded ∂L/∂h (the bias gradients are averaged over ranks in place later)."""
+        require_records(cap, self.layers)
         if self._sums_from_bias:
             return {
                 n: (cap[n].inputs, la.bias.grad)
