@@ -252,6 +252,12 @@ class BlockOptimizer(SampledLabels, DataParallelBlocks, Optimizer):
             p for g in self.param_groups for p in g["params"] if id(p) not in covered
         ]
 
+    def entry_points(self) -> frozenset[str]:
+        """How ``step`` can get its mini-batch: ``"objective"`` (a `curvlab.Objective`),
+        ``"closure"`` (a plain closure) and ``"backward"`` (nothing, after the user's own
+        ``loss.backward()``); a method narrows this where its algorithm needs more."""
+        return frozenset({"objective", "closure", "backward"})
+
     @classmethod
     def checked(cls, arguments: Mapping[str, Any]) -> dict[str, Any]:
         """The method's `hyperparameters` taken from a constructor's ``arguments`` (its

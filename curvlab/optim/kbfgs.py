@@ -210,6 +210,10 @@ class KBFGS(BlockOptimizer):
     #: A plain closure's pass is recorded (inputs, output gradients) for lines 6 and 16.
     records_layer_passes = True
 
+    def entry_points(self) -> frozenset[str]:
+        """The second pass (line 13) evaluates the loss again: an `Objective` or a closure."""
+        return frozenset({"objective", "closure"})
+
     def gradient_pass(self, batch: Any, k: int) -> tuple[Tensor | None, Recorded | None]:
         """Lines 5–6; the inputs and Σ ∂L/∂h are recorded on curvature steps (and the first).
         Without an `Objective`, a plain closure's recorded pass."""

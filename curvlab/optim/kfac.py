@@ -157,6 +157,12 @@ class KFAC(BlockOptimizer):
         """Alg 12 line 17 (k ≡ 0 mod T2), or Alg 7's k ≤ T."""
         return self._due(k, "inverse_every") or k <= self.param_groups[0]["inverse_warmup"]
 
+    def entry_points(self) -> frozenset[str]:
+        """The empirical ``"after_step"`` pass needs the targets: an `Objective` or a closure."""
+        if self.fisher == "empirical" and not self.before:
+            return frozenset({"objective", "closure"})
+        return super().entry_points()
+
     @property
     def records_layer_passes(self) -> bool:  # type: ignore[override]
         """``"before_step"`` empirical statistics come from the user's own backward pass."""

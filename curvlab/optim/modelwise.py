@@ -172,6 +172,10 @@ class ModelwiseOptimizer(SampledLabels, Optimizer, ABC):
         (torch.optim keeps only ``defaults``, ``state`` and ``param_groups``)."""
         return dict(self.__dict__)
 
+    def entry_points(self) -> frozenset[str]:
+        """Only a `curvlab.Objective`: curvature products and trial losses on the step's batch."""
+        return frozenset({"objective"})
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Only at construction: the step is one subproblem over one group's parameters."""
         if self.param_groups:

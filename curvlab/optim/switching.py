@@ -198,6 +198,11 @@ class TwoStage(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    def entry_points(self) -> frozenset[str]:
+        """The first stage's (a plain torch optimizer: every entry point)."""
+        entries = getattr(self.first, "entry_points", None)
+        return entries() if entries is not None else frozenset({"objective", "closure", "backward"})
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 

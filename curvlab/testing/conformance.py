@@ -9,7 +9,7 @@ them for a case of its own. Every check runs on the suite's tiny float64 regress
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
@@ -21,12 +21,14 @@ from curvlab.optim.switching import TwoStage
 from curvlab.testing.models import regression_problem, tiny_mlp
 
 __all__ = [
+    "ENTRIES",
     "FAULTS",
     "Fault",
     "Make",
     "NaNBackward",
     "assert_same",
     "batches",
+    "check_entry_points_agree",
     "check_invalid_hyperparameter",
     "check_invalid_hyperparameter_set_later",
     "check_loss_decreases",
@@ -34,8 +36,10 @@ __all__ = [
     "check_non_finite_step_is_skipped",
     "check_skip_leaves_running_statistics",
     "check_state_dict_round_trip",
+    "for_entry",
     "full_loss",
     "run",
+    "step",
     "was_skipped",
     "without",
 ]
@@ -56,9 +60,50 @@ def batches(n: int, dtype: torch.dtype = torch.float64) -> Batches:
     return list(zip(x.split(16), y.split(16), strict=True))
 
 
-def run(opt: Any, model: nn.Module, data: Batches) -> list[float]:
-    """One step per batch (MSE); the losses the steps return."""
-    return [float(opt.step(Objective(model, nn.MSELoss(), x, y))) for x, y in data]
+#: How a step gets its mini-batch (`curvlab.optim.base.BlockOptimizer.entry_points`).
+ENTRIES = ("objective", "closure", "backward")
+
+
+def step(opt: Any, model: nn.Module, x: Tensor, y: Tensor, entry: str = "objective") -> Tensor:
+    """One step on ``(x, y)`` (MSE) through ``entry``: a `curvlab.Objective`, a plain closure,
+    or the user's own ``loss.backward()`` then ``opt.step()``; the step's loss."""
+    loss_fn = nn.MSELoss()
+    if entry == "objective":
+        loss: Tensor = opt.step(Objective(model, loss_fn, x, y))
+        return loss
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        value = loss_fn(model(x), y)
+        value.backward()
+        return value.detach()
+
+    if entry == "closure":
+        loss = opt.step(closure)
+        return loss
+    loss = closure()
+    opt.step()
+    return loss
+
+
+def run(opt: Any, model: nn.Module, data: Batches, entry: str = "objective") -> list[float]:
+    """One step per batch (MSE) through ``entry``; the losses of the steps."""
+    return [float(step(opt, model, x, y, entry)) for x, y in data]
+
+
+def for_entry(make: Make, entry: str) -> Make:
+    """``make`` for steps through ``entry``: told the loss (``loss_fn``) where the optimizer
+    takes one, since without an `Objective` a method cannot know it."""
+    if entry == "objective":
+        return make
+
+    def build(model: nn.Module, **extra: Any) -> Any:
+        try:
+            return make(model, loss_fn=nn.MSELoss(), **extra)
+        except TypeError:  # no loss_fn argument (e.g. TwoStage subclasses pass it on)
+            return make(model, **extra)
+
+    return build
 
 
 def full_loss(model: nn.Module, data: Batches) -> float:
@@ -127,53 +172,58 @@ class Fault(nn.Module):
 
 
 # ------------------------------------------------------------------------------- checks
-def check_loss_decreases(make: Make, dtype: torch.dtype = torch.float64) -> None:
+def check_loss_decreases(
+    make: Make, dtype: torch.dtype = torch.float64, entry: str = "objective"
+) -> None:
     """Ten epochs of four batches take the mean loss below 0.7 of its start."""
     model = tiny_mlp((4, 8, 3), dtype=dtype)
     data = batches(4, dtype)
-    opt = make(model)
+    opt = for_entry(make, entry)(model)
     start = full_loss(model, data)
     for _ in range(10):
-        run(opt, model, data)
+        run(opt, model, data, entry)
     assert full_loss(model, data) < 0.7 * start
 
 
-def check_state_dict_round_trip(make: Make, save_at: int = 5, total: int = 12) -> None:
+def check_state_dict_round_trip(
+    make: Make, save_at: int = 5, total: int = 12, entry: str = "objective"
+) -> None:
     """Saved after ``save_at`` steps and loaded into a fresh optimizer (and a model with other
     weights), the run continues bit-identically (parameters and ``state_dict``)."""
+    make = for_entry(make, entry)
     data = batches(total)
     model = tiny_mlp((4, 8, 3))
     opt = make(model)
-    run(opt, model, data[:save_at])
+    run(opt, model, data[:save_at], entry)
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(opt.state_dict())
-    run(opt, model, data[save_at:])
+    run(opt, model, data[save_at:], entry)
     resumed = tiny_mlp((4, 8, 3), seed=99)
     resumed.load_state_dict(saved_model)
     opt2 = make(resumed)
     opt2.load_state_dict(saved_opt)
-    run(opt2, resumed, data[save_at:])
+    run(opt2, resumed, data[save_at:], entry)
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
     assert_same(opt2.state_dict(), opt.state_dict())
 
 
-def check_lr_scheduler(make: Make) -> None:
+def check_lr_scheduler(make: Make, entry: str = "objective") -> None:
     """An LR scheduler that sets ``lr = 0`` after the first step freezes the parameters for
     the next five steps, weight decay included. A two-stage optimizer that carries ``lr`` into
     its second stage stays frozen across the switch; one that does not (`HybridTRSGD`: seed
     003's fixed SGD step) is checked up to its switch."""
     model = tiny_mlp((4, 8, 3))
     data = batches(6)
-    opt = make(model)
+    opt = for_entry(make, entry)(model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 if epoch == 0 else 0.0)
-    run(opt, model, data[:1])
+    run(opt, model, data[:1], entry)
     sched.step()
     frozen = [p.detach().clone() for p in model.parameters()]
     for batch in data[1:]:
         if isinstance(opt, TwoStage) and opt.stage == 2 and "lr" not in opt.carry:
             break
-        run(opt, model, [batch])
+        run(opt, model, [batch], entry)
     for p, q in zip(model.parameters(), frozen, strict=True):
         assert torch.equal(p, q)
 
@@ -198,13 +248,14 @@ def check_invalid_hyperparameter_set_later(make: Make, key: str, value: Any) -> 
 FAULTS = ("nan-loss", "nan-gradient", "nan-first-layer-gradient")
 
 
-def check_non_finite_step_is_skipped(make: Make, fault: str) -> None:
+def check_non_finite_step_is_skipped(make: Make, fault: str, entry: str = "objective") -> None:
     """A NaN loss (``fault="nan-loss"``), or a NaN gradient with a finite loss (every
     parameter's: ``"nan-gradient"``; the first layer's only, the rest finite:
     ``"nan-first-layer-gradient"``) skips the step: the step returns the loss, reports the skip
     and its cause; parameters and every piece of optimizer state stay exactly as they were, the
     label sampler's random state and the step counters included, except ``skipped_steps``,
-    which counts one more (and a two-stage optimizer's schedule, which counts every call)."""
+    which counts one more (and a two-stage optimizer's schedule, which counts every call).
+    After the user's own backward pass the step sees no loss: a NaN loss is its gradient's."""
     fault_module = Fault()
     mlp = tiny_mlp((4, 8, 3))
     if fault == "nan-first-layer-gradient":
@@ -212,19 +263,20 @@ def check_non_finite_step_is_skipped(make: Make, fault: str) -> None:
     else:
         model = nn.Sequential(mlp, fault_module)
     data = batches(3)
-    opt = make(model)
-    run(opt, model, data[:2])
+    opt = for_entry(make, entry)(model)
+    run(opt, model, data[:2], entry)
     params = [p.detach().clone() for p in model.parameters()]
     saved = copy.deepcopy(opt.state_dict())
     x, y = data[2]
     if fault == "nan-loss":
         y = torch.full_like(y, float("nan"))
     fault_module.active = fault != "nan-loss"
-    loss = opt.step(Objective(model, nn.MSELoss(), x, y))
+    loss = step(opt, model, x, y, entry)
     info = opt.last_step_info
     assert info["skipped"] is True and info["skipped_steps"] == 1, info
     assert info["reason"].startswith("non-finite"), info
-    assert fault.split("-")[-1] in info["reason"], info  # "loss", "gradient"
+    cause = "gradient" if entry == "backward" else fault.split("-")[-1]
+    assert cause in info["reason"], info  # "loss", "gradient"
     assert bool(torch.isfinite(torch.as_tensor(loss))) == (fault != "nan-loss")
     for p, q in zip(model.parameters(), params, strict=True):
         assert torch.equal(p, q)
@@ -239,6 +291,23 @@ def _counted(sd: Any) -> Any:
     if isinstance(sd, list):
         return [_counted(v) for v in sd]
     return sd
+
+
+def check_entry_points_agree(make: Make, entries: Iterable[str], steps: int = 4) -> None:
+    """The same run through a plain closure or the user's own backward pass as through the
+    `curvlab.Objective` (float64, equal to round-off): where a method takes several entry
+    points it runs the same algorithm through each."""
+    data = batches(steps)
+    results = []
+    for entry in ("objective", *entries):
+        model = tiny_mlp((4, 8, 3))
+        torch.manual_seed(0)
+        opt = for_entry(make, entry)(model)
+        run(opt, model, data, entry)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for other in results[1:]:
+        for p, q in zip(other, results[0], strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
 def check_skip_leaves_running_statistics(make: Make) -> None:

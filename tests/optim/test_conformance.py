@@ -13,6 +13,7 @@ hyperparameter a domain, every method a configuration here.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import pytest
@@ -68,6 +69,43 @@ def test_non_finite_step_is_skipped_and_changes_nothing(config: Config, fault: s
 @pytest.mark.parametrize("config", SUITE.values(), ids=SUITE.keys())
 def test_skipped_step_leaves_the_running_statistics(config: Config) -> None:
     check.check_skip_leaves_running_statistics(config.build)
+
+
+def _plain_entries(config: Config) -> list[str]:
+    """The entry points besides the `Objective` that the configuration takes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        entries = config.build(tiny_mlp((4, 8, 3))).entry_points()
+    assert "objective" in entries
+    return [e for e in check.ENTRIES if e in entries and e != "objective"]
+
+
+PLAIN = [
+    pytest.param(config, entry, id=f"{name}-{entry}")
+    for name, config in SUITE.items()
+    for entry in _plain_entries(config)
+]
+
+
+@pytest.mark.parametrize(("config", "entry"), PLAIN)
+def test_every_entry_point_conforms(config: Config, entry: str) -> None:
+    """Through a plain closure and through the user's own backward pass: the loss decreases,
+    a state_dict round trip continues bit-identically, a scheduler's lr = 0 freezes, and a
+    non-finite step is skipped changing nothing."""
+    check.check_loss_decreases(config.build, torch.float64, entry)
+    check.check_state_dict_round_trip(config.build, entry=entry)
+    check.check_lr_scheduler(config.build, entry)
+    for fault in check.FAULTS:
+        check.check_non_finite_step_is_skipped(config.build, fault, entry)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [c for c in SUITE.values() if _plain_entries(c)],
+    ids=[n for n, c in SUITE.items() if _plain_entries(c)],
+)
+def test_entry_points_run_the_same_algorithm(config: Config) -> None:
+    check.check_entry_points_agree(config.build, _plain_entries(config))
 
 
 INVALID = [
