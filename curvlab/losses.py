@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Likelihood", "LossModel"]
+__all__ = ["BatchMean", "Likelihood", "LossModel"]
 
 Likelihood = Literal["categorical", "categorical_log", "bernoulli_logits", "bernoulli", "gaussian"]
 
@@ -62,6 +62,25 @@ _RECOGNISED = (
 )
 
 
+class BatchMean:
+    """``loss_fn(outputs, targets) / m``: a ``reduction="sum"`` loss averaged over the batch's m
+    examples ("sum over output entries, mean over examples", the thesis's autoencoder loss;
+    `curvlab.Objective`'s ``batch_average``), as a loss a training loop calls and `LossModel`
+    recognises."""
+
+    def __init__(self, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> None:
+        reduction = LossModel(loss_fn).reduction
+        if reduction not in (None, "sum"):
+            raise ValueError(
+                f"loss_fn: BatchMean averages a reduction='sum' loss over the batch, got "
+                f"reduction={reduction!r}"
+            )
+        self.loss_fn = loss_fn
+
+    def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return self.loss_fn(outputs, targets) / outputs.shape[0]
+
+
 def _name(loss_fn: Any) -> str:
     if isinstance(loss_fn, functools.partial):
         return f"functools.partial({_name(loss_fn.func)}, ...)"
@@ -82,6 +101,10 @@ class LossModel:
     def __init__(self, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> None:
         self.loss_fn = loss_fn
         self.kind: Likelihood | None = None
+        #: Whether the loss is a batch mean of a summed loss (`BatchMean`).
+        self.batch_average = isinstance(loss_fn, BatchMean)
+        if isinstance(loss_fn, BatchMean):
+            loss_fn = loss_fn.loss_fn
         self.reduction: str | None = getattr(loss_fn, "reduction", None)
         self.options: dict[str, Any] = {}
         module = _MODULES.get(type(loss_fn))  # type: ignore[arg-type]
@@ -137,7 +160,7 @@ class LossModel:
     def scale(self, outputs: Tensor, batch_size: int, batch_average: bool = False) -> float:
         """c in ``L = c · Σ_n l_n`` (l_n: per-example NLL summed over output entries)."""
         if self.check_reduction() == "sum":
-            return 1.0 / batch_size if batch_average else 1.0
+            return 1.0 / batch_size if batch_average or self.batch_average else 1.0
         if self.kind in ("categorical", "categorical_log"):
             return 1.0 / (outputs.numel() // outputs.shape[1] if outputs.dim() > 1 else 1)
         return 1.0 / outputs.numel()

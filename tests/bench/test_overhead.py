@@ -23,6 +23,7 @@ from curvlab.bench.cost.overhead import (
     default_variants,
     format_overhead,
     measure_overhead,
+    through_entries,
 )
 from curvlab.bench.problems import get_problem
 from curvlab.linalg.cost import Decomposition, Gemm, RowSum
@@ -353,3 +354,28 @@ def test_format_marks_targets() -> None:
 def test_unknown_problem_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["overhead", "--problem", "nope", "--no-progress"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_entry_points_are_timed_side_by_side_and_run_the_same_step() -> None:
+    """``--entries``: each method also through a plain closure and the loop's own backward
+    pass (told the loss), interleaved in the same turns; every entry executes the same matrix
+    products per step (a step through the user's loop costs what the Objective's does)."""
+    variants = through_entries(
+        [Variant("sgd-m", "sgd-m"), Variant("kfac", "kfac", {"lr": 1e-3})],
+        ["objective", "backward", "closure"],
+    )
+    assert [v.name for v in variants] == [
+        "sgd-m", "sgd-m@backward", "sgd-m@closure", "kfac", "kfac@backward", "kfac@closure"
+    ]  # fmt: skip
+    result = measure_overhead(
+        "synthetic-mlp", steps=2, repeats=1, warmup=2, threads=1, floor_repeats=1,
+        variants=variants,
+    )  # fmt: skip
+    methods = {m["name"]: m for m in result["methods"]}
+    for name in ("kfac@backward", "kfac@closure"):
+        assert methods[name]["skipped_steps"] == 0
+        assert methods[name]["executed_beyond_floor_gflop"] == pytest.approx(
+            methods["kfac"]["executed_beyond_floor_gflop"], abs=1e-9
+        )
+    with pytest.raises(ValueError, match="^entries"):
+        through_entries(variants, ["objectiv"])

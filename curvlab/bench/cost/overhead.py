@@ -71,6 +71,7 @@ from curvlab.curvature.cost import (
 )
 from curvlab.data import batches
 from curvlab.linalg.cost import Decomposition, Gemm, Op
+from curvlab.losses import BatchMean
 from curvlab.objective import Objective
 from curvlab.optim.base import BlockOptimizer
 
@@ -102,12 +103,16 @@ class Variant:
         optimizer: a key of `curvlab.bench.specs.OPTIMIZERS`.
         hparams: overrides over the spec's defaults and its ``thesis`` preset for the problem.
         target: the bound on its ratio to sgd-m (`STEP_TARGETS`), if it has one.
+        entry: how each step gets its mini-batch: ``"objective"`` (a `curvlab.Objective`),
+            ``"closure"`` (a plain closure) or ``"backward"`` (the loop's own forward and
+            ``loss.backward()``, then ``step()``; a curvlab method is told the loss).
     """
 
     name: str
     optimizer: str
     hparams: Mapping[str, Any] = field(default_factory=dict)
     target: float | None = None
+    entry: str = "objective"
 
 
 #: K-FAC's learning rate in the timing runs. The thesis preset (0.03 with momentum 0.9, tuned on
@@ -291,10 +296,31 @@ def _step(
     """One timed optimizer step on the contender's next batch; returns seconds."""
     x, y = data[c.position % len(data)]
     c.position += 1
-    objective = Objective(c.model, loss_fn, x, y, batch_average=batch_average)
+    entry = c.variant.entry
+    if entry == "objective":
+        objective = Objective(c.model, loss_fn, x, y, batch_average=batch_average)
+        t0 = time.perf_counter()
+        c.optimizer.step(objective)  # type: ignore[arg-type]  # an Objective is a closure
+        return _done(c, time.perf_counter() - t0)
+
+    def closure() -> Tensor:
+        c.optimizer.zero_grad()
+        loss = loss_fn(c.model(x), y)
+        loss = loss / x.shape[0] if batch_average else loss
+        loss.backward()
+        return loss.detach()
+
     t0 = time.perf_counter()
-    c.optimizer.step(objective)  # type: ignore[arg-type]  # an Objective is a closure
-    elapsed = time.perf_counter() - t0
+    if entry == "closure":
+        c.optimizer.step(closure)  # type: ignore[arg-type]  # a closure returning the loss
+    else:
+        closure()
+        c.optimizer.step()
+    return _done(c, time.perf_counter() - t0)
+
+
+def _done(c: _Contender, elapsed: float) -> float:
+    """Count a skipped step; return the step's seconds."""
     info = getattr(c.optimizer, "last_step_info", None)
     if isinstance(info, Mapping) and info.get("skipped") is True:
         c.skipped += 1
@@ -414,7 +440,12 @@ def _measure(
         model = prob.make_model(seed)
         model.train()
         hparams = _hyperparameters(v, prob)
-        optimizer = get_optimizer(v.optimizer).factory(model, dict(hparams))
+        factory = get_optimizer(v.optimizer).factory
+        optimizer = factory(model, dict(hparams))
+        if v.entry != "objective" and isinstance(optimizer, BlockOptimizer):
+            loss = prob.make_loss()  # the loop's loss, told to the method (plain entries)
+            told = BatchMean(loss) if prob.batch_average else loss
+            optimizer = factory(model, {**hparams, "loss_fn": told})
         contenders.append(
             _Contender(v, model, optimizer, hparams, max(warmup, _steady_after(optimizer)))
         )
@@ -691,9 +722,35 @@ def add_overhead_parser(sub: Any) -> None:
         default=7,
         help="timing groups per floor operation, the best kept (default 7)",
     )
+    p.add_argument(
+        "--entries",
+        default="objective",
+        help="comma-separated entry points each method is timed through, interleaved in the same "
+        "turns: objective (a curvlab.Objective), closure (a plain closure), backward (the "
+        "loop's own loss.backward(), then step()); default objective",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--json", metavar="OUT", help="write every measurement to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+
+
+def through_entries(variants: Sequence[Variant], entries: Sequence[str]) -> list[Variant]:
+    """Every variant through each entry point: the ``"objective"`` one under its own name, the
+    others as ``name@entry`` (targets are for the `Objective` path)."""
+    known = ("objective", "closure", "backward")
+    chosen = [e.strip() for e in entries if e.strip()]
+    unknown = [e for e in chosen if e not in known]
+    if unknown or not chosen:
+        raise ValueError(f"entries: expected some of {', '.join(known)}, got {entries!r}")
+    out: list[Variant] = []
+    for v in variants:
+        for entry in chosen:
+            if entry == "objective":
+                out.append(v)
+            else:
+                name = f"{v.name}@{entry}"
+                out.append(Variant(name, v.optimizer, v.hparams, None, entry))
+    return out
 
 
 def run_overhead_command(args: argparse.Namespace) -> int:
@@ -707,6 +764,7 @@ def run_overhead_command(args: argparse.Namespace) -> int:
         methods=methods or DEFAULT_METHODS,
         lrs=_parse_lrs(getattr(args, "lr", None)),
     )
+    variants = through_entries(variants, str(getattr(args, "entries", "objective")).split(","))
     result = measure_overhead(
         problem,
         batch_size=args.batch,
