@@ -58,7 +58,7 @@ from curvlab.linalg import all_finite
 from curvlab.losses import LossModel
 from curvlab.objective import Objective, preserved_buffers
 from curvlab.optim.data_parallel import DataParallelBlocks
-from curvlab.optim.guard import SampledLabels, full_precision, step_guard
+from curvlab.optim.guard import SampledLabels, full_precision, step_guard, watch
 from curvlab.optim.validation import LAYERWISE_RULES, Rule, check_hyperparameters
 
 __all__ = ["BlockOptimizer", "MomentumStyle", "Refreshed"]
@@ -339,6 +339,7 @@ class BlockOptimizer(SampledLabels, DataParallelBlocks, Optimizer):
                 "update_applied": applied,
                 "skipped_steps": self.global_state["skipped_steps"],
             }
+            watch(self, loss)
             return loss
 
     # --------------------------------------------------------------- the hooks

@@ -26,6 +26,7 @@ already sampled, and no NaN running statistics behind. The copies are never in
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -48,6 +49,7 @@ __all__ = [
     "require_objective",
     "running_statistics",
     "step_guard",
+    "watch",
 ]
 
 
@@ -130,7 +132,51 @@ class StepGuard:
             "loss": None if loss is None else float(loss),
             "skipped_steps": state["skipped_steps"],
         }
+        watch(self.optimizer, loss, skipped=reason)
         return loss
+
+
+#: Consecutive skipped steps after which a run is reported as dead.
+DEAD_AFTER = 5
+#: A loss above ``BLOWN_UP × (|first loss| + 1)`` is reported as a run that blew up.
+BLOWN_UP = 1e3
+
+
+def watch(optimizer: Any, loss: Tensor | float | None, skipped: str | None = None) -> None:
+    """Warn once when a run is dead — ``DEAD_AFTER`` steps skipped in a row — or blowing up —
+    the loss ``BLOWN_UP`` times above its first value — naming the likely cause and the knob,
+    instead of stepping on silently (the optimizer keeps being called and the loss curve is
+    the only other sign). Called by every base's step (``skipped``: the reason of a skip)."""
+    seen: dict[str, Any] = optimizer.__dict__.setdefault("_watch", {"in_row": 0, "first": None})
+    name = type(optimizer).__name__
+    knobs = "lower the learning rate (lr) or raise the damping (or, for a method that has none, "
+    knobs += "resume from a checkpoint before the trouble)"
+    if skipped is not None:
+        seen["in_row"] += 1
+        if seen["in_row"] == DEAD_AFTER and not seen.get("warned_dead"):
+            seen["warned_dead"] = True
+            warnings.warn(
+                f"{name}: the last {DEAD_AFTER} steps were skipped ({skipped}); the run has "
+                f"probably diverged and nothing is trained any more: {knobs}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return
+    seen["in_row"] = 0
+    if loss is None:
+        return
+    value = float(loss)
+    if seen["first"] is None:
+        seen["first"] = value
+        return
+    if value > BLOWN_UP * (abs(seen["first"]) + 1.0) and not seen.get("warned_blown_up"):
+        seen["warned_blown_up"] = True
+        warnings.warn(
+            f"{name}: the loss rose from {seen['first']:.4g} to {value:.4g}: the run is "
+            f"diverging; {knobs}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 @contextmanager

@@ -72,7 +72,7 @@ from curvlab.autodiff.functional import RngState, capture_rng, replayed_rng
 from curvlab.distributed import Communicator, is_ddp
 from curvlab.objective import Objective
 from curvlab.optim.control import reduction_ratio
-from curvlab.optim.guard import SampledLabels, StepGuard, require_objective, step_guard
+from curvlab.optim.guard import SampledLabels, StepGuard, require_objective, step_guard, watch
 
 __all__ = [
     "ModelwiseOptimizer",
@@ -382,6 +382,7 @@ class ModelwiseOptimizer(SampledLabels, Optimizer, ABC):
             "step_norm": float(proposal.step.norm()),
             **proposal.info,
         }
+        watch(self, loss)
         return loss
 
     def _skip(self, guard: StepGuard, loss: Tensor, reason: str) -> Tensor:
